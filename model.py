@@ -1,0 +1,349 @@
+"""The one compact video transformer (teacher, causal generator, critic), its KV cache, the
+flow-matching helpers, and the config / CLI / checkpoint helpers every stage shares.
+
+A DiT (Peebles & Xie 2023) over patch tokens of all frames, with per-frame AdaLN-Zero
+conditioning on (sigma, event) and 3D RoPE. It runs three ways (DESIGN section 4):
+  bidirectional      model(x, sigma, event)                      teacher and critic
+  block-causal       model(x, sigma, event, causal_chunk=k)      ODE init and tests
+  streaming          model(x, sigma, event, cache=c, write=...)  generator rollout and sampling
+"""
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+
+class BadInput(ValueError):
+    """A user error. Scripts print it as one line on stderr and exit with code 2."""
+
+
+# ----------------------------------------------------------------------------- flow matching
+# One convention everywhere: x_sigma = (1 - sigma) x0 + sigma eps, sigma in [0, 1] (1 = pure noise),
+# and the network predicts the velocity v = eps - x0. sigma has shape (B,T): one level per frame.
+
+def add_noise(x0, eps, sigma):
+    s = sigma[..., None, None, None]                                 # (B,T,1,1,1)
+    return (1 - s) * x0 + s * eps
+
+
+def pred_x0(x, v, sigma):
+    return x - sigma[..., None, None, None] * v
+
+
+def shift_sigma(sigma, s):
+    """Time shift: pushes levels toward noise for s > 1 (SD3; Self Forcing uses s = 5)."""
+    return s * sigma / (1 + (s - 1) * sigma)
+
+
+def cfg_mix(cond, uncond, g):
+    """Classifier-free guidance in the Self Forcing / DMD convention: cond + g (cond - uncond)."""
+    return cond + g * (cond - uncond)
+
+
+# ----------------------------------------------------------------------------- the transformer
+
+@dataclass
+class ModelConfig:
+    size: int = 16       # frame side in pixels
+    channels: int = 3
+    patch: int = 4       # p: tokens are p x p patches
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    n_events: int = 5    # + 1 null event for classifier-free guidance
+
+
+def model_config(cfg):
+    """The ModelConfig fields found in a stage config (or its dict)."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
+    return ModelConfig(**{f.name: get(f.name, f.default) for f in dataclasses.fields(ModelConfig)})
+
+
+def attention(q, k, v, mask=None):
+    """The one attention function. q (B,H,Lq,hd), k/v (B,H,Lk,hd).
+    SDPA backends on CUDA: mask=None (bidirectional teacher/critic, and streaming, where a chunk
+    attends to [cache ; itself]) can take the flash kernel; the block-causal path passes a
+    boolean mask, which flash does not take, so it runs on the memory-efficient kernel.
+    Never is_causal=True: with fewer queries than keys it would build the wrong mask."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def rope_angles(t_pos, grid, head_dim, device):
+    """3D RoPE angles for frames at positions t_pos (T,) -> (T*grid*grid, head_dim/2).
+    Pairs are split time / row / col. The world is a torus, so the spatial frequencies are
+    multiples of 2 pi / grid: a sprite leaving one edge is one step from the other edge."""
+    n_s = (head_dim // 2 - head_dim // 8) // 2                       # pairs for rows, and as many for cols
+    n_t = head_dim // 2 - 2 * n_s                                    # the rest (about a quarter) for time
+    f_t = 1.0 / (100 ** (torch.arange(n_t, device=device) / n_t))
+    f_s = 2 * math.pi / grid * (1 + torch.arange(n_s, device=device) % max(1, grid // 2))
+    r = torch.arange(grid, device=device, dtype=torch.float32)
+    a_t = t_pos.float()[:, None, None, None] * f_t                   # (T,1,1,n_t)
+    a_r = r[None, :, None, None] * f_s                               # (1,g,1,n_s)
+    a_c = r[None, None, :, None] * f_s                               # (1,1,g,n_s)
+    T = t_pos.shape[0]
+    ang = torch.cat([a_t.expand(T, grid, grid, -1), a_r.expand(T, grid, grid, -1), a_c.expand(T, grid, grid, -1)], -1)
+    return ang.reshape(T * grid * grid, -1)                          # (T*g*g, head_dim/2)
+
+
+def apply_rope(x, ang):
+    """Rotate channel pairs of x (B,H,L,hd) by angles (L,hd/2)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = ang.cos(), ang.sin()
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """sigma -> sinusoidal features -> MLP, as DiT embeds its timestep."""
+    def __init__(self, dim, freq_dim=128):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, sigma):                                        # (B,T) -> (B,T,D)
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=sigma.device) / half)
+        a = 1000 * sigma.float()[..., None] * freqs
+        return self.mlp(torch.cat([a.cos(), a.sin()], -1))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(dim // heads)                       # QK-norm keeps logits tame at high lr
+        self.k_norm = nn.RMSNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, ang_q, ang_k, mask, past):
+        """x (B,T,N,D) tokens, c (B,T,D) per-frame condition, past: cached (k, v) or None.
+        Returns the new tokens and this chunk's unrotated (k, v), each (B,H,T,N,hd)."""
+        B, T, N, D = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c)[:, :, None].chunk(6, -1)   # each (B,T,1,D)
+        h = modulate(self.norm1(x), sh1, sc1)
+        q, k, v = rearrange(self.qkv(h), "b t n (three h d) -> three b h t n d", three=3, h=self.heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        q = apply_rope(q.flatten(2, 3), ang_q)                       # (B,H,T*N,hd)
+        k_all = apply_rope(k_all.flatten(2, 3), ang_k)               # (B,H,(Tc+T)*N,hd)
+        o = attention(q, k_all, v_all.flatten(2, 3), mask)
+        x = x + g1 * self.proj(rearrange(o, "b h (t n) d -> b t n (h d)", t=T))
+        x = x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
+        return x, (k, v)
+
+
+class VideoDiT(nn.Module):
+    def __init__(self, mc: ModelConfig):
+        super().__init__()
+        self.mc, p, D = mc, mc.patch, mc.dim
+        self.grid = mc.size // p
+        self.x_embedder = nn.Linear(mc.channels * p * p, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = nn.Embedding(mc.n_events + 1, D)           # last id = null event (CFG)
+        self.blocks = nn.ModuleList(Block(D, mc.heads) for _ in range(mc.depth))
+        self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        self.final_layer = nn.Linear(D, mc.channels * p * p)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """AdaLN-Zero as DiT: every block starts as the identity, and the output starts at zero."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        for mod in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_adaLN[-1], self.final_layer]:
+            nn.init.zeros_(mod.weight)
+            nn.init.zeros_(mod.bias)
+
+    @property
+    def null_event(self):
+        return self.mc.n_events
+
+    def patchify(self, x):                                           # (B,T,C,H,W) -> (B,T,N,C*p*p)
+        return rearrange(x, "b t c (gh p) (gw q) -> b t (gh gw) (c p q)", p=self.mc.patch, q=self.mc.patch)
+
+    def unpatchify(self, x):                                         # (B,T,N,C*p*p) -> (B,T,C,H,W)
+        return rearrange(x, "b t (gh gw) (c p q) -> b t c (gh p) (gw q)", gh=self.grid, p=self.mc.patch, q=self.mc.patch)
+
+    def forward(self, x, sigma, event, cache=None, write=False, causal_chunk=0):
+        """x (B,T,C,H,W), sigma (B,T) or (B,), event (B,T) or (B,) -> velocity (B,T,C,H,W).
+        cache: stream mode, the frames attend to [cache ; themselves] with no mask, at positions
+        after the cached frames; write=True then appends their keys/values (detached) to it."""
+        B, T = x.shape[:2]
+        sigma = sigma.expand(B, T) if sigma.dim() == 2 else sigma[:, None].expand(B, T)
+        event = event.expand(B, T) if event.dim() == 2 else event[:, None].expand(B, T)
+        h = self.x_embedder(self.patchify(x))                        # (B,T,N,D)
+        c = self.t_embedder(sigma) + self.y_embedder(event)          # (B,T,D)
+        n_past = len(cache) if cache is not None else 0
+        hd = self.mc.dim // self.mc.heads
+        ang_k = rope_angles(torch.arange(n_past + T, device=x.device), self.grid, hd, x.device)
+        ang_q = ang_k[n_past * self.grid ** 2:]
+        mask = None
+        if causal_chunk and cache is None:                           # query chunk sees its own and earlier chunks
+            ch = torch.arange(T, device=x.device).repeat_interleave(self.grid ** 2) // causal_chunk
+            mask = ch[:, None] >= ch[None, :]                        # (T*N, T*N) bool
+        new_kv = []
+        for i, block in enumerate(self.blocks):
+            h, kv = block(h, c, ang_q, ang_k, mask, cache.kv[i] if n_past else None)
+            new_kv.append(kv)
+        if write:
+            cache.append(x, event, new_kv)
+        sh, sc = self.final_adaLN(c)[:, :, None].chunk(2, -1)        # (B,T,1,D) each
+        return self.unpatchify(self.final_layer(modulate(self.final_norm(h), sh, sc)))
+
+
+class KVCache:
+    """Keys and values of clean past frames: the first n_sink frames (the sink) plus a rolling
+    window of the last n_window frames, so memory and cost per frame stay constant forever.
+    Positions are assigned inside the cache (sink first, then the window), as StreamingLLM does,
+    so RoPE distances stay inside the range seen in training however long the stream runs."""
+
+    def __init__(self, n_sink, n_window):
+        self.n_sink, self.n_window = n_sink, n_window
+        self.frames = self.events = None                             # (B,n,C,H,W), (B,n): what the keys encode
+        self.kv = []                                                 # per block: (k, v), each (B,H,n,N,hd)
+        self.n_seen = 0                                              # frames written since the start
+
+    def __len__(self):
+        return 0 if self.frames is None else self.frames.shape[1]
+
+    def append(self, frames, events, kvs):
+        # Detached: history is context, never a gradient path (Self Forcing's official code leaks here).
+        frames, events = frames.detach(), events.detach()
+        kvs = [(k.detach(), v.detach()) for k, v in kvs]
+        if self.frames is None:
+            self.frames, self.events, self.kv = frames, events, kvs
+        else:
+            self.frames = torch.cat([self.frames, frames], 1)
+            self.events = torch.cat([self.events, events], 1)
+            self.kv = [(torch.cat([k0, k], 2), torch.cat([v0, v], 2)) for (k0, v0), (k, v) in zip(self.kv, kvs)]
+        self.n_seen += frames.shape[1]
+        n = len(self)
+        if n > self.n_sink + self.n_window:                          # evict the oldest non-sink frames
+            keep = torch.cat([torch.arange(self.n_sink), torch.arange(n - self.n_window, n)]).to(frames.device)
+            self.frames, self.events = self.frames[:, keep], self.events[:, keep]
+            self.kv = [(k[:, :, keep], v[:, :, keep]) for k, v in self.kv]
+
+
+@torch.no_grad()
+def recache(model, cache, event, chunk):
+    """At an event switch, recompute the cached frames' keys and values under the new event
+    (LongLive's recache), chunk by chunk as they were written. A no-op if nothing changes."""
+    if len(cache) == 0 or bool((cache.events == event[:, None]).all()):
+        return
+    fresh = KVCache(cache.n_sink, cache.n_window)
+    frames, n = cache.frames, len(cache)
+    for i in range(0, n, chunk):
+        f = frames[:, i:i + chunk]                                   # (B,chunk,C,H,W)
+        model(f, torch.zeros(f.shape[:2], device=f.device), event, cache=fresh, write=True)
+    cache.frames, cache.events, cache.kv = fresh.frames, fresh.events, fresh.kv
+
+
+# ----------------------------------------------------------------------------- config, CLI, checkpoints
+
+def parse_config(cls, presets, argv):
+    """--preset=tiny|small first, then --key=value overrides typed by the dataclass fields."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: python {os.path.basename(sys.argv[0])} [--preset=tiny|small] [--key=value ...]")
+        for name, f in fields.items():
+            print(f"  --{name}={presets['tiny'].get(name, f.default)!s:<10} (small: {presets['small'].get(name, f.default)})")
+        sys.exit(0)
+    pairs = []
+    for a in argv:
+        key, eq, val = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+        if not key:
+            raise BadInput(f"cannot read argument {a!r}; use --key=value")
+        pairs.append((key, val if eq else "True"))
+    preset = dict(pairs).get("preset", "small" if torch.cuda.is_available() else "tiny")
+    if preset not in presets:
+        raise BadInput(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+    cfg = cls(**presets[preset])
+    for key, val in pairs:
+        if key not in fields:
+            raise BadInput(f"unknown option --{key}; valid options: {', '.join('--' + k for k in fields)}")
+        setattr(cfg, key, convert(key, val, type(getattr(cfg, key))))
+    cfg.preset = preset
+    return cfg
+
+
+def convert(key, val, typ):
+    try:
+        if typ is bool:
+            if val.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return val.lower() in ("true", "1")
+        return typ(val)
+    except ValueError:
+        raise BadInput(f"bad value for --{key}: {val!r} is not a {typ.__name__}") from None
+
+
+def cli(main, cls, presets):
+    """The entry point of every script: parse, run, and turn BadInput into one line and exit code 2."""
+    try:
+        main(parse_config(cls, presets, sys.argv[1:]))
+    except BadInput as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def save_checkpoint(path, ckpt):
+    """Atomic: write a temp file, then rename, so a kill at any moment leaves the last good one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, stages, hint):
+    """Load and check a checkpoint; every failure is one clear line naming the command that fixes it."""
+    if not os.path.exists(path):
+        raise BadInput(f"checkpoint {path} not found; make it with `{hint}`")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BadInput(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); remake it with `{hint}`") from None
+    stage = ck.get("stage") if isinstance(ck, dict) else None
+    if stage not in stages:
+        raise BadInput(f"{path} is a {stage or 'unknown'} checkpoint, not {' or '.join(stages)}; make one with `{hint}`")
+    return ck
+
+
+def build(ck_or_cfg, state="ema", device="cpu"):
+    """A VideoDiT from a checkpoint (its `state` weights) or from a config."""
+    is_ck = isinstance(ck_or_cfg, dict) and "config" in ck_or_cfg
+    m = VideoDiT(model_config(ck_or_cfg["config"] if is_ck else ck_or_cfg))
+    if is_ck:
+        m.load_state_dict(ck_or_cfg[state])
+    return m.to(device)
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach(), 1 - decay)

@@ -1,0 +1,128 @@
+"""Model invariants (DESIGN section 4): cache = block-causal forward, causality, AdaLN-Zero,
+no gradient through the cache, patchify round trip, bounded cache, recache."""
+import torch
+
+from model import KVCache, ModelConfig, VideoDiT, add_noise, pred_x0, recache, shift_sigma
+
+MC = ModelConfig(size=16, patch=4, dim=32, depth=2, heads=2)
+B, T, CH = 2, 8, 2
+
+
+def randomized(seed=0):
+    """A model with every weight random (AdaLN-Zero would make the output trivially zero)."""
+    torch.manual_seed(seed)
+    m = VideoDiT(MC)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.1)
+    return m.eval()
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, 3, 16, 16, generator=g)
+    sigma = torch.rand(B, T, generator=g)
+    event = torch.randint(0, 6, (B, T), generator=g)
+    return x, sigma, event
+
+
+def stream(m, x, sigma, event, n_sink=2, n_window=64):
+    cache, outs = KVCache(n_sink, n_window), []
+    for i in range(0, x.shape[1], CH):
+        s = slice(i, i + CH)
+        outs.append(m(x[:, s], sigma[:, s], event[:, s], cache=cache, write=True))
+    return torch.cat(outs, 1), cache
+
+
+def test_cached_equals_block_causal():
+    m = randomized()
+    x, sigma, event = inputs()
+    with torch.no_grad():
+        full = m(x, sigma, event, causal_chunk=CH)
+        cached, _ = stream(m, x, sigma, event)
+    assert torch.allclose(full, cached, atol=1e-5), (full - cached).abs().max()
+
+
+def test_causality():
+    m = randomized()
+    x, sigma, event = inputs()
+    x2, event2 = x.clone(), event.clone()
+    x2[:, 5:] += 1.0                                             # perturb frames of chunk 2 and 3
+    event2[:, 6:] = (event2[:, 6:] + 1) % 6
+    with torch.no_grad():
+        a, b = m(x, sigma, event, causal_chunk=CH), m(x2, sigma, event2, causal_chunk=CH)
+        sa, _ = stream(m, x2, sigma, event2)
+    assert torch.equal(a[:, :4], b[:, :4])                       # chunks 0, 1 untouched
+    assert (a[:, 4:] - b[:, 4:]).abs().max() > 1e-3              # and the perturbation is really seen
+    assert torch.allclose(sa, b, atol=1e-5)
+    bi_a, bi_b = m(x, sigma, event), m(x2, sigma, event2)        # the bidirectional path does look ahead
+    assert (bi_a[:, :4] - bi_b[:, :4]).abs().max() > 1e-3
+
+
+def test_zero_output_at_init():
+    m = VideoDiT(MC)
+    x, sigma, event = inputs()
+    assert torch.equal(m(x, sigma, event), torch.zeros_like(x))
+
+
+def test_no_gradient_reaches_the_cache():
+    m = randomized()
+    x, sigma, event = inputs()
+    x = x.requires_grad_()
+    cache = KVCache(2, 64)
+    m(x[:, :2], sigma[:, :2], event[:, :2], cache=cache, write=True)
+    assert not cache.frames.requires_grad and all(not k.requires_grad and not v.requires_grad for k, v in cache.kv)
+    out = m(x[:, 2:4], sigma[:, 2:4], event[:, 2:4], cache=cache)
+    out.sum().backward()
+    assert x.grad[:, :2].abs().max() == 0                        # history received nothing
+    assert x.grad[:, 2:4].abs().max() > 0
+
+
+def test_patchify_round_trip():
+    m = VideoDiT(MC)
+    x = torch.randn(B, T, 3, 16, 16)
+    assert torch.equal(m.unpatchify(m.patchify(x)), x)
+    p = m.patchify(x)                                            # token (row 1, col 2) of frame 3 holds that patch
+    assert torch.equal(p[0, 3, 1 * 4 + 2], x[0, 3, :, 4:8, 8:12].reshape(-1))
+
+
+def test_sink_and_window_keep_memory_bounded():
+    m = randomized()
+    cache = KVCache(n_sink=2, n_window=4)
+    x = torch.randn(1, 2, 3, 16, 16)
+    first = None
+    with torch.no_grad():
+        for i in range(40):                                      # 80 frames = 20x the window
+            m(x + i, torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.long), cache=cache, write=True)
+            first = cache.frames[:, :2].clone() if i == 0 else first
+            assert len(cache) <= 6 and cache.kv[0][0].shape[2] == len(cache)
+    assert cache.n_seen == 80 and len(cache) == 6
+    assert torch.equal(cache.frames[:, :2], first)               # the sink holds the first frames
+    assert torch.equal(cache.frames[:, -2:], (x + 39))           # the window holds the newest
+
+
+def test_recache_changes_cache_only_when_event_changes():
+    m = randomized()
+    x, sigma, event = inputs()
+    event = torch.zeros(B, T, dtype=torch.long)
+    with torch.no_grad():
+        _, cache = stream(m, x, torch.zeros(B, T), event)
+        before = [k.clone() for k, _ in cache.kv]
+        recache(m, cache, torch.zeros(B, dtype=torch.long), CH)           # same event: nothing changes
+        assert all(torch.equal(a, k) for a, (k, _) in zip(before, cache.kv))
+        _, ref = stream(m, x, torch.zeros(B, T), torch.full((B, T), 3))  # what writing under event 3 gives
+        recache(m, cache, torch.full((B,), 3), CH)
+    assert all((a - k).abs().max() > 1e-3 for a, (k, _) in zip(before, cache.kv))
+    assert all(torch.allclose(k, kr, atol=1e-5) and torch.allclose(v, vr, atol=1e-5)
+               for (k, v), (kr, vr) in zip(cache.kv, ref.kv))
+    assert (cache.events == 3).all()
+
+
+def test_flow_matching_convention():
+    x0, eps, sigma = torch.randn(B, T, 3, 4, 4), torch.randn(B, T, 3, 4, 4), torch.rand(B, T)
+    xs = add_noise(x0, eps, sigma)
+    assert torch.allclose(pred_x0(xs, eps - x0, sigma), x0, atol=1e-6)      # v = eps - x0
+    assert torch.equal(add_noise(x0, eps, torch.zeros(B, T)), x0)
+    s = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.allclose(shift_sigma(s, 1.0), s) and shift_sigma(s, 5.0)[1] > 0.6
+    assert shift_sigma(s, 5.0)[0] == 0 and shift_sigma(s, 5.0)[-1] == 1

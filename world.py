@@ -1,0 +1,236 @@
+"""The toy event world: clips, schedules, rendering, and the ground-truth tracker and metrics.
+
+It stands in for real video plus text prompts (DESIGN section 3). A square sprite of colour `c`
+moves on an `S x S` torus over a background `b`; the active event (the "prompt") sets its
+velocity. `b` and `c` never change, so any change of them is a consistency failure we can
+measure exactly. The knob `rho` plants the paper's conditional bias on purpose: in teacher
+clips the sprite has the event's canonical colour with probability `rho`.
+
+    python world.py            # writes out/world.gif with example clips and a schedule
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model import BadInput
+
+EVENTS = ["right", "left", "down", "up", "stay"]              # index = event id; id len(EVENTS) is the null event (CFG)
+DIRS = torch.tensor([[0, 1], [0, -1], [1, 0], [-1, 0], [0, 0]])  # (row, col) step of each event
+SPRITE_COLORS = torch.tensor([[1., -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]])  # red, green, blue, yellow
+COLOR_NAMES = ["red", "green", "blue", "yellow"]
+CANON = [0, 2, 3, 1, -1]                                      # right=red, left=blue, down=yellow, up=green, stay=none
+BACKGROUNDS = torch.tensor([[-.6, -.6, -.6], [-.6, 0., 0.], [0., -.6, 0.]])  # dark grey, dim teal, dim purple
+
+
+@dataclass
+class World:
+    size: int = 16     # S, frame side in pixels
+    sprite: int = 4    # s, sprite side in pixels
+    speed: int = 1     # pixels per frame
+    rho: float = 0.9   # P(sprite colour = the event's canonical colour) in teacher clips
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def render(pos, color, bg, size, sprite):
+    """pos (B,T,2) long, color (B,3), bg (B,3) -> frames (B,T,3,S,S) in [-1, 1], wrapping on the torus."""
+    ar = torch.arange(size)
+    rows = ((ar - pos[..., 0:1]) % size) < sprite                    # (B,T,S)
+    cols = ((ar - pos[..., 1:2]) % size) < sprite                    # (B,T,S)
+    mask = (rows[..., :, None] & cols[..., None, :]).unsqueeze(2)    # (B,T,1,S,S)
+    return torch.where(mask, color[:, None, :, None, None], bg[:, None, :, None, None])
+
+
+def trajectory(pos0, ev, speed, size):
+    """pos0 (B,2), ev (B,T) event per frame -> pos (B,T,2): p[t] = p[t-1] + speed * dir(e[t]) mod S."""
+    step = DIRS[ev] * speed                                          # (B,T,2)
+    step[:, 0] = 0                                                   # frame 0 sits at pos0
+    return (pos0[:, None] + step.cumsum(1)) % size
+
+
+def sample_videos(w, ev, gen, rho=None):
+    """Ground-truth videos for per-frame events ev (B,T). Returns frames (B,T,3,S,S) and the
+    sprite and background palette indices. With `rho`, the colour is the first event's canonical
+    colour with probability rho, else uniform (the planted conditional bias)."""
+    B = ev.shape[0]
+    color = torch.randint(len(SPRITE_COLORS), (B,), generator=gen)
+    if rho is not None:
+        canon = torch.tensor(CANON)[ev[:, 0]]
+        biased = (torch.rand(B, generator=gen) < rho) & (canon >= 0)
+        color = torch.where(biased, canon, color)
+    bg = torch.randint(len(BACKGROUNDS), (B,), generator=gen)
+    pos0 = torch.randint(w.size, (B, 2), generator=gen)
+    pos = trajectory(pos0, ev, w.speed, w.size)
+    return render(pos, SPRITE_COLORS[color], BACKGROUNDS[bg], w.size, w.sprite), color, bg
+
+
+def teacher_batch(w, B, T, gen):
+    """Teacher clips carry one event for all their frames. -> x (B,T,3,S,S), event (B,)."""
+    event = torch.randint(len(EVENTS), (B,), generator=gen)
+    x, _, _ = sample_videos(w, event[:, None].expand(B, T), gen, rho=w.rho)
+    return x, event
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def parse_schedule(text, frames):
+    """'right@0,up@24,left@48' -> [(event_id, start_frame), ...]. Raises BadInput with one clear line."""
+    out = []
+    for item in str(text).split(","):
+        name, at, start = item.strip().partition("@")
+        if not at or not name:
+            raise BadInput(f"malformed schedule item {item.strip()!r} in {text!r}; expected EVENT@FRAME, e.g. right@0,up@24")
+        if name not in EVENTS:
+            raise BadInput(f"unknown event {name!r} in schedule {text!r}; events are {', '.join(EVENTS)}")
+        if not start.strip().isdigit():
+            raise BadInput(f"schedule item {item.strip()!r}: frame must be a non-negative integer")
+        out.append((EVENTS.index(name), int(start)))
+    if out[0][1] != 0:
+        raise BadInput(f"schedule {text!r} must start at frame 0")
+    for (_, a), (_, b) in zip(out, out[1:]):
+        if b <= a:
+            raise BadInput(f"schedule {text!r}: switch frames must increase ({b} after {a})")
+    if out[-1][1] >= frames:
+        raise BadInput(f"schedule {text!r}: switch at frame {out[-1][1]} is past the end of a {frames}-frame video")
+    return out
+
+
+def schedule_events(schedule, frames, chunk):
+    """-> (T,) long event per frame. A switch takes effect at the next chunk boundary."""
+    ev = torch.empty(frames, dtype=torch.long)
+    for e, start in schedule:
+        ev[math.ceil(start / chunk) * chunk:] = e
+    return ev
+
+
+def switches(ev):
+    """Frames where the event changes: list of (frame, old_event, new_event)."""
+    ev = [int(e) for e in ev]
+    return [(t, ev[t - 1], ev[t]) for t in range(1, len(ev)) if ev[t] != ev[t - 1]]
+
+
+# ----------------------------------------------------------------------------- tracker
+
+def _n_blobs(mask):
+    """Number of 4-connected components of a boolean (S,S) numpy mask on the torus."""
+    S = mask.shape[0]
+    seen, n = np.zeros_like(mask), 0
+    for r0, c0 in zip(*np.nonzero(mask)):
+        if seen[r0, c0]:
+            continue
+        n, stack = n + 1, [(r0, c0)]
+        seen[r0, c0] = True
+        while stack:
+            r, c = stack.pop()
+            for rr, cc in ((r + 1) % S, c), ((r - 1) % S, c), (r, (c + 1) % S), (r, (c - 1) % S):
+                if mask[rr, cc] and not seen[rr, cc]:
+                    seen[rr, cc] = True
+                    stack.append((rr, cc))
+    return n
+
+
+def track(video, w):
+    """No learned model: per frame, background = median colour; sprite mask = pixels far from it;
+    sprite colour = mask mean snapped to the palette; position = circular (torus) mean of the mask.
+    video (T,3,S,S) -> dict of numpy arrays over T."""
+    v = video.detach().float().cpu().clamp(-1, 1)
+    T, S = v.shape[0], w.size
+    flat = v.flatten(2)                                              # (T,3,S*S)
+    bg = flat.median(-1).values                                      # (T,3)
+    mask = (flat - bg[..., None]).norm(dim=1) > 0.6                  # (T,S*S)
+    area = mask.sum(-1)
+    color = (flat * mask[:, None]).sum(-1) / area.clamp(min=1)[:, None]   # (T,3)
+    ang = torch.arange(S) * (2 * math.pi / S)
+    rows, cols = ang.repeat_interleave(S), ang.repeat(S)             # angle of each pixel, (S*S,)
+    m = mask.float()
+    pos = torch.stack([torch.atan2(m @ a.sin(), m @ a.cos()) for a in (rows, cols)], -1) * (S / (2 * math.pi))
+    ok = (area >= 0.5 * w.sprite ** 2) & (area <= 2 * w.sprite ** 2)
+    masks = mask.view(T, S, S).numpy()
+    valid = np.array([bool(ok[t]) and _n_blobs(masks[t]) == 1 for t in range(T)])
+    return dict(valid=valid, pos=pos.numpy() % S, area=area.numpy(), color=color.numpy(), bg=bg.numpy(),
+                color_id=torch.cdist(color, SPRITE_COLORS).argmin(-1).numpy(),
+                bg_id=torch.cdist(bg, BACKGROUNDS).argmin(-1).numpy())
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def video_metrics(video, ev, w, first=1, grace=2, tol=0.5):
+    """Exact world metrics of one video (T,3,S,S) generated under per-frame events ev (T,).
+    `first`: transitions into frames before it are not scored (the first chunk of a stream).
+    Returns floats; nan where a metric does not apply (no switch, no valid pair)."""
+    tr, ev = track(video, w), np.asarray(ev)
+    T, S = len(ev), w.size
+    d = (np.diff(tr["pos"], axis=0) + S / 2) % S - S / 2             # (T-1,2) torus displacement into frame t
+    want = DIRS[ev[1:]].numpy() * w.speed
+    pair = tr["valid"][1:] & tr["valid"][:-1]
+    match = pair & (np.abs(d - want).max(-1) <= tol)                 # (T-1,) match[t-1]: transition into t
+    sw = switches(ev)
+    bounds = [0] + [f for f, _, _ in sw] + [T]
+    scored = np.arange(1, T) >= first
+    for f, _, _ in sw:
+        scored &= ~((np.arange(1, T) >= f) & (np.arange(1, T) < f + grace))
+    lat, ident = [], []
+    for i, (f, _, _) in enumerate(sw):
+        end = bounds[i + 2]
+        hits = [t for t in range(f, end - 1) if match[t - 1] and match[t]]
+        lat.append(hits[0] - f if hits else end - f)
+        before = [t for t in range(bounds[i], f) if tr["valid"][t]]
+        after = [t for t in range(f, end) if tr["valid"][t]]
+        if not before or not after:
+            ident.append(0.0)
+            continue
+        ref = (np.bincount(tr["color_id"][before]).argmax(), np.bincount(tr["bg_id"][before]).argmax())
+        ident.append(float(all((tr["color_id"][t], tr["bg_id"][t]) == ref for t in after)))
+    seg0 = [t for t in range(bounds[1]) if tr["valid"][t]]
+    tail = [t for t in range(T - max(2, T // 8), T) if tr["valid"][t]]
+    if seg0 and tail:   # colour distance normalised by the palette cube's diagonal, in [0, 1]
+        drift = sum(np.linalg.norm(tr[k][seg0].mean(0) - tr[k][tail].mean(0)) for k in ("bg", "color")) / (4 * math.sqrt(3))
+    else:
+        drift = 1.0
+    canon = CANON[ev[0]]
+    return dict(
+        follow=float(match[scored].mean()) if scored.any() else float("nan"),
+        latency=float(np.mean(lat)) if lat else float("nan"),
+        identity=float(np.mean(ident)) if ident else float("nan"),
+        jumps=float((np.abs(d[pair]).max(-1) > w.speed + 1).mean()) if pair.any() else float("nan"),
+        valid=float(tr["valid"].mean()),
+        drift=float(drift),
+        canon=float(np.bincount(tr["color_id"][seg0]).argmax() == canon) if seg0 and canon >= 0 else float("nan"),
+    )
+
+
+def batch_metrics(videos, ev, w, **kw):
+    """videos (B,T,3,S,S), ev (B,T) -> per-video metric lists {name: [float]}."""
+    rows = [video_metrics(v, e, w, **kw) for v, e in zip(videos, ev)]
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+def summarize(per_video):
+    """Mean of each metric over videos, ignoring nan (metrics that did not apply)."""
+    return {k: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan") for k, v in per_video.items()}
+
+
+def save_video(path, frames, fps=8, scale=4):
+    """frames (T,3,S,S) or (T,3,S,W) in [-1,1] -> GIF or MP4 (by suffix), nearest-upscaled."""
+    import imageio.v2 as imageio
+    a = ((frames.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+    a = a.repeat_interleave(scale, -1).repeat_interleave(scale, -2).permute(0, 2, 3, 1).numpy()  # (T,H,W,3)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if path.endswith(".mp4"):
+        imageio.mimwrite(path, list(a), fps=fps, macro_block_size=1)
+    else:
+        imageio.mimwrite(path, list(a), duration=1000 / fps, loop=0)
+
+
+if __name__ == "__main__":
+    w, gen = World(), torch.Generator().manual_seed(0)
+    x, event = teacher_batch(w, 4, 16, gen)                          # four teacher clips, one event each
+    sched = parse_schedule("right@0,up@6,left@11", 16)
+    y, _, _ = sample_videos(w, schedule_events(sched, 16, 2)[None], gen)
+    grid = torch.cat([torch.cat(list(x), -1), y[0]], -1)             # (T,3,S,5*S): clips side by side
+    save_video("out/world.gif", grid)
+    print("events:", [EVENTS[e] for e in event], "+ schedule right@0,up@6,left@11 -> out/world.gif")
+    print("ground-truth metrics of the schedule video:", video_metrics(y[0], schedule_events(sched, 16, 2), w))
