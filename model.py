@@ -255,6 +255,30 @@ def recache(model, cache, event, chunk):
     cache.frames, cache.events, cache.kv = fresh.frames, fresh.events, fresh.kv
 
 
+def rollout(model, noise, event, levels, chunk, cache, exit_step=None):
+    """The causal few-step generator, run chunk by chunk through the KV cache (Self Forcing).
+    Training and inference both call this one function, so they cannot drift apart.
+    noise (B,T,C,H,W), event (B,T), levels: the denoising sigmas, e.g. shift([1, .75, .5, .25]).
+    Each chunk: predict x0 at levels[0], re-noise it with fresh noise to levels[1], ... and stop
+    at `exit_step` (default: the last), whose x0 is the chunk's output. Only the exit step keeps a
+    graph. Then the output is re-run at sigma=0 to write its clean keys/values to the cache."""
+    B, T = noise.shape[:2]
+    exit_step = len(levels) - 1 if exit_step is None else exit_step
+    outs = []
+    for i in range(0, T, chunk):
+        x, ev = noise[:, i:i + chunk], event[:, i:i + chunk]     # (B,chunk,C,H,W), (B,chunk)
+        for k in range(exit_step + 1):
+            sig = torch.full(ev.shape, float(levels[k]), device=x.device)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and k == exit_step):
+                x0 = pred_x0(x, model(x, sig, ev, cache=cache), sig)
+            if k < exit_step:                                    # re-noise with fresh noise, not an Euler step
+                x = add_noise(x0, torch.randn_like(x0), torch.full_like(sig, float(levels[k + 1])))
+        outs.append(x0)
+        with torch.no_grad():                                    # the cache write carries no gradient
+            model(x0, torch.zeros_like(sig), ev, cache=cache, write=True)
+    return torch.cat(outs, 1)
+
+
 # ----------------------------------------------------------------------------- config, CLI, checkpoints
 
 def parse_config(cls, presets, argv):

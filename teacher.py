@@ -72,13 +72,18 @@ def fm_loss(model, x0, event, cfg):
     return ((v.float() - (eps - x0)) ** 2).mean()                 # Eq. flow-matching velocity loss
 
 
+def euler_grid(steps, shift=1.0):
+    return shift_sigma(torch.linspace(1, 0, steps + 1), shift)
+
+
 @torch.no_grad()
-def sample(model, event, noise, steps, shift=1.0, guidance=0.0):
-    """Euler from sigma=1 to 0 on dx/dsigma = v, with CFG. event (B,), noise (B,T,C,H,W)."""
+def sample(model, event, noise, sig, guidance=0.0):
+    """Euler on dx/dsigma = v along the decreasing levels sig (e.g. euler_grid), with CFG.
+    event (B,), noise (B,T,C,H,W) at level sig[0]."""
     x, B = noise, noise.shape[0]
-    sig = shift_sigma(torch.linspace(1, 0, steps + 1, device=noise.device), shift)
     null = torch.full_like(event, model.null_event)
-    for i in range(steps):
+    sig = sig.to(noise.device)
+    for i in range(len(sig) - 1):
         s = sig[i].expand(B, x.shape[1])
         if guidance:                                                # cond and uncond in one batch
             v_c, v_u = model(x.repeat(2, 1, 1, 1, 1), s.repeat(2, 1), torch.cat([event, null])).chunk(2)
@@ -95,7 +100,7 @@ def evaluate(model, cfg, n, device, seed=1234):
     event = torch.arange(n) % len(EVENTS)
     noise = torch.randn(n, cfg.frames, 3, cfg.size, cfg.size, generator=gen)
     with autocast(device):
-        x = sample(model, event.to(device), noise.to(device), cfg.sample_steps, cfg.sample_shift, cfg.guidance)
+        x = sample(model, event.to(device), noise.to(device), euler_grid(cfg.sample_steps, cfg.sample_shift), cfg.guidance)
     per = batch_metrics(x.float().cpu(), event[:, None].expand(n, cfg.frames), cfg, first=1)
     return summarize(per), x.float().cpu()
 

@@ -57,7 +57,7 @@ def test_sampler_shapes():
     m = build(teacher.TeacherConfig(dim=32, depth=2, heads=2))
     noise = torch.randn(3, 4, 3, 16, 16)
     for g in (0.0, 1.5):
-        x = teacher.sample(m, torch.tensor([0, 1, 4]), noise, steps=3, guidance=g)
+        x = teacher.sample(m, torch.tensor([0, 1, 4]), noise, teacher.euler_grid(3), guidance=g)
         assert x.shape == noise.shape and torch.isfinite(x).all()
 
 
