@@ -244,29 +244,41 @@ class KVCache:
 @torch.no_grad()
 def recache(model, cache, event, chunk):
     """At an event switch, recompute the cached frames' keys and values under the new event
-    (LongLive's recache), chunk by chunk as they were written. A no-op if nothing changes."""
-    if len(cache) == 0 or bool((cache.events == event[:, None]).all()):
+    (LongLive's recache), chunk by chunk as they were written. event (B,): streams whose cache
+    already holds this event keep their keys and values untouched."""
+    if len(cache) == 0:
+        return
+    changed = (cache.events != event[:, None]).any(1)           # (B,)
+    if not changed.any():
         return
     fresh = KVCache(cache.n_sink, cache.n_window)
-    frames, n = cache.frames, len(cache)
-    for i in range(0, n, chunk):
-        f = frames[:, i:i + chunk]                                   # (B,chunk,C,H,W)
+    for i in range(0, len(cache), chunk):
+        f = cache.frames[:, i:i + chunk]                         # (B,chunk,C,H,W)
         model(f, torch.zeros(f.shape[:2], device=f.device), event, cache=fresh, write=True)
-    cache.frames, cache.events, cache.kv = fresh.frames, fresh.events, fresh.kv
+    c = changed.view(-1, 1, 1, 1, 1)                             # broadcasts over (B,H,n,N,hd)
+    cache.kv = [(torch.where(c, k1, k0), torch.where(c, v1, v0)) for (k0, v0), (k1, v1) in zip(cache.kv, fresh.kv)]
+    cache.events = torch.where(changed[:, None], fresh.events, cache.events)
 
 
-def rollout(model, noise, event, levels, chunk, cache, exit_step=None):
+def rollout(model, noise, event, levels, chunk, cache, exit_step=None, switch="recache"):
     """The causal few-step generator, run chunk by chunk through the KV cache (Self Forcing).
     Training and inference both call this one function, so they cannot drift apart.
     noise (B,T,C,H,W), event (B,T), levels: the denoising sigmas, e.g. shift([1, .75, .5, .25]).
     Each chunk: predict x0 at levels[0], re-noise it with fresh noise to levels[1], ... and stop
     at `exit_step` (default: the last), whose x0 is the chunk's output. Only the exit step keeps a
-    graph. Then the output is re-run at sigma=0 to write its clean keys/values to the cache."""
+    graph. Then the output is re-run at sigma=0 to write its clean keys/values to the cache.
+    When a chunk's event differs from the cache's newest frames, `switch` says what happens to
+    the cache: "recache" (under the new event, LongLive), "keep", or "clear"."""
     B, T = noise.shape[:2]
     exit_step = len(levels) - 1 if exit_step is None else exit_step
     outs = []
     for i in range(0, T, chunk):
         x, ev = noise[:, i:i + chunk], event[:, i:i + chunk]     # (B,chunk,C,H,W), (B,chunk)
+        if len(cache) and (cache.events[:, -1] != ev[:, 0]).any():
+            if switch == "recache":
+                recache(model, cache, ev[:, 0], chunk)
+            elif switch == "clear":
+                cache.__init__(cache.n_sink, cache.n_window)
         for k in range(exit_step + 1):
             sig = torch.full(ev.shape, float(levels[k]), device=x.device)
             with torch.set_grad_enabled(torch.is_grad_enabled() and k == exit_step):
