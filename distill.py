@@ -160,13 +160,13 @@ def load_teacher(cfg, device):
                        f"finish it with `python teacher.py --resume=True`")
     if ck["config"]["frames"] % cfg.chunk:
         raise BadInput(f"teacher clips of {ck['config']['frames']} frames do not split into chunks of {cfg.chunk}")
-    return ck
+    return ck, path
 
 
 def main(cfg):
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    tck = load_teacher(cfg, device)
+    tck, teacher_path = load_teacher(cfg, device)
     tcfg = tck["config"]
     teacher = build(tck, "ema", device).requires_grad_(False).eval()
     path = os.path.join(cfg.out_dir, "student.pt")
@@ -193,7 +193,7 @@ def main(cfg):
         save_checkpoint(path, dict(stage="student", model=student.state_dict(), ema=ema.state_dict(),
                                    critic=critic.state_dict(), optimizer=opt.state_dict(),
                                    critic_optimizer=opt_c.state_dict(), config={**tcfg, **asdict(cfg)},
-                                   teacher_config=tcfg, phase=phase, step=step, skipped=skipped,
+                                   teacher_config=tcfg, teacher_path=teacher_path, phase=phase, step=step, skipped=skipped,
                                    metrics=metrics or {}, rng=torch.get_rng_state()))
 
     t_start = time.time()

@@ -122,8 +122,6 @@ class Block(nn.Module):
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(dim // heads)                       # QK-norm keeps logits tame at high lr
-        self.k_norm = nn.RMSNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
@@ -136,7 +134,6 @@ class Block(nn.Module):
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c)[:, :, None].chunk(6, -1)   # each (B,T,1,D)
         h = modulate(self.norm1(x), sh1, sc1)
         q, k, v = rearrange(self.qkv(h), "b t n (three h d) -> three b h t n d", three=3, h=self.heads)
-        q, k = self.q_norm(q), self.k_norm(k)
         k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
         q = apply_rope(q.flatten(2, 3), ang_q)                       # (B,H,T*N,hd)
         k_all = apply_rope(k_all.flatten(2, 3), ang_k)               # (B,H,(Tc+T)*N,hd)

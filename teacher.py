@@ -38,18 +38,18 @@ class TeacherConfig:
     depth: int = 4
     heads: int = 4
     # optimisation
-    max_steps: int = 3000
+    max_steps: int = 5000
     batch: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 200
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema: float = 0.998
     p_uncond: float = 0.1         # event dropout to the null event, for CFG
-    sigma_mu: float = 0.0         # training levels: sigma = sigmoid(mu + N(0,1)) (logit-normal, SD3)
+    sigma_mu: float = 0.5         # training levels: sigma = sigmoid(mu + N(0,1)) (logit-normal, SD3), leaning noisy
     # sampling and evaluation
     sample_steps: int = 32
-    sample_shift: float = 1.0
+    sample_shift: float = 2.0
     guidance: float = 1.0         # g in cond + g (cond - uncond)
     eval_samples: int = 64
     log_every: int = 100

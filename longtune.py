@@ -1,0 +1,210 @@
+"""Streaming long tuning with event switches (LongLive), the baseline that Delta Forcing improves on
+(DESIGN section 7). With --trust_region=True the window loss becomes Delta Forcing's (section 8).
+
+The student rolls out long videos (default 8 teacher windows) chunk by chunk through its KV
+cache, with sink and rolling window; the rollout state persists across optimiser steps. Events
+switch at random chunk boundaries, at least once per video, and the cache is refreshed under the
+new event (--switch_cache). Each step supervises the newest teacher-length window, K detached
+context frames plus F new frames, with the DMD loss of distill.py, the teacher and critic both
+conditioned on the window's current event, and the loss masked to the new frames.
+
+    python longtune.py                      # writes out/longtune.pt
+    python longtune.py --switch_cache=keep --out_name=longtune_keep.pt
+"""
+import copy
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+import distill
+import teacher as teacher_stage
+from model import BadInput, KVCache, build, cli, ema_update, load_checkpoint, pick_device, rollout, save_checkpoint
+from world import EVENTS
+
+
+@dataclass
+class LongtuneConfig:
+    preset: str = "tiny"
+    out_dir: str = "out"
+    out_name: str = ""             # default longtune.pt (deltaforcing.pt with --trust_region=True)
+    seed: int = 0
+    resume: bool = False
+    device: str = "auto"
+    compile: bool = True           # used on CUDA only; CPU stays eager
+    max_steps: int = 0             # if > 0, caps the generator updates (smoke runs and tests)
+    student: str = ""              # default out_dir/student.pt
+    windows: int = 8               # rollout length, in teacher windows
+    context: int = 2               # K detached context frames in each supervised window
+    switch_cache: str = "recache"  # recache | keep | clear, at every event switch
+    max_switches: int = 3
+    steps: int = 150               # generator updates
+    critic_ratio: int = 5
+    batch: int = 8
+    lr: float = 2e-5
+    critic_lr: float = 5e-5
+    guidance: float = 1.0
+    grad_clip: float = 10.0
+    ema: float = 0.99
+    ema_start: int = 20
+    log_every: int = 10
+    trust_region: bool = False     # Delta Forcing (trust_region.py), the next issue
+
+
+PRESETS = {"tiny": {}, "small": dict(steps=500, batch=16)}
+
+
+def random_schedule(B, L, chunk, first, max_switches, gen):
+    """Per-frame events (B,L): every video switches 1..max_switches times, at chunk boundaries
+    shared by the batch (so the batched cache switches together), never before frame `first`.
+    Each video draws its own events, and a switch always changes the event."""
+    bounds = torch.arange(first, L, chunk)
+    n = int(torch.randint(1, max_switches + 1, (), generator=gen))
+    at = bounds[torch.randperm(len(bounds), generator=gen)[:n]].sort().values
+    ev = torch.empty(B, L, dtype=torch.long)
+    cur = torch.randint(len(EVENTS), (B,), generator=gen)
+    start = 0
+    for a in at.tolist() + [L]:
+        ev[:, start:a] = cur[:, None]
+        cur = (cur + torch.randint(1, len(EVENTS), (B,), generator=gen)) % len(EVENTS)
+        start = a
+    return ev
+
+
+class Streams:
+    """B long videos in progress. Their cache, schedule, position and last committed frames
+    persist across optimiser steps, as LongLive's rollout state does."""
+
+    def __init__(self, cfg, tcfg, gen, device):
+        self.cfg, self.tcfg, self.gen, self.device = cfg, tcfg, gen, device
+        self.L = cfg.windows * tcfg["frames"]
+        self.reset()
+
+    def reset(self):
+        cfg, tcfg = self.cfg, self.tcfg
+        self.cache = KVCache(cfg.n_sink, cfg.n_window)
+        self.events = random_schedule(cfg.batch, self.L, cfg.chunk, tcfg["frames"], cfg.max_switches, self.gen).to(self.device)
+        self.t, self.context = 0, None
+
+    def advance(self, model, levels, exit_step):
+        """Generate the next frames: a whole teacher window at the start of a video, then F new
+        frames. Returns the supervised window (B,W,...), its event (B,) and its new-frame mask (W,)."""
+        W, K = self.tcfg["frames"], self.cfg.context
+        n = W if self.t == 0 else W - K
+        S = self.tcfg["size"]
+        noise = torch.randn(self.cfg.batch, n, 3, S, S, device=self.device)
+        ev = self.events[:, self.t:self.t + n]
+        new = rollout(model, noise, ev, levels, self.cfg.chunk, self.cache, exit_step, self.cfg.switch_cache)
+        window = new if self.context is None else torch.cat([self.context, new], 1)   # (B,W,C,H,W)
+        mask = torch.arange(W, device=self.device) >= W - n
+        switched = bool((self.events[:, max(0, self.t - K):self.t + n] != ev[:, -1:]).any())
+        self.context = new[:, -K:].detach()                      # committed history: context, never a graph
+        self.t += n
+        if self.t + W - K > self.L:
+            self.reset()
+        return window, ev[:, -1], mask, switched
+
+
+def window_loss(per_frame, mask, aux, cfg):
+    """The one place the supervised window's per-frame DMD loss becomes a scalar.
+    Baseline (LongLive): the mean over the new frames only. Delta Forcing replaces this."""
+    return per_frame[:, mask].mean(), {}                         # Eq. LongLive section 3.2: DMD masked to new frames
+
+
+def load_student(cfg):
+    path = cfg.student or os.path.join(cfg.out_dir, "student.pt")
+    ck = load_checkpoint(path, ["student"], f"python distill.py --preset={cfg.preset}")
+    tcfg = ck["teacher_config"]
+    W = tcfg["frames"]
+    if not 0 < cfg.context < W or (W - cfg.context) % ck["config"]["chunk"]:
+        raise BadInput(f"--context={cfg.context} must leave a whole number of {ck['config']['chunk']}-frame chunks "
+                       f"in a {W}-frame teacher window")
+    if cfg.switch_cache not in ("recache", "keep", "clear"):
+        raise BadInput(f"--switch_cache must be recache, keep or clear, not {cfg.switch_cache!r}")
+    return ck, tcfg
+
+
+def main(cfg):
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    sck, tcfg = load_student(cfg)
+    scfg = distill.DistillConfig(**{k: v for k, v in sck["config"].items() if k in distill.DistillConfig.__dataclass_fields__})
+    cfg.chunk, cfg.n_sink, cfg.n_window = scfg.chunk, scfg.n_sink, scfg.n_window   # the student's streaming setup
+    name = cfg.out_name or ("deltaforcing.pt" if cfg.trust_region else "longtune.pt")
+    path = os.path.join(cfg.out_dir, name)
+    teacher = build(tcfg, device=device).requires_grad_(False).eval()
+    tck = load_checkpoint(sck["teacher_path"], ["teacher"], f"python teacher.py --preset={cfg.preset}")
+    teacher.load_state_dict(tck["ema"])
+    student = build(sck, "ema", device)                           # start from the distilled student
+    critic = build(sck, "critic", device)
+    ema = copy.deepcopy(student).requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.0, 0.999), weight_decay=0.01)
+    opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=(0.0, 0.999), weight_decay=0.01)
+    levels = distill.student_levels(scfg, device)
+    step, skipped = 0, 0
+    gen = torch.Generator().manual_seed(cfg.seed)                 # schedules: the same data for every run of a seed
+    if cfg.resume and os.path.exists(path):
+        ck = load_checkpoint(path, ["longtune"], f"python longtune.py --out_name={name}")
+        for mod, key in ((student, "model"), (ema, "ema"), (critic, "critic")):
+            mod.load_state_dict(ck[key])
+        opt.load_state_dict(ck["optimizer"]); opt_c.load_state_dict(ck["critic_optimizer"])
+        step, skipped = ck["step"], ck.get("skipped", 0)
+        torch.set_rng_state(ck["rng"]); gen.set_state(ck["gen"])
+        print(f"resumed {path} at step {step} (the rollout state restarts with a new video)")
+    gen_fwd, critic_fwd, teacher_fwd = ((torch.compile(m) if cfg.compile and device.type == "cuda" else m)
+                                        for m in (student, critic, teacher))
+    amp = teacher_stage.autocast(device)
+    streams = Streams(cfg, tcfg, gen, device)
+    n_updates = min(cfg.steps, cfg.max_steps) if cfg.max_steps > 0 else cfg.steps
+    print(f"long tuning {name}: {streams.L}-frame rollouts ({cfg.windows} teacher windows), windows of "
+          f"{cfg.context} context + {tcfg['frames'] - cfg.context} new frames, switch cache: {cfg.switch_cache}")
+
+    def checkpoint():
+        save_checkpoint(path, dict(stage="longtune", model=student.state_dict(), ema=ema.state_dict(),
+                                   critic=critic.state_dict(), optimizer=opt.state_dict(),
+                                   critic_optimizer=opt_c.state_dict(), config={**sck["config"], **asdict(cfg)},
+                                   teacher_config=tcfg, teacher_path=sck["teacher_path"], step=step,
+                                   skipped=skipped, metrics={}, rng=torch.get_rng_state(), gen=gen.get_state()))
+
+    t0 = time.time()
+    for step in tqdm(range(step, n_updates), initial=step, total=n_updates, desc="longtune", mininterval=5):
+        exit_step = int(torch.randint(len(levels), ()))           # one exit step, shared by the window's chunks
+        with amp:
+            window, event, mask, switched = streams.advance(gen_fwd, levels, exit_step)
+            ev = event[:, None].expand(-1, window.shape[1])       # the current event for the whole window (LongLive)
+            per_frame, aux = distill.dmd_loss(window.float(), ev, teacher_fwd, critic_fwd, cfg.guidance, scfg.shift)
+            loss, logs = window_loss(per_frame, mask, aux, cfg)
+        if not torch.isfinite(loss):                              # skip and count, never poison the weights
+            skipped += 1
+            continue
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        opt.step()
+        ema_update(ema, student, cfg.ema if step >= cfg.ema_start else 0.0)
+        x = window.detach().float()                               # the critic learns the generator's windows
+        for _ in range(cfg.critic_ratio):                         # 5 critic updates per generator update (DMD2)
+            with amp:
+                closs = distill.critic_loss(critic_fwd, x, ev, scfg.shift)
+            opt_c.zero_grad(set_to_none=True)
+            closs.backward()
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
+            opt_c.step()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == n_updates:
+            dt = (time.time() - t0) / cfg.log_every
+            extra = "".join(f" | {k} {v:.3f}" for k, v in logs.items())
+            tqdm.write(f"longtune {step + 1} | dmd loss {loss.item():.4f} | critic loss {closs.item():.4f} | "
+                       f"gnorm {gnorm:.3f} | switch window {int(switched)}{extra} | {dt:.2f} s/update | skipped {skipped}")
+            t0 = time.time()
+            step += 1
+            checkpoint()
+            step -= 1
+    step = n_updates
+    checkpoint()
+    print(f"wrote {path}; evaluate it with `python sample.py --eval --ckpts={path}`")
+
+
+if __name__ == "__main__":
+    cli(main, LongtuneConfig, PRESETS)
