@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import distill
 import teacher as teacher_stage
+import trust_region
 from model import BadInput, KVCache, build, cli, ema_update, load_checkpoint, pick_device, rollout, save_checkpoint
 from world import EVENTS
 
@@ -50,7 +51,13 @@ class LongtuneConfig:
     ema: float = 0.99
     ema_start: int = 20
     log_every: int = 10
-    trust_region: bool = False     # Delta Forcing (trust_region.py), the next issue
+    trust_region: bool = False     # Delta Forcing (trust_region.py): writes deltaforcing.pt
+    tr_weights: bool = True        # ablation: the trust weights w_f
+    tr_continuity: bool = True     # ablation: the monotonic continuity objective
+    tau: float = 0.5               # trust radius, in natural steps (a teleport's excess is about 1)
+    mc_radius: float = 1.0         # continuity bound per frame, in natural steps
+    lam: float = 1.0               # weight of the continuity objective
+    step_floor: float = 0.5        # floor of the natural step m
 
 
 PRESETS = {"tiny": {}, "small": dict(steps=500, batch=16)}
@@ -107,9 +114,12 @@ class Streams:
         return window, ev[:, -1], mask, switched
 
 
-def window_loss(per_frame, mask, aux, cfg):
+def window_loss(per_frame, window, mask, aux, cfg):
     """The one place the supervised window's per-frame DMD loss becomes a scalar.
-    Baseline (LongLive): the mean over the new frames only. Delta Forcing replaces this."""
+    Baseline (LongLive): the mean over the new frames only. Delta Forcing: trust_region.py."""
+    if cfg.trust_region:
+        return trust_region.delta_forcing_loss(per_frame, window, aux, int((~mask).sum()), cfg.tau, cfg.lam,
+                                               cfg.step_floor, cfg.tr_weights, cfg.tr_continuity, cfg.mc_radius)
     return per_frame[:, mask].mean(), {}                         # Eq. LongLive section 3.2: DMD masked to new frames
 
 
@@ -168,17 +178,19 @@ def main(cfg):
                                    teacher_config=tcfg, teacher_path=sck["teacher_path"], step=step,
                                    skipped=skipped, metrics={}, rng=torch.get_rng_state(), gen=gen.get_state()))
 
-    t0 = time.time()
+    t0, seen = time.time(), {"switch": [], "plain": []}          # trust-region logs, split by window kind
     for step in tqdm(range(step, n_updates), initial=step, total=n_updates, desc="longtune", mininterval=5):
         exit_step = int(torch.randint(len(levels), ()))           # one exit step, shared by the window's chunks
         with amp:
             window, event, mask, switched = streams.advance(gen_fwd, levels, exit_step)
             ev = event[:, None].expand(-1, window.shape[1])       # the current event for the whole window (LongLive)
             per_frame, aux = distill.dmd_loss(window.float(), ev, teacher_fwd, critic_fwd, cfg.guidance, scfg.shift)
-            loss, logs = window_loss(per_frame, mask, aux, cfg)
+            loss, logs = window_loss(per_frame, window, mask, aux, cfg)
         if not torch.isfinite(loss):                              # skip and count, never poison the weights
             skipped += 1
             continue
+        if logs:
+            seen["switch" if switched else "plain"].append(logs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
@@ -194,9 +206,11 @@ def main(cfg):
             opt_c.step()
         if (step + 1) % cfg.log_every == 0 or step + 1 == n_updates:
             dt = (time.time() - t0) / cfg.log_every
-            extra = "".join(f" | {k} {v:.3f}" for k, v in logs.items())
+            extra = "".join(f" | {kind} " + " ".join(f"{k} {sum(d[k] for d in v) / len(v):.3f}" for k in v[0])
+                            for kind, v in seen.items() if v)
+            seen = {"switch": [], "plain": []}
             tqdm.write(f"longtune {step + 1} | dmd loss {loss.item():.4f} | critic loss {closs.item():.4f} | "
-                       f"gnorm {gnorm:.3f} | switch window {int(switched)}{extra} | {dt:.2f} s/update | skipped {skipped}")
+                       f"gnorm {gnorm:.3f}{extra} | {dt:.2f} s/update | skipped {skipped}")
             t0 = time.time()
             step += 1
             checkpoint()
