@@ -18,7 +18,7 @@ from tqdm import tqdm
 import teacher as teacher_stage
 from model import (BadInput, KVCache, add_noise, build, cfg_mix, cli, ema_update, load_checkpoint, pick_device,
                    pred_x0, rollout, save_checkpoint, shift_sigma)
-from world import EVENTS, World, batch_metrics, save_video, summarize
+from world import EVENTS, World, batch_metrics, save_strip, save_video, summarize
 
 
 @dataclass
@@ -264,7 +264,10 @@ def main(cfg):
     print("teacher samples: " + " | ".join(f"{k} {v:.3f}" for k, v in tck["metrics"].items()))
     checkpoint(metrics)
     save_video(os.path.join(cfg.out_dir, "student_samples.gif"), torch.cat(list(samples[:10]), -1))
-    print(f"wrote {path} and {cfg.out_dir}/student_samples.gif")
+    _, t_samples = teacher_stage.evaluate(teacher, teacher_stage.TeacherConfig(**tcfg), 5, device)
+    pairs = torch.stack([t_samples, samples[:5]], 1).flatten(0, 1)   # teacher, student, ... per event
+    save_strip(os.path.join(cfg.out_dir, "teacher_vs_student.png"), pairs)
+    print(f"wrote {path}, {cfg.out_dir}/student_samples.gif and {cfg.out_dir}/teacher_vs_student.png")
 
 
 if __name__ == "__main__":

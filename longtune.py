@@ -12,6 +12,7 @@ conditioned on the window's current event, and the loss masked to the new frames
     python longtune.py --switch_cache=keep --out_name=longtune_keep.pt
 """
 import copy
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -44,8 +45,8 @@ class LongtuneConfig:
     steps: int = 150               # generator updates
     critic_ratio: int = 5
     batch: int = 8
-    lr: float = 2e-5
-    critic_lr: float = 5e-5
+    lr: float = 5e-5               # as distill.py (LongLive tunes at a higher rate than its distillation)
+    critic_lr: float = 1e-4
     guidance: float = 1.0
     grad_clip: float = 10.0
     ema: float = 0.99
@@ -86,7 +87,8 @@ class Streams:
 
     def __init__(self, cfg, tcfg, gen, device):
         self.cfg, self.tcfg, self.gen, self.device = cfg, tcfg, gen, device
-        self.L = cfg.windows * tcfg["frames"]
+        W, F = tcfg["frames"], tcfg["frames"] - cfg.context
+        self.L = W + math.ceil((cfg.windows - 1) * W / F) * F       # at least `windows` teacher windows long
         self.reset()
 
     def reset(self):
@@ -109,7 +111,7 @@ class Streams:
         switched = bool((self.events[:, max(0, self.t - K):self.t + n] != ev[:, -1:]).any())
         self.context = new[:, -K:].detach()                      # committed history: context, never a graph
         self.t += n
-        if self.t + W - K > self.L:
+        if self.t >= self.L:
             self.reset()
         return window, ev[:, -1], mask, switched
 

@@ -10,6 +10,7 @@ videos (schedules x seeds) through every checkpoint and prints the world metrics
 intervals over seeds.
 """
 import json
+import re
 import math
 import os
 import time
@@ -40,6 +41,8 @@ class SampleConfig:
     ckpts: str = ""                # --eval: comma-separated checkpoints (default: --ckpt)
     schedule_file: str = ""        # --eval: JSON list of schedule strings, each --frames long
     seeds: int = 8
+    first_seed: int = 0            # --eval: seeds first_seed .. first_seed + seeds - 1 (tune on some, report on fresh ones)
+    pool: bool = True              # --eval: pool checkpoints named NAME_s<k>.pt (training seeds) into one row NAME
     json: str = ""
     live: bool = False
 
@@ -150,9 +153,10 @@ def evaluate(cfg, device):
         schedules = builtin_schedules(W)
     for _, s, n in schedules:
         parse_schedule(s, n)                                     # every schedule is checked before any work
-    seeds = list(range(cfg.seeds))
-    result = {}
+    seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
+    result, pooled = {}, {}
     for path, (model, g) in zip(paths, gens):
+        row = re.sub(r"_s\d+(\.pt)$", r"\1", path) if cfg.pool else path   # NAME_s1.pt -> NAME.pt
         per = {}                                                 # (group, metric) -> (seeds, schedules) values
         for j, (group, text, n) in enumerate(schedules):
             ev = schedule_tensor(text, n, g["chunk"], len(seeds), device)
@@ -161,19 +165,24 @@ def evaluate(cfg, device):
             for k in METRICS:
                 for grp in (group, "all"):
                     per.setdefault((grp, k), []).append(m[k])
-        result[path] = {}
+        for key, vals in per.items():                            # rows: (schedules, seeds x training seeds)
+            pooled.setdefault(row, {}).setdefault(key, []).append(np.array(vals, dtype=float))
+    for row, per in pooled.items():
+        result[row] = {}
         for (grp, k), vals in per.items():
+            vals = np.concatenate(vals, axis=1)
             with warnings.catch_warnings():                      # a metric that applies to none of a seed's videos is nan
                 warnings.simplefilter("ignore", RuntimeWarning)
                 v = np.nanmean(np.array(vals, dtype=float), axis=0)  # per seed, mean over the group's schedules
             v = v[~np.isnan(v)]
             half = 1.96 * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
-            result[path].setdefault(grp, {})[k] = dict(mean=float(v.mean()) if len(v) else float("nan"), ci95=float(half))
-    for grp in result[paths[0]]:
-        print(f"\n{grp} schedules ({cfg.seeds} seeds, mean +- 95% interval over seeds)")
+            result[row].setdefault(grp, {})[k] = dict(mean=float(v.mean()) if len(v) else float("nan"), ci95=float(half))
+    for grp in next(iter(result.values())):
+        print(f"\n{grp} schedules (seeds {seeds[0]}-{seeds[-1]}; mean +- 95% interval over seeds, pooled over the"
+              f" training seeds of a row)")
         print("| checkpoint | " + " | ".join(METRICS) + " |\n|---|" + "---:|" * len(METRICS))
-        for p in paths:
-            r = result[p][grp]
+        for p, res in result.items():
+            r = res[grp]
             print(f"| {p} | " + " | ".join(f"{r[k]['mean']:.3f} +- {r[k]['ci95']:.3f}" for k in METRICS) + " |")
     if cfg.json:
         with open(cfg.json, "w") as f:

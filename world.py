@@ -225,6 +225,16 @@ def save_video(path, frames, fps=8, scale=4):
         imageio.mimwrite(path, list(a), duration=1000 / fps, loop=0)
 
 
+def save_strip(path, videos, scale=4):
+    """Videos (N,T,3,S,S) in [-1,1] -> one PNG, a video per row, its frames left to right."""
+    import imageio.v2 as imageio
+    grid = torch.cat([torch.cat(list(v), -1) for v in videos], -2)   # (3, N*S, T*S)
+    a = ((grid.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+    a = a.repeat_interleave(scale, -1).repeat_interleave(scale, -2).permute(1, 2, 0).numpy()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    imageio.imwrite(path, a)
+
+
 if __name__ == "__main__":
     w, gen = World(), torch.Generator().manual_seed(0)
     x, event = teacher_batch(w, 4, 16, gen)                          # four teacher clips, one event each
