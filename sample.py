@@ -24,7 +24,7 @@ import distill
 from model import BadInput, KVCache, build, cli, load_checkpoint, pick_device, rollout
 from world import World, batch_metrics, parse_schedule, schedule_events
 
-METRICS = ["follow", "latency", "identity", "jumps", "valid", "drift"]
+METRICS = ["follow", "latency", "identity", "jumps", "valid", "drift", "bias"]
 
 
 @dataclass

@@ -172,8 +172,8 @@ def video_metrics(video, ev, w, first=1, grace=2, tol=0.5):
     scored = np.arange(1, T) >= first
     for f, _, _ in sw:
         scored &= ~((np.arange(1, T) >= f) & (np.arange(1, T) < f + grace))
-    lat, ident = [], []
-    for i, (f, _, _) in enumerate(sw):
+    lat, ident, bias = [], [], []
+    for i, (f, _, new) in enumerate(sw):
         end = bounds[i + 2]
         hits = [t for t in range(f, end - 1) if match[t - 1] and match[t]]
         lat.append(hits[0] - f if hits else end - f)
@@ -184,6 +184,8 @@ def video_metrics(video, ev, w, first=1, grace=2, tol=0.5):
             continue
         ref = (np.bincount(tr["color_id"][before]).argmax(), np.bincount(tr["bg_id"][before]).argmax())
         ident.append(float(all((tr["color_id"][t], tr["bg_id"][t]) == ref for t in after)))
+        if CANON[new] >= 0 and ref[0] != CANON[new]:              # could the teacher's bias show here?
+            bias.append(float(np.bincount(tr["color_id"][after]).argmax() == CANON[new]))
     seg0 = [t for t in range(bounds[1]) if tr["valid"][t]]
     tail = [t for t in range(T - max(2, T // 8), T) if tr["valid"][t]]
     if seg0 and tail:   # colour distance normalised by the palette cube's diagonal, in [0, 1]
@@ -199,6 +201,7 @@ def video_metrics(video, ev, w, first=1, grace=2, tol=0.5):
         valid=float(tr["valid"].mean()),
         drift=float(drift),
         canon=float(np.bincount(tr["color_id"][seg0]).argmax() == canon) if seg0 and canon >= 0 else float("nan"),
+        bias=float(np.mean(bias)) if bias else float("nan"),     # switches recoloured to the new event's canonical colour
     )
 
 

@@ -47,6 +47,9 @@ def test_planted_recolour_lowers_identity():
     x2 = torch.where(sprite & (torch.arange(24) >= 16)[:, None, None, None], SPRITE_COLORS[new][:, None, None], x)
     assert video_metrics(x, ev, W)["identity"] == 1
     assert video_metrics(x2, ev, W)["identity"] == 0
+    x3 = torch.where(sprite & (torch.arange(24) >= 12)[:, None, None, None], SPRITE_COLORS[1][:, None, None], x)
+    assert tr["color_id"][0] != 1                                # red, so green after "up" is the planted bias
+    assert video_metrics(x3, ev, W)["bias"] == 1 and video_metrics(x, ev, W)["bias"] == 0
 
 
 def test_planted_background_change_lowers_identity():
