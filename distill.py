@@ -131,6 +131,18 @@ def critic_loss(critic, x, event, shift):
     return ((v.float() - (eps - x)) ** 2).mean()                 # Eq. DMD2 critic flow-matching loss
 
 
+def critic_update(critic, opt_c, x, event, shift, grad_clip, amp):
+    """One fake-score step on detached generator samples; distill.py and longtune.py both run 5
+    of these per generator update (DMD2's two time scales)."""
+    with amp:
+        loss = critic_loss(critic, x, event, shift)
+    opt_c.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(critic.parameters(), grad_clip)
+    opt_c.step()
+    return loss
+
+
 @torch.no_grad()
 def evaluate(model, cfg, tcfg, n, device, seed=1234):
     """Stream n teacher-length clips (one event each, events cycling) and score them as the teacher is scored."""
@@ -229,12 +241,7 @@ def main(cfg):
             with torch.no_grad(), amp:                            # samples are data for the critic, not a graph
                 x = rollout(gen_fwd, torch.randn(cfg.batch, T, 3, S, S, device=device), event, levels, cfg.chunk,
                             KVCache(cfg.n_sink, cfg.n_window), exit_step=int(torch.randint(K, ())))
-            with amp:
-                closs = critic_loss(critic_fwd, x.float(), event, cfg.shift)
-            opt_c.zero_grad(set_to_none=True)
-            closs.backward()
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
-            opt_c.step()
+            closs = critic_update(critic_fwd, opt_c, x.float(), event, cfg.shift, cfg.grad_clip, amp)
         event = torch.randint(len(EVENTS), (cfg.batch, 1), device=device).expand(-1, T)
         with amp:                                                 # ---- generator: Self Forcing rollout + DMD
             x = rollout(gen_fwd, torch.randn(cfg.batch, T, 3, S, S, device=device), event, levels, cfg.chunk,

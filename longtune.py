@@ -200,12 +200,7 @@ def main(cfg):
         ema_update(ema, student, cfg.ema if step >= cfg.ema_start else 0.0)
         x = window.detach().float()                               # the critic learns the generator's windows
         for _ in range(cfg.critic_ratio):                         # 5 critic updates per generator update (DMD2)
-            with amp:
-                closs = distill.critic_loss(critic_fwd, x, ev, scfg.shift)
-            opt_c.zero_grad(set_to_none=True)
-            closs.backward()
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
-            opt_c.step()
+            closs = distill.critic_update(critic_fwd, opt_c, x, ev, scfg.shift, cfg.grad_clip, amp)
         if (step + 1) % cfg.log_every == 0 or step + 1 == n_updates:
             dt = (time.time() - t0) / cfg.log_every
             extra = "".join(f" | {kind} " + " ".join(f"{k} {sum(d[k] for d in v) / len(v):.3f}" for k in v[0])
