@@ -6,6 +6,7 @@ and push its samples toward the teacher's distribution with distribution matchin
 
     python distill.py                       # the main job: trains the teacher first if it is missing
     python distill.py --preset=tiny --dmd_steps=100 --resume=True
+    torchrun --nproc_per_node=8 distill.py  # data parallel (the teacher must exist: torchrun teacher.py first)
 """
 import copy
 import os
@@ -16,8 +17,9 @@ import torch
 from tqdm import tqdm
 
 import teacher as teacher_stage
-from model import (BadInput, KVCache, add_noise, build, cfg_mix, cli, ema_update, load_checkpoint, pick_device,
-                   pred_x0, rollout, save_checkpoint, shift_sigma)
+from model import (BadInput, KVCache, add_noise, average_gradients, build, cfg_mix, check_in_sync, cli, ema_update,
+                   load_checkpoint, maybe_compile, per_rank, pick_device, pred_x0, rollout, save_checkpoint,
+                   setup_distributed, shift_sigma)
 from world import EVENTS, World, batch_metrics, save_strip, save_video, summarize
 
 
@@ -131,16 +133,50 @@ def critic_loss(critic, x, event, shift):
     return ((v.float() - (eps - x)) ** 2).mean()                 # Eq. DMD2 critic flow-matching loss
 
 
-def critic_update(critic, opt_c, x, event, shift, grad_clip, amp):
+def optimizer_step(model, opt, loss, grad_clip, world):
+    """backward, gradients averaged over ranks, clip, step. Returns (gnorm, applied): a non-finite
+    loss or gradient skips the step on every rank alike (they share the averaged gradients)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(model, world)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not torch.isfinite(gnorm):                                # syncs once per step: the price of the skip
+        opt.zero_grad(set_to_none=True)
+        return gnorm, False
+    opt.step()
+    return gnorm, True
+
+
+def critic_update(critic_fwd, critic, opt_c, x, event, shift, grad_clip, amp, world=1):
     """One fake-score step on detached generator samples; distill.py and longtune.py both run 5
     of these per generator update (DMD2's two time scales)."""
     with amp:
-        loss = critic_loss(critic, x, event, shift)
-    opt_c.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(critic.parameters(), grad_clip)
-    opt_c.step()
+        loss = critic_loss(critic_fwd, x, event, shift)
+    optimizer_step(critic, opt_c, loss, grad_clip, world)
     return loss
+
+
+def dmd_update(nets, opts, cfg, levels, shape, amp, world=1):
+    """One Self Forcing DMD iteration: cfg.critic_ratio critic updates, each on a fresh detached
+    rollout, then one generator update through a rollout that keeps its exit step's graph.
+    nets = (student, critic, gen_fwd, critic_fwd, teacher_fwd), the last three maybe compiled;
+    opts = (opt, opt_c); shape = (B, T, S). Returns (loss, critic loss, gnorm, applied)."""
+    student, critic, gen_fwd, critic_fwd, teacher_fwd = nets
+    (B, T, S), K, device = shape, len(levels), levels.device
+    for _ in range(cfg.critic_ratio):                            # critic: 5 updates per generator update (DMD2)
+        event = torch.randint(len(EVENTS), (B, 1), device=device).expand(-1, T)
+        with torch.no_grad(), amp:                               # samples are data for the critic, not a graph
+            x = rollout(gen_fwd, torch.randn(B, T, 3, S, S, device=device), event, levels, cfg.chunk,
+                        KVCache(cfg.n_sink, cfg.n_window), exit_step=int(torch.randint(K, ())))
+        closs = critic_update(critic_fwd, critic, opts[1], x.float(), event, cfg.shift, cfg.grad_clip, amp, world)
+    event = torch.randint(len(EVENTS), (B, 1), device=device).expand(-1, T)
+    with amp:                                                    # generator: Self Forcing rollout + DMD
+        x = rollout(gen_fwd, torch.randn(B, T, 3, S, S, device=device), event, levels, cfg.chunk,
+                    KVCache(cfg.n_sink, cfg.n_window), exit_step=int(torch.randint(K, ())))
+        per_frame, _ = dmd_loss(x.float(), event, teacher_fwd, critic_fwd, cfg.guidance, cfg.shift)
+        loss = per_frame.mean()
+    gnorm, applied = optimizer_step(student, opts[0], loss, cfg.grad_clip, world)
+    return loss, closs, gnorm, applied
 
 
 @torch.no_grad()
@@ -159,8 +195,11 @@ def world_of(tcfg):
     return World(**{k: tcfg[k] for k in ("size", "sprite", "speed", "rho")})
 
 
-def load_teacher(cfg, device):
+def load_teacher(cfg, device, world=1):
     path = cfg.teacher or os.path.join(cfg.out_dir, "teacher.pt")
+    if not os.path.exists(path) and not cfg.teacher and world > 1:
+        raise BadInput(f"{path} is missing; train it first with `torchrun --nproc_per_node={world} teacher.py "
+                       f"--preset={cfg.preset} --out_dir={cfg.out_dir}`")
     if not os.path.exists(path) and not cfg.teacher:
         print(f"{path} is missing: training the teacher first (python teacher.py --preset={cfg.preset})")
         tcfg = teacher_stage.TeacherConfig(**teacher_stage.PRESETS[cfg.preset])
@@ -176,9 +215,11 @@ def load_teacher(cfg, device):
 
 
 def main(cfg):
+    rank, world, local = setup_distributed()
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    tck, teacher_path = load_teacher(cfg, device)
+    device = pick_device(cfg.device, local)
+    batch = per_rank(cfg.batch, world)
+    tck, teacher_path = load_teacher(cfg, device, world)
     tcfg = tck["config"]
     teacher = build(tck, "ema", device).requires_grad_(False).eval()
     path = os.path.join(cfg.out_dir, "student.pt")
@@ -197,82 +238,73 @@ def main(cfg):
         phase, step, skipped = ck["phase"], ck["step"], ck.get("skipped", 0)
         torch.set_rng_state(ck["rng"])
         print(f"resumed {path}: phase {phase}, step {step}")
-    gen_fwd, critic_fwd, teacher_fwd = ((torch.compile(m) if cfg.compile and device.type == "cuda" else m)
-                                        for m in (student, critic, teacher))
+    if rank:                                                      # other ranks draw their own data and noise
+        torch.manual_seed(cfg.seed + 1000 * rank + step)
+    gen_fwd, critic_fwd, teacher_fwd = (maybe_compile(m, cfg, device) for m in (student, critic, teacher))
     amp = teacher_stage.autocast(device)
 
     def checkpoint(metrics=None):
-        save_checkpoint(path, dict(stage="student", model=student.state_dict(), ema=ema.state_dict(),
-                                   critic=critic.state_dict(), optimizer=opt.state_dict(),
-                                   critic_optimizer=opt_c.state_dict(), config={**tcfg, **asdict(cfg)},
-                                   teacher_config=tcfg, teacher_path=teacher_path, phase=phase, step=step, skipped=skipped,
-                                   metrics=metrics or {}, rng=torch.get_rng_state()))
+        if rank == 0:                                             # one writer; every rank holds the same weights
+            save_checkpoint(path, dict(
+                stage="student", model=student.state_dict(), ema=ema.state_dict(), critic=critic.state_dict(),
+                optimizer=opt.state_dict(), critic_optimizer=opt_c.state_dict(), config={**tcfg, **asdict(cfg)},
+                teacher_config=tcfg, teacher_path=teacher_path, phase=phase, step=step, skipped=skipped,
+                metrics=metrics or {}, rng=torch.get_rng_state()))
 
     t_start = time.time()
     if phase == "ode":                                            # ---- phase 1: ODE init (CausVid)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        with amp:
-            xs, x0, event = ode_pairs(teacher, tcfg, cfg.ode_pairs, levels, device, gen)
-        print(f"ode init: {len(x0)} teacher trajectories at levels {[round(v, 3) for v in levels.tolist()]} "
-              f"({time.time() - t_start:.0f}s)")
+        gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
+        with amp:                                                 # each rank makes its share of the pairs
+            xs, x0, event = ode_pairs(teacher, tcfg, cfg.ode_pairs // world, levels, device, gen)
+        if rank == 0:
+            print(f"ode init: {len(x0)} teacher trajectories per rank at levels {[round(v, 3) for v in levels.tolist()]}"
+                  f" ({time.time() - t_start:.0f}s)")
         opt_ode = torch.optim.AdamW(student.parameters(), lr=cfg.ode_lr, weight_decay=0.01)
-        for i in tqdm(range(cfg.ode_steps), desc="ode init", mininterval=5):
-            idx = torch.randint(len(x0), (cfg.batch,), generator=gen)
+        for i in tqdm(range(cfg.ode_steps), desc="ode init", mininterval=5, disable=rank > 0):
+            idx = torch.randint(len(x0), (batch,), generator=gen)
             with amp:
-                loss = ode_loss(student, xs[idx].to(device), x0[idx].to(device), event[idx].to(device), levels, cfg.chunk)
-            opt_ode.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt_ode.step()
-            if (i + 1) % (cfg.log_every * 10) == 0:
+                loss = ode_loss(gen_fwd, xs[idx].to(device), x0[idx].to(device), event[idx].to(device), levels, cfg.chunk)
+            skipped += not optimizer_step(student, opt_ode, loss, 1.0, world)[1]
+            if (i + 1) % (cfg.log_every * 10) == 0 and rank == 0:
                 tqdm.write(f"ode {i + 1} | loss {loss.item():.4f}")
         ema.load_state_dict(student.state_dict())
         phase, step = "dmd", 0
         checkpoint()
-        m, _ = evaluate(ema, cfg, tcfg, 32, device)
-        print("after ode init: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items()))
+        if rank == 0:
+            m, _ = evaluate(ema, cfg, tcfg, 32, device)
+            print("after ode init: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items()))
 
     n_updates = min(cfg.dmd_steps, cfg.max_steps) if cfg.max_steps > 0 else cfg.dmd_steps
-    K, T, S = len(levels), tcfg["frames"], tcfg["size"]
-    t0, closs = time.time(), torch.tensor(0.0)
-    for step in tqdm(range(step, n_updates), initial=step, total=n_updates, desc="dmd", mininterval=5):
-        for _ in range(cfg.critic_ratio):                         # ---- critic: 5 updates per generator update (DMD2)
-            event = torch.randint(len(EVENTS), (cfg.batch, 1), device=device).expand(-1, T)
-            with torch.no_grad(), amp:                            # samples are data for the critic, not a graph
-                x = rollout(gen_fwd, torch.randn(cfg.batch, T, 3, S, S, device=device), event, levels, cfg.chunk,
-                            KVCache(cfg.n_sink, cfg.n_window), exit_step=int(torch.randint(K, ())))
-            closs = critic_update(critic_fwd, opt_c, x.float(), event, cfg.shift, cfg.grad_clip, amp)
-        event = torch.randint(len(EVENTS), (cfg.batch, 1), device=device).expand(-1, T)
-        with amp:                                                 # ---- generator: Self Forcing rollout + DMD
-            x = rollout(gen_fwd, torch.randn(cfg.batch, T, 3, S, S, device=device), event, levels, cfg.chunk,
-                        KVCache(cfg.n_sink, cfg.n_window), exit_step=int(torch.randint(K, ())))
-            per_frame, _ = dmd_loss(x.float(), event, teacher_fwd, critic_fwd, cfg.guidance, cfg.shift)
-            loss = per_frame.mean()
-        if not torch.isfinite(loss):                              # skip and count, never poison the weights
+    nets, shape = (student, critic, gen_fwd, critic_fwd, teacher_fwd), (batch, tcfg["frames"], tcfg["size"])
+    t0 = time.time()
+    for step in tqdm(range(step, n_updates), initial=step, total=n_updates, desc="dmd", mininterval=5, disable=rank > 0):
+        loss, closs, gnorm, applied = dmd_update(nets, (opt, opt_c), cfg, levels, shape, amp, world)
+        if not applied:                                           # a non-finite step is skipped and counted
             skipped += 1
             continue
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        opt.step()
         ema_update(ema, student, cfg.ema if step >= cfg.ema_start else 0.0)
         if (step + 1) % cfg.log_every == 0 or step + 1 == n_updates:
             dt = (time.time() - t0) / cfg.log_every               # .item() syncs once per log line only
-            tqdm.write(f"dmd {step + 1} | dmd loss {loss.item():.4f} | critic loss {closs.item():.4f} | "
-                       f"gnorm {gnorm:.3f} | {dt:.2f} s/update | skipped {skipped}")
+            if rank == 0:
+                tqdm.write(f"dmd {step + 1} | dmd loss {loss.item():.4f} | critic loss {closs.item():.4f} | "
+                           f"gnorm {gnorm:.3f} | {dt:.2f} s/update | skipped {skipped}")
             t0 = time.time()
             step += 1                                             # the checkpoint holds the next update to run
             checkpoint()
             step -= 1
     step = n_updates
+    check_in_sync(student, rank, world)
+    if rank > 0:
+        return
     metrics, samples = evaluate(ema, cfg, tcfg, cfg.eval_samples, device)
     metrics["train_minutes"] = (time.time() - t_start) / 60
     print("student samples: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     print("teacher samples: " + " | ".join(f"{k} {v:.3f}" for k, v in tck["metrics"].items()))
     checkpoint(metrics)
     save_video(os.path.join(cfg.out_dir, "student_samples.gif"), torch.cat(list(samples[:10]), -1))
-    _, t_samples = teacher_stage.evaluate(teacher, teacher_stage.TeacherConfig(**tcfg), 5, device)
-    pairs = torch.stack([t_samples, samples[:5]], 1).flatten(0, 1)   # teacher, student, ... per event
+    n = min(len(EVENTS), len(samples))
+    _, t_samples = teacher_stage.evaluate(teacher, teacher_stage.TeacherConfig(**tcfg), n, device)
+    pairs = torch.stack([t_samples, samples[:n]], 1).flatten(0, 1)   # teacher, student, ... per event
     save_strip(os.path.join(cfg.out_dir, "teacher_vs_student.png"), pairs)
     print(f"wrote {path}, {cfg.out_dir}/student_samples.gif and {cfg.out_dir}/teacher_vs_student.png")
 

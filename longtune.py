@@ -10,6 +10,7 @@ conditioned on the window's current event, and the loss masked to the new frames
 
     python longtune.py                      # writes out/longtune.pt
     python longtune.py --switch_cache=keep --out_name=longtune_keep.pt
+    torchrun --nproc_per_node=8 longtune.py --trust_region=True   # data parallel
 """
 import copy
 import math
@@ -23,7 +24,8 @@ from tqdm import tqdm
 import distill
 import teacher as teacher_stage
 import trust_region
-from model import BadInput, KVCache, build, cli, ema_update, load_checkpoint, pick_device, rollout, save_checkpoint
+from model import (BadInput, KVCache, build, check_in_sync, cli, ema_update, load_checkpoint, maybe_compile, per_rank,
+                   pick_device, rollout, save_checkpoint, setup_distributed)
 from world import EVENTS
 
 
@@ -85,8 +87,9 @@ class Streams:
     """B long videos in progress. Their cache, schedule, position and last committed frames
     persist across optimiser steps, as LongLive's rollout state does."""
 
-    def __init__(self, cfg, tcfg, gen, device):
+    def __init__(self, cfg, tcfg, gen, device, batch=None):
         self.cfg, self.tcfg, self.gen, self.device = cfg, tcfg, gen, device
+        self.batch = batch or cfg.batch                          # this rank's share of the streams
         W, F = tcfg["frames"], tcfg["frames"] - cfg.context
         self.L = W + math.ceil((cfg.windows - 1) * W / F) * F       # at least `windows` teacher windows long
         self.reset()
@@ -94,7 +97,7 @@ class Streams:
     def reset(self):
         cfg, tcfg = self.cfg, self.tcfg
         self.cache = KVCache(cfg.n_sink, cfg.n_window)
-        self.events = random_schedule(cfg.batch, self.L, cfg.chunk, tcfg["frames"], cfg.max_switches, self.gen).to(self.device)
+        self.events = random_schedule(self.batch, self.L, cfg.chunk, tcfg["frames"], cfg.max_switches, self.gen).to(self.device)
         self.t, self.context = 0, None
 
     def advance(self, model, levels, exit_step):
@@ -103,7 +106,7 @@ class Streams:
         W, K = self.tcfg["frames"], self.cfg.context
         n = W if self.t == 0 else W - K
         S = self.tcfg["size"]
-        noise = torch.randn(self.cfg.batch, n, 3, S, S, device=self.device)
+        noise = torch.randn(self.batch, n, 3, S, S, device=self.device)
         ev = self.events[:, self.t:self.t + n]
         new = rollout(model, noise, ev, levels, self.cfg.chunk, self.cache, exit_step, self.cfg.switch_cache)
         window = new if self.context is None else torch.cat([self.context, new], 1)   # (B,W,C,H,W)
@@ -125,6 +128,25 @@ def window_loss(per_frame, window, mask, aux, cfg):
     return per_frame[:, mask].mean(), {}                         # Eq. LongLive section 3.2: DMD masked to new frames
 
 
+def tune_update(streams, nets, opts, cfg, levels, shift, amp, world=1):
+    """One long-tuning iteration: advance the streams by F frames (graph at one shared exit step),
+    one generator update on the newest window, then cfg.critic_ratio critic updates on it.
+    nets = (student, critic, gen_fwd, critic_fwd, teacher_fwd); opts = (opt, opt_c).
+    Returns (loss, critic loss, gnorm, applied, trust-region logs, whether the window holds a switch)."""
+    student, critic, gen_fwd, critic_fwd, teacher_fwd = nets
+    exit_step = int(torch.randint(len(levels), ()))              # one exit step, shared by the window's chunks
+    with amp:
+        window, event, mask, switched = streams.advance(gen_fwd, levels, exit_step)
+        ev = event[:, None].expand(-1, window.shape[1])          # the current event for the whole window (LongLive)
+        per_frame, aux = distill.dmd_loss(window.float(), ev, teacher_fwd, critic_fwd, cfg.guidance, shift)
+        loss, logs = window_loss(per_frame, window, mask, aux, cfg)
+    gnorm, applied = distill.optimizer_step(student, opts[0], loss, cfg.grad_clip, world)
+    x = window.detach().float()                                  # the critic learns the generator's windows
+    for _ in range(cfg.critic_ratio):                            # 5 critic updates per generator update (DMD2)
+        closs = distill.critic_update(critic_fwd, critic, opts[1], x, ev, shift, cfg.grad_clip, amp, world)
+    return loss, closs, gnorm, applied, logs, switched
+
+
 def load_student(cfg):
     path = cfg.student or os.path.join(cfg.out_dir, "student.pt")
     ck = load_checkpoint(path, ["student"], f"python distill.py --preset={cfg.preset}")
@@ -139,8 +161,10 @@ def load_student(cfg):
 
 
 def main(cfg):
+    rank, world, local = setup_distributed()
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, local)
+    batch = per_rank(cfg.batch, world)
     sck, tcfg = load_student(cfg)
     scfg = distill.DistillConfig(**{k: v for k, v in sck["config"].items() if k in distill.DistillConfig.__dataclass_fields__})
     cfg.chunk, cfg.n_sink, cfg.n_window = scfg.chunk, scfg.n_sink, scfg.n_window   # the student's streaming setup
@@ -165,56 +189,53 @@ def main(cfg):
         step, skipped = ck["step"], ck.get("skipped", 0)
         torch.set_rng_state(ck["rng"]); gen.set_state(ck["gen"])
         print(f"resumed {path} at step {step} (the rollout state restarts with a new video)")
-    gen_fwd, critic_fwd, teacher_fwd = ((torch.compile(m) if cfg.compile and device.type == "cuda" else m)
-                                        for m in (student, critic, teacher))
+    if rank:                                                      # other ranks draw their own schedules and noise
+        gen.manual_seed(cfg.seed + 1000 * rank + step); torch.manual_seed(cfg.seed + 1000 * rank + step)
+    gen_fwd, critic_fwd, teacher_fwd = (maybe_compile(m, cfg, device) for m in (student, critic, teacher))
     amp = teacher_stage.autocast(device)
-    streams = Streams(cfg, tcfg, gen, device)
+    streams = Streams(cfg, tcfg, gen, device, batch)
     n_updates = min(cfg.steps, cfg.max_steps) if cfg.max_steps > 0 else cfg.steps
-    print(f"long tuning {name}: {streams.L}-frame rollouts ({cfg.windows} teacher windows), windows of "
-          f"{cfg.context} context + {tcfg['frames'] - cfg.context} new frames, switch cache: {cfg.switch_cache}")
+    if rank == 0:
+        print(f"long tuning {name}: {streams.L}-frame rollouts ({cfg.windows} teacher windows), windows of "
+              f"{cfg.context} context + {tcfg['frames'] - cfg.context} new frames, switch cache: {cfg.switch_cache}")
 
     def checkpoint():
-        save_checkpoint(path, dict(stage="longtune", model=student.state_dict(), ema=ema.state_dict(),
-                                   critic=critic.state_dict(), optimizer=opt.state_dict(),
-                                   critic_optimizer=opt_c.state_dict(), config={**sck["config"], **asdict(cfg)},
-                                   teacher_config=tcfg, teacher_path=sck["teacher_path"], step=step,
-                                   skipped=skipped, metrics={}, rng=torch.get_rng_state(), gen=gen.get_state()))
+        if rank == 0:                                             # one writer; every rank holds the same weights
+            save_checkpoint(path, dict(
+                stage="longtune", model=student.state_dict(), ema=ema.state_dict(), critic=critic.state_dict(),
+                optimizer=opt.state_dict(), critic_optimizer=opt_c.state_dict(), config={**sck["config"], **asdict(cfg)},
+                teacher_config=tcfg, teacher_path=sck["teacher_path"], step=step, skipped=skipped, metrics={},
+                rng=torch.get_rng_state(), gen=gen.get_state()))
 
     t0, seen = time.time(), {"switch": [], "plain": []}          # trust-region logs, split by window kind
-    for step in tqdm(range(step, n_updates), initial=step, total=n_updates, desc="longtune", mininterval=5):
-        exit_step = int(torch.randint(len(levels), ()))           # one exit step, shared by the window's chunks
-        with amp:
-            window, event, mask, switched = streams.advance(gen_fwd, levels, exit_step)
-            ev = event[:, None].expand(-1, window.shape[1])       # the current event for the whole window (LongLive)
-            per_frame, aux = distill.dmd_loss(window.float(), ev, teacher_fwd, critic_fwd, cfg.guidance, scfg.shift)
-            loss, logs = window_loss(per_frame, window, mask, aux, cfg)
-        if not torch.isfinite(loss):                              # skip and count, never poison the weights
+    nets = (student, critic, gen_fwd, critic_fwd, teacher_fwd)
+    for step in tqdm(range(step, n_updates), initial=step, total=n_updates, desc="longtune", mininterval=5,
+                     disable=rank > 0):
+        loss, closs, gnorm, applied, logs, switched = tune_update(streams, nets, (opt, opt_c), cfg, levels, scfg.shift,
+                                                                  amp, world)
+        if not applied:                                           # a non-finite step is skipped and counted
             skipped += 1
             continue
+        ema_update(ema, student, cfg.ema if step >= cfg.ema_start else 0.0)
         if logs:
             seen["switch" if switched else "plain"].append(logs)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        opt.step()
-        ema_update(ema, student, cfg.ema if step >= cfg.ema_start else 0.0)
-        x = window.detach().float()                               # the critic learns the generator's windows
-        for _ in range(cfg.critic_ratio):                         # 5 critic updates per generator update (DMD2)
-            closs = distill.critic_update(critic_fwd, opt_c, x, ev, scfg.shift, cfg.grad_clip, amp)
         if (step + 1) % cfg.log_every == 0 or step + 1 == n_updates:
             dt = (time.time() - t0) / cfg.log_every
             extra = "".join(f" | {kind} " + " ".join(f"{k} {sum(d[k] for d in v) / len(v):.3f}" for k in v[0])
                             for kind, v in seen.items() if v)
             seen = {"switch": [], "plain": []}
-            tqdm.write(f"longtune {step + 1} | dmd loss {loss.item():.4f} | critic loss {closs.item():.4f} | "
-                       f"gnorm {gnorm:.3f}{extra} | {dt:.2f} s/update | skipped {skipped}")
+            if rank == 0:
+                tqdm.write(f"longtune {step + 1} | dmd loss {loss.item():.4f} | critic loss {closs.item():.4f} | "
+                           f"gnorm {gnorm:.3f}{extra} | {dt:.2f} s/update | skipped {skipped}")
             t0 = time.time()
             step += 1
             checkpoint()
             step -= 1
     step = n_updates
+    check_in_sync(student, rank, world)
     checkpoint()
-    print(f"wrote {path}; evaluate it with `python sample.py --eval --ckpts={path}`")
+    if rank == 0:
+        print(f"wrote {path}; evaluate it with `python sample.py --eval --ckpts={path}`")
 
 
 if __name__ == "__main__":

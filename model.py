@@ -93,9 +93,10 @@ def rope_angles(t_pos, grid, head_dim, device):
 
 def apply_rope(x, ang):
     """Rotate channel pairs of x (B,H,L,hd) by angles (L,hd/2)."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
     cos, sin = ang.cos(), ang.sin()
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+    # back to x's dtype: under bf16 autocast q, k and v then share one dtype, which flash requires
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).type_as(x)
 
 
 def modulate(x, shift, scale):
@@ -128,13 +129,13 @@ class Block(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, ang_q, ang_k, mask, past):
-        """x (B,T,N,D) tokens, c (B,T,D) per-frame condition, past: cached (k, v) or None.
-        Returns the new tokens and this chunk's unrotated (k, v), each (B,H,T,N,hd)."""
+        """x (B,T,N,D) tokens, c (B,T,D) per-frame condition, past: cached keys and values
+        (2,B,H,n,N,hd) or None. Returns the new tokens and this chunk's unrotated (k, v), each (B,H,T,N,hd)."""
         B, T, N, D = x.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c)[:, :, None].chunk(6, -1)   # each (B,T,1,D)
         h = modulate(self.norm1(x), sh1, sc1)
         q, k, v = rearrange(self.qkv(h), "b t n (three h d) -> three b h t n d", three=3, h=self.heads)
-        k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))  # (B,H,n+T,N,hd)
         q = apply_rope(q.flatten(2, 3), ang_q)                       # (B,H,T*N,hd)
         k_all = apply_rope(k_all.flatten(2, 3), ang_k)               # (B,H,(Tc+T)*N,hd)
         o = attention(q, k_all, v_all.flatten(2, 3), mask)
@@ -178,64 +179,114 @@ class VideoDiT(nn.Module):
     def unpatchify(self, x):                                         # (B,T,N,C*p*p) -> (B,T,C,H,W)
         return rearrange(x, "b t (gh gw) (c p q) -> b t c (gh p) (gw q)", gh=self.grid, p=self.mc.patch, q=self.mc.patch)
 
-    def forward(self, x, sigma, event, cache=None, write=False, causal_chunk=0):
+    def forward(self, x, sigma, event, past=None, past_pos=None, causal_chunk=0, return_kv=False):
         """x (B,T,C,H,W), sigma (B,T) or (B,), event (B,T) or (B,) -> velocity (B,T,C,H,W).
-        cache: stream mode, the frames attend to [cache ; themselves] with no mask, at positions
-        after the cached frames; write=True then appends their keys/values (detached) to it."""
+        Stream mode: past (depth,2,B,H,n,N,hd) holds the keys/values of n cached frames at the
+        positions past_pos (n,); the frames attend to [past ; themselves] with no mask, at
+        positions n, n+1, ... return_kv=True also returns their own (depth,2,B,H,T,N,hd).
+        Tensors in, tensors out, no Python state: torch.compile traces it as one graph."""
         B, T = x.shape[:2]
         sigma = sigma.expand(B, T) if sigma.dim() == 2 else sigma[:, None].expand(B, T)
         event = event.expand(B, T) if event.dim() == 2 else event[:, None].expand(B, T)
         h = self.x_embedder(self.patchify(x))                        # (B,T,N,D)
         c = self.t_embedder(sigma) + self.y_embedder(event)          # (B,T,D)
-        n_past = len(cache) if cache is not None else 0
+        n_past = 0 if past is None else past.shape[4]
+        t_pos = torch.arange(n_past, n_past + T, device=x.device)
         hd = self.mc.dim // self.mc.heads
-        ang_k = rope_angles(torch.arange(n_past + T, device=x.device), self.grid, hd, x.device)
-        ang_q = ang_k[n_past * self.grid ** 2:]
+        ang_q = rope_angles(t_pos, self.grid, hd, x.device)          # (T*N, hd/2)
+        ang_k = ang_q if past is None else rope_angles(torch.cat([past_pos, t_pos]), self.grid, hd, x.device)
         mask = None
-        if causal_chunk and cache is None:                           # query chunk sees its own and earlier chunks
+        if causal_chunk and past is None:                            # query chunk sees its own and earlier chunks
             ch = torch.arange(T, device=x.device).repeat_interleave(self.grid ** 2) // causal_chunk
             mask = ch[:, None] >= ch[None, :]                        # (T*N, T*N) bool
         new_kv = []
         for i, block in enumerate(self.blocks):
-            h, kv = block(h, c, ang_q, ang_k, mask, cache.kv[i] if n_past else None)
+            h, kv = block(h, c, ang_q, ang_k, mask, None if past is None else past[i])
             new_kv.append(kv)
-        if write:
-            cache.append(x, event, new_kv)
         sh, sc = self.final_adaLN(c)[:, :, None].chunk(2, -1)        # (B,T,1,D) each
-        return self.unpatchify(self.final_layer(modulate(self.final_norm(h), sh, sc)))
+        out = self.unpatchify(self.final_layer(modulate(self.final_norm(h), sh, sc)))
+        if return_kv:
+            return out, torch.stack([torch.stack(kv) for kv in new_kv])   # (depth,2,B,H,T,N,hd)
+        return out
 
 
 class KVCache:
     """Keys and values of clean past frames: the first n_sink frames (the sink) plus a rolling
     window of the last n_window frames, so memory and cost per frame stay constant forever.
-    Positions are assigned inside the cache (sink first, then the window), as StreamingLLM does,
-    so RoPE distances stay inside the range seen in training however long the stream runs."""
+
+    The buffers are preallocated at the first write and written in place as a ring (frame t
+    goes to slot t in the sink, then to n_sink + (t - n_sink) % n_window), so once full the
+    tensors a compiled streaming step sees keep their shape and address: no recompiles, and a
+    CUDA graph can replay. Positions are assigned inside the cache (sink first, then the window
+    by age), as StreamingLLM does, so RoPE distances stay inside the range seen in training
+    however long the stream runs; attention does not care in which slot a key sits."""
 
     def __init__(self, n_sink, n_window):
         self.n_sink, self.n_window = n_sink, n_window
-        self.frames = self.events = None                             # (B,n,C,H,W), (B,n): what the keys encode
-        self.kv = []                                                 # per block: (k, v), each (B,H,n,N,hd)
+        self.reset()
+
+    def reset(self):
+        self.kv = None                                               # (depth,2,B,H,cap,N,hd), cap = n_sink + n_window
+        self.frames = self.events = None                             # (B,cap,C,H,W), (B,cap): what the keys encode
+        self.t = self.pos = None                                     # (cap,) the stream frame held by each slot; (n,) positions
         self.n_seen = 0                                              # frames written since the start
 
     def __len__(self):
-        return 0 if self.frames is None else self.frames.shape[1]
+        return min(self.n_seen, self.n_sink + self.n_window)
 
-    def append(self, frames, events, kvs):
+    def slot(self, t):
+        """The ring slot of stream frame t: the sink keeps its frames, the window wraps around."""
+        return torch.where(t < self.n_sink, t, self.n_sink + (t - self.n_sink) % self.n_window)
+
+    def newest_events(self):
+        """(B,) the event of the newest cached frame."""
+        return self.events[:, int(self.slot(torch.tensor(self.n_seen - 1)))]
+
+    def view(self):
+        """What a streaming forward attends to: (keys/values of the filled slots, their positions)."""
+        if self.n_seen == 0:
+            return None, None
+        return self.kv[:, :, :, :, :len(self)], self.pos
+
+    def write(self, frames, events, kv):
+        """Store T new frames and their keys/values kv (depth,2,B,H,T,N,hd), in place."""
+        T = frames.shape[1]
+        if T > self.n_window:
+            raise ValueError(f"cannot write {T} frames at once into a window of {self.n_window}")
+        if self.kv is None:
+            cap = self.n_sink + self.n_window
+            d, two, B, H, _, N, hd = kv.shape
+            self.kv = kv.new_zeros(d, two, B, H, cap, N, hd)
+            self.frames = frames.new_zeros(B, cap, *frames.shape[2:])
+            self.events = events.new_zeros(B, cap)
+            self.t = torch.zeros(cap, dtype=torch.long, device=frames.device)
+        slot = self.slot(torch.arange(self.n_seen, self.n_seen + T, device=frames.device))
         # Detached: history is context, never a gradient path (Self Forcing's official code leaks here).
-        frames, events = frames.detach(), events.detach()
-        kvs = [(k.detach(), v.detach()) for k, v in kvs]
-        if self.frames is None:
-            self.frames, self.events, self.kv = frames, events, kvs
-        else:
-            self.frames = torch.cat([self.frames, frames], 1)
-            self.events = torch.cat([self.events, events], 1)
-            self.kv = [(torch.cat([k0, k], 2), torch.cat([v0, v], 2)) for (k0, v0), (k, v) in zip(self.kv, kvs)]
-        self.n_seen += frames.shape[1]
-        n = len(self)
-        if n > self.n_sink + self.n_window:                          # evict the oldest non-sink frames
-            keep = torch.cat([torch.arange(self.n_sink), torch.arange(n - self.n_window, n)]).to(frames.device)
-            self.frames, self.events = self.frames[:, keep], self.events[:, keep]
-            self.kv = [(k[:, :, keep], v[:, :, keep]) for k, v in self.kv]
+        self.kv.index_copy_(4, slot, kv.detach().to(self.kv.dtype))
+        self.frames.index_copy_(1, slot, frames.detach().to(self.frames.dtype))
+        self.events.index_copy_(1, slot, events.detach())
+        self.t.index_copy_(0, slot, torch.arange(self.n_seen, self.n_seen + T, device=frames.device))
+        self.n_seen += T
+        # (n,) each filled slot's position inside the cache: the sink 0..n_sink-1, then the
+        # window n_sink, n_sink+1, ... from its oldest frame to its newest
+        t, oldest = self.t[:len(self)], max(self.n_sink, self.n_seen - self.n_window)
+        self.pos = torch.where(t < self.n_sink, t, t - oldest + self.n_sink)
+
+    def ordered(self):
+        """(frames, events) of the filled slots in stream order (sink, then window by age)."""
+        order = torch.argsort(self.pos)
+        return self.frames[:, order], self.events[:, order]
+
+
+def stream(model, x, sigma, event, cache, write=False):
+    """One streaming forward: x attends to [cache ; itself]; write=True then stores its
+    keys/values in the cache (detached). The model call itself is pure, so it can be compiled."""
+    past, pos = cache.view()
+    if not write:
+        return model(x, sigma, event, past=past, past_pos=pos)
+    v, kv = model(x, sigma, event, past=past, past_pos=pos, return_kv=True)
+    cache.write(x, event if event.dim() == 2 else event[:, None].expand(x.shape[:2]), kv)
+    return v
 
 
 @torch.no_grad()
@@ -243,18 +294,21 @@ def recache(model, cache, event, chunk):
     """At an event switch, recompute the cached frames' keys and values under the new event
     (LongLive's recache), chunk by chunk as they were written. event (B,): streams whose cache
     already holds this event keep their keys and values untouched."""
-    if len(cache) == 0:
+    n = len(cache)
+    if n == 0:
         return
-    changed = (cache.events != event[:, None]).any(1)           # (B,)
+    changed = (cache.events[:, :n] != event[:, None]).any(1)     # (B,)
     if not changed.any():
         return
+    frames, _ = cache.ordered()                                  # (B,n,C,H,W) in stream order
     fresh = KVCache(cache.n_sink, cache.n_window)
-    for i in range(0, len(cache), chunk):
-        f = cache.frames[:, i:i + chunk]                         # (B,chunk,C,H,W)
-        model(f, torch.zeros(f.shape[:2], device=f.device), event, cache=fresh, write=True)
-    c = changed.view(-1, 1, 1, 1, 1)                             # broadcasts over (B,H,n,N,hd)
-    cache.kv = [(torch.where(c, k1, k0), torch.where(c, v1, v0)) for (k0, v0), (k1, v1) in zip(cache.kv, fresh.kv)]
-    cache.events = torch.where(changed[:, None], fresh.events, cache.events)
+    for i in range(0, n, chunk):
+        f = frames[:, i:i + chunk]                               # (B,chunk,C,H,W)
+        stream(model, f, torch.zeros(f.shape[:2], device=f.device), event, fresh, write=True)
+    pos = cache.pos                                              # slot s of ours is slot pos[s] of the fresh cache
+    c = changed.view(1, 1, -1, 1, 1, 1, 1)                       # broadcasts over (depth,2,B,H,n,N,hd)
+    cache.kv[:, :, :, :, :n] = torch.where(c, fresh.kv[:, :, :, :, pos], cache.kv[:, :, :, :, :n])
+    cache.events[:, :n] = torch.where(changed[:, None], event[:, None], cache.events[:, :n])
 
 
 def rollout(model, noise, event, levels, chunk, cache, exit_step=None, switch="recache"):
@@ -271,20 +325,20 @@ def rollout(model, noise, event, levels, chunk, cache, exit_step=None, switch="r
     outs = []
     for i in range(0, T, chunk):
         x, ev = noise[:, i:i + chunk], event[:, i:i + chunk]     # (B,chunk,C,H,W), (B,chunk)
-        if len(cache) and (cache.events[:, -1] != ev[:, 0]).any():
+        if len(cache) and (cache.newest_events() != ev[:, 0]).any():
             if switch == "recache":
                 recache(model, cache, ev[:, 0], chunk)
             elif switch == "clear":
-                cache.__init__(cache.n_sink, cache.n_window)
+                cache.reset()
         for k in range(exit_step + 1):
             sig = torch.full(ev.shape, float(levels[k]), device=x.device)
             with torch.set_grad_enabled(torch.is_grad_enabled() and k == exit_step):
-                x0 = pred_x0(x, model(x, sig, ev, cache=cache), sig)
+                x0 = pred_x0(x, stream(model, x, sig, ev, cache), sig)
             if k < exit_step:                                    # re-noise with fresh noise, not an Euler step
                 x = add_noise(x0, torch.randn_like(x0), torch.full_like(sig, float(levels[k + 1])))
         outs.append(x0)
         with torch.no_grad():                                    # the cache write carries no gradient
-            model(x0, torch.zeros_like(sig), ev, cache=cache, write=True)
+            stream(model, x0, torch.zeros_like(sig), ev, cache, write=True)
     return torch.cat(outs, 1)
 
 
@@ -334,15 +388,80 @@ def cli(main, cls, presets):
     except BadInput as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if "RANK" in os.environ and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
+def pick_device(name, local_rank=0):
+    """cuda (this process's GPU under torchrun), else mps, else cpu. TF32 matmuls on CUDA."""
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+        torch.cuda.set_device(device)
+    return device
+
+
+def maybe_compile(model, cfg, device, **kw):
+    """torch.compile on CUDA when --compile=True (the default); the CPU and the tests stay eager."""
+    return torch.compile(model, **kw) if cfg.compile and device.type == "cuda" else model
+
+
+# ----------------------------------------------------------------------------- data parallel (torchrun)
+# `torchrun --nproc_per_node=N teacher.py|distill.py|longtune.py` runs N data-parallel processes;
+# plain `python` is rank 0 of 1 and never touches torch.distributed (optional, as in nanoGPT).
+# Every rank holds the same weights and draws its own data; after each backward the gradients
+# are averaged over ranks, so every rank takes the same step. This is what DDP's hooks do; we
+# call all_reduce by hand because the Self Forcing rollout runs the generator several times
+# before one backward, which DDP's one-forward-one-backward bookkeeping does not allow.
+
+def setup_distributed():
+    """-> (rank, world_size, local_rank). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def per_rank(batch, world):
+    """The global batch split over the ranks, so N GPUs train what one GPU trains, N times faster."""
+    if batch % world:
+        raise BadInput(f"--batch={batch} does not split over {world} processes; use a multiple of {world}")
+    return batch // world
+
+
+def average_gradients(model, world):
+    """All-reduce the gradients (one flat buffer, one call) and divide by the number of ranks."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(model.parameters(), flat.div_(world).split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
+def check_in_sync(model, rank, world):
+    """After training under torchrun: every rank prints a digest of its weights, and rank 0
+    checks that all ranks hold identical weights."""
+    if world == 1:
+        return
+    import hashlib
+    import torch.distributed as dist
+    h = hashlib.sha256()
+    for v in model.state_dict().values():
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    digests = [None] * world
+    dist.all_gather_object(digests, h.hexdigest()[:16])
+    print(f"rank {rank}/{world}: weights sha256 {digests[rank]}", flush=True)
+    if rank == 0:
+        same = len(set(digests)) == 1
+        print(f"data parallel: weights {'identical' if same else 'DIFFERENT'} on all {world} ranks", flush=True)
 
 
 def save_checkpoint(path, ckpt):

@@ -3,6 +3,7 @@ with Euler + CFG and score the samples with the world's exact metrics (DESIGN se
 
     python teacher.py                       # tiny on CPU, small on a GPU; writes out/teacher.pt
     python teacher.py --preset=tiny --max_steps=200 --resume=True
+    torchrun --nproc_per_node=8 teacher.py  # data parallel: the batch is split over 8 GPUs
 """
 import copy
 import math
@@ -13,8 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from model import (add_noise, build, cfg_mix, cli, ema_update, load_checkpoint, pick_device,
-                   save_checkpoint, shift_sigma)
+from model import (add_noise, average_gradients, build, cfg_mix, check_in_sync, cli, ema_update, load_checkpoint,
+                   maybe_compile, per_rank, pick_device, save_checkpoint, setup_distributed, shift_sigma)
 from world import EVENTS, batch_metrics, save_video, summarize, teacher_batch
 
 
@@ -109,6 +110,26 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def train_step(fwd, model, ema, opt, x, event, step, cfg, world=1):
+    """One optimiser step: flow-matching loss, backward, gradients averaged over ranks, clip,
+    AdamW, EMA. fwd is the (maybe compiled) model. Returns (loss, gnorm, applied): a non-finite
+    loss or gradient skips the update, on every rank alike, and never poisons the weights."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    with autocast(x.device):
+        loss = fm_loss(fwd, x, event, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(model, world)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if not torch.isfinite(gnorm):                                   # syncs once per step: the price of the skip
+        opt.zero_grad(set_to_none=True)
+        return loss, gnorm, False
+    opt.step()
+    ema_update(ema, model, cfg.ema if step >= cfg.warmup else 0.0)
+    return loss, gnorm, True
+
+
 def lr_at(step, cfg):
     """Linear warmup, then cosine decay to 10%."""
     if step < cfg.warmup:
@@ -118,10 +139,12 @@ def lr_at(step, cfg):
 
 
 def main(cfg):
+    rank, world, local = setup_distributed()
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, local)
     path = os.path.join(cfg.out_dir, "teacher.pt")
-    model = build(cfg, device=device)
+    batch = per_rank(cfg.batch, world)
+    model = build(cfg, device=device)                               # the same seed: the same weights on every rank
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)                   # the data stream, saved for resume
@@ -132,45 +155,43 @@ def main(cfg):
         step, skipped = ck["step"], ck.get("skipped", 0)
         gen.set_state(ck["gen"]); torch.set_rng_state(ck["rng"])
         print(f"resumed {path} at step {step}")
-    fwd = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+    if rank:                                                        # other ranks draw their own data and noise
+        gen.manual_seed(cfg.seed + 1000 * rank + step); torch.manual_seed(cfg.seed + 1000 * rank + step)
+    fwd = maybe_compile(model, cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"teacher: {n_params / 1e6:.2f}M params, {cfg.frames}x{cfg.size}x{cfg.size} clips, device {device}")
+    if rank == 0:
+        print(f"teacher: {n_params / 1e6:.2f}M params, {cfg.frames}x{cfg.size}x{cfg.size} clips, device {device}"
+              + (f", {world} data-parallel ranks x batch {batch}" if world > 1 else ""))
 
     def checkpoint(metrics=None):
-        save_checkpoint(path, dict(stage="teacher", model=model.state_dict(), ema=ema.state_dict(),
-                                   optimizer=opt.state_dict(), config=asdict(cfg), step=step, skipped=skipped,
-                                   metrics=metrics or {}, gen=gen.get_state(), rng=torch.get_rng_state()))
+        if rank == 0:                                               # one writer; every rank holds the same weights
+            save_checkpoint(path, dict(stage="teacher", model=model.state_dict(), ema=ema.state_dict(),
+                                       optimizer=opt.state_dict(), config=asdict(cfg), step=step, skipped=skipped,
+                                       metrics=metrics or {}, gen=gen.get_state(), rng=torch.get_rng_state()))
 
     t0, t_start = time.time(), time.time()
-    for step in tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, desc="teacher", mininterval=5):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        x, event = teacher_batch(cfg, cfg.batch, cfg.frames, gen)
-        drop = torch.rand(cfg.batch, generator=gen) < cfg.p_uncond
+    for step in tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, desc="teacher", mininterval=5,
+                     disable=rank > 0):
+        x, event = teacher_batch(cfg, batch, cfg.frames, gen)
+        drop = torch.rand(batch, generator=gen) < cfg.p_uncond
         event = torch.where(drop, model.null_event, event)
-        with autocast(device):
-            loss = fm_loss(fwd, x.to(device), event.to(device), cfg)
-        if not torch.isfinite(loss):                                # skip and count, never poison the weights
-            skipped += 1
-            opt.zero_grad(set_to_none=True)
-            continue
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema_update(ema, model, cfg.ema if step >= cfg.warmup else 0.0)
-        if (step + 1) % cfg.log_every == 0:
+        loss, gnorm, applied = train_step(fwd, model, ema, opt, x.to(device), event.to(device), step, cfg, world)
+        skipped += not applied                                      # a non-finite step is skipped and counted
+        if (step + 1) % cfg.log_every == 0 and rank == 0:
             dt = (time.time() - t0) / cfg.log_every                 # loss.item() syncs once per log line only
             tqdm.write(f"step {step + 1} | loss {loss.item():.4f} | gnorm {gnorm:.2f} | lr {lr_at(step, cfg):.2e} | "
                        f"{dt * 1000:.0f} ms/step | {cfg.batch / dt:.0f} clips/s | skipped {skipped}")
             t0 = time.time()
-        if (step + 1) % cfg.ckpt_every == 0:
+        if (step + 1) % cfg.ckpt_every == 0 and rank == 0:
             m, _ = evaluate(ema, cfg, 20, device)                   # a quick look at progress
             tqdm.write(f"step {step + 1} | ema samples: follow {m['follow']:.3f} valid {m['valid']:.3f} canon {m['canon']:.3f}")
             step += 1                                               # the checkpoint holds the next step to run
             checkpoint()
             step -= 1
     step = cfg.max_steps
+    check_in_sync(model, rank, world)
+    if rank > 0:
+        return
     train_min = (time.time() - t_start) / 60
     metrics, samples = evaluate(ema, cfg, cfg.eval_samples, device)
     metrics["train_minutes"] = train_min

@@ -110,9 +110,9 @@ def test_gradient_only_from_the_shared_exit_step():
     calls = []
     orig = m.forward
 
-    def spy(x, sigma, event, cache=None, write=False, causal_chunk=0):
-        calls.append((round(float(sigma[0, 0]), 3), torch.is_grad_enabled(), write))
-        return orig(x, sigma, event, cache=cache, write=write, causal_chunk=causal_chunk)
+    def spy(x, sigma, event, return_kv=False, **kw):
+        calls.append((round(float(sigma[0, 0]), 3), torch.is_grad_enabled(), return_kv))
+        return orig(x, sigma, event, return_kv=return_kv, **kw)
     m.forward = spy
     noise = torch.randn(2, 6, 3, 16, 16, requires_grad=True)
     out = roll(m, noise, torch.zeros(2, 6, dtype=torch.long), exit_step=2)

@@ -2,7 +2,7 @@
 no gradient through the cache, patchify round trip, bounded cache, recache."""
 import torch
 
-from model import KVCache, ModelConfig, VideoDiT, add_noise, pred_x0, recache, shift_sigma
+from model import KVCache, ModelConfig, VideoDiT, add_noise, pred_x0, recache, shift_sigma, stream as stream_step
 
 MC = ModelConfig(size=16, patch=4, dim=32, depth=2, heads=2)
 B, T, CH = 2, 8, 2
@@ -30,7 +30,7 @@ def stream(m, x, sigma, event, n_sink=2, n_window=64):
     cache, outs = KVCache(n_sink, n_window), []
     for i in range(0, x.shape[1], CH):
         s = slice(i, i + CH)
-        outs.append(m(x[:, s], sigma[:, s], event[:, s], cache=cache, write=True))
+        outs.append(stream_step(m, x[:, s], sigma[:, s], event[:, s], cache, write=True))
     return torch.cat(outs, 1), cache
 
 
@@ -70,9 +70,9 @@ def test_no_gradient_reaches_the_cache():
     x, sigma, event = inputs()
     x = x.requires_grad_()
     cache = KVCache(2, 64)
-    m(x[:, :2], sigma[:, :2], event[:, :2], cache=cache, write=True)
-    assert not cache.frames.requires_grad and all(not k.requires_grad and not v.requires_grad for k, v in cache.kv)
-    out = m(x[:, 2:4], sigma[:, 2:4], event[:, 2:4], cache=cache)
+    stream_step(m, x[:, :2], sigma[:, :2], event[:, :2], cache, write=True)
+    assert not cache.frames.requires_grad and not cache.kv.requires_grad
+    out = stream_step(m, x[:, 2:4], sigma[:, 2:4], event[:, 2:4], cache)
     out.sum().backward()
     assert x.grad[:, :2].abs().max() == 0                        # history received nothing
     assert x.grad[:, 2:4].abs().max() > 0
@@ -90,15 +90,19 @@ def test_sink_and_window_keep_memory_bounded():
     m = randomized()
     cache = KVCache(n_sink=2, n_window=4)
     x = torch.randn(1, 2, 3, 16, 16)
-    first = None
+    first, buffers = None, None
     with torch.no_grad():
         for i in range(40):                                      # 80 frames = 20x the window
-            m(x + i, torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.long), cache=cache, write=True)
+            stream_step(m, x + i, torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.long), cache, write=True)
             first = cache.frames[:, :2].clone() if i == 0 else first
-            assert len(cache) <= 6 and cache.kv[0][0].shape[2] == len(cache)
+            buffers = buffers or (cache.kv.data_ptr(), cache.kv.shape)
+            assert len(cache) == min(6, 2 * (i + 1)) and cache.view()[0].shape[4] == len(cache)
+            assert (cache.kv.data_ptr(), cache.kv.shape) == buffers      # preallocated once, written in place
     assert cache.n_seen == 80 and len(cache) == 6
-    assert torch.equal(cache.frames[:, :2], first)               # the sink holds the first frames
-    assert torch.equal(cache.frames[:, -2:], (x + 39))           # the window holds the newest
+    frames, _ = cache.ordered()
+    assert torch.equal(frames[:, :2], first)                     # the sink holds the first frames
+    assert torch.equal(frames[:, -2:], (x + 39))                 # the window holds the newest, in order
+    assert sorted(cache.pos.tolist()) == list(range(6))          # positions stay inside the cache's range
 
 
 def test_recache_changes_cache_only_when_event_changes():
@@ -107,15 +111,37 @@ def test_recache_changes_cache_only_when_event_changes():
     event = torch.zeros(B, T, dtype=torch.long)
     with torch.no_grad():
         _, cache = stream(m, x, torch.zeros(B, T), event)
-        before = [k.clone() for k, _ in cache.kv]
+        before = cache.view()[0].clone()                          # (depth,2,B,H,n,N,hd)
         recache(m, cache, torch.zeros(B, dtype=torch.long), CH)           # same event: nothing changes
-        assert all(torch.equal(a, k) for a, (k, _) in zip(before, cache.kv))
+        assert torch.equal(before, cache.view()[0])
         _, ref = stream(m, x, torch.zeros(B, T), torch.full((B, T), 3))  # what writing under event 3 gives
         recache(m, cache, torch.full((B,), 3), CH)
-    assert all((a - k).abs().max() > 1e-3 for a, (k, _) in zip(before, cache.kv))
-    assert all(torch.allclose(k, kr, atol=1e-5) and torch.allclose(v, vr, atol=1e-5)
-               for (k, v), (kr, vr) in zip(cache.kv, ref.kv))
-    assert (cache.events == 3).all()
+    assert all((before[i] - cache.view()[0][i]).abs().max() > 1e-3 for i in range(MC.depth))
+    assert torch.allclose(cache.view()[0], ref.view()[0], atol=1e-5)
+    assert (cache.ordered()[1] == 3).all()
+
+
+def test_ring_cache_equals_concatenate_and_evict():
+    """The in-place ring gives exactly what the obvious cache gives: the sink's and the last
+    window's keys/values concatenated in stream order, at positions 0..n-1."""
+    m = randomized()
+    x, sigma, event = inputs()
+    x = torch.cat([x, x.flip(1), x + 1], 1)                      # 24 frames through a cache of 2 + 4
+    sigma, event = sigma.repeat(1, 3), event.repeat(1, 3)
+    cache, kvs, outs = KVCache(2, 4), [], []                     # kvs: every frame's (depth,2,B,H,1,N,hd)
+    with torch.no_grad():
+        for i in range(0, 24, CH):
+            s = slice(i, i + CH)
+            keep = kvs[:2] + kvs[2:][-4:]                        # sink + the newest 4, in stream order
+            past = torch.cat(keep, 4) if keep else None
+            pos = torch.arange(len(keep)) if keep else None
+            ref = m(x[:, s], sigma[:, s], event[:, s], past=past, past_pos=pos)
+            outs.append((ref, stream_step(m, x[:, s], sigma[:, s], event[:, s], cache)))
+            _, kv = m(x[:, s], torch.zeros(B, CH), event[:, s], past=past, past_pos=pos, return_kv=True)
+            kvs += list(kv.split(1, 4))
+            stream_step(m, x[:, s], torch.zeros(B, CH), event[:, s], cache, write=True)
+    assert len(outs) == 12 and all(torch.allclose(a, b, atol=1e-5) for a, b in outs)
+    assert (outs[-1][0] - outs[-2][0]).abs().max() > 1e-3        # and the frames really differ
 
 
 def test_flow_matching_convention():
