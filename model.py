@@ -179,34 +179,41 @@ class VideoDiT(nn.Module):
     def unpatchify(self, x):                                         # (B,T,N,C*p*p) -> (B,T,C,H,W)
         return rearrange(x, "b t (gh gw) (c p q) -> b t c (gh p) (gw q)", gh=self.grid, p=self.mc.patch, q=self.mc.patch)
 
-    def forward(self, x, sigma, event, past=None, past_pos=None, causal_chunk=0, return_kv=False):
+    def forward(self, x, sigma, event, past=None, causal_chunk=0, return_kv=False):
         """x (B,T,C,H,W), sigma (B,T) or (B,), event (B,T) or (B,) -> velocity (B,T,C,H,W).
-        Stream mode: past (depth,2,B,H,n,N,hd) holds the keys/values of n cached frames at the
-        positions past_pos (n,); the frames attend to [past ; themselves] with no mask, at
-        positions n, n+1, ... return_kv=True also returns their own (depth,2,B,H,T,N,hd).
-        Tensors in, tensors out, no Python state: torch.compile traces it as one graph."""
+        Stream mode: past = (kv, k_pos, q_pos, valid) from KVCache.view(): the keys/values of the
+        cache slots (depth,2,B,H,n,N,hd), their positions (n,), the positions of x's frames (T,),
+        and which slots are filled (n,) bool, or None once all are. The frames attend to
+        [cache ; themselves]. return_kv=True also returns their own keys/values (depth,2,B,H,T,N,hd).
+        Tensors in, tensors out, every shape fixed by the cache's capacity: torch.compile traces
+        a handful of graphs (empty, filling, full cache) and never recompiles as the stream grows."""
         B, T = x.shape[:2]
         sigma = sigma.expand(B, T) if sigma.dim() == 2 else sigma[:, None].expand(B, T)
         event = event.expand(B, T) if event.dim() == 2 else event[:, None].expand(B, T)
         h = self.x_embedder(self.patchify(x))                        # (B,T,N,D)
         c = self.t_embedder(sigma) + self.y_embedder(event)          # (B,T,D)
-        n_past = 0 if past is None else past.shape[4]
-        t_pos = torch.arange(n_past, n_past + T, device=x.device)
-        hd = self.mc.dim // self.mc.heads
-        ang_q = rope_angles(t_pos, self.grid, hd, x.device)          # (T*N, hd/2)
-        ang_k = ang_q if past is None else rope_angles(torch.cat([past_pos, t_pos]), self.grid, hd, x.device)
-        mask = None
+        hd, N = self.mc.dim // self.mc.heads, self.grid ** 2
+        kv, mask = None, None
+        if past is None:
+            ang_q = ang_k = rope_angles(torch.arange(T, device=x.device), self.grid, hd, x.device)   # (T*N, hd/2)
+        else:
+            kv, k_pos, q_pos, valid = past
+            ang_q = rope_angles(q_pos, self.grid, hd, x.device)
+            ang_k = rope_angles(torch.cat([k_pos, q_pos]), self.grid, hd, x.device)
+            if valid is not None:                                    # a filling cache hides its empty slots;
+                keys = torch.cat([valid, valid.new_ones(T)])         # the full cache needs no mask (flash)
+                mask = keys.repeat_interleave(N)[None]               # (1, (n+T)*N) bool, broadcast over queries
         if causal_chunk and past is None:                            # query chunk sees its own and earlier chunks
-            ch = torch.arange(T, device=x.device).repeat_interleave(self.grid ** 2) // causal_chunk
+            ch = torch.arange(T, device=x.device).repeat_interleave(N) // causal_chunk
             mask = ch[:, None] >= ch[None, :]                        # (T*N, T*N) bool
         new_kv = []
         for i, block in enumerate(self.blocks):
-            h, kv = block(h, c, ang_q, ang_k, mask, None if past is None else past[i])
-            new_kv.append(kv)
+            h, kv_i = block(h, c, ang_q, ang_k, mask, None if kv is None else kv[i])
+            new_kv.append(kv_i)
         sh, sc = self.final_adaLN(c)[:, :, None].chunk(2, -1)        # (B,T,1,D) each
         out = self.unpatchify(self.final_layer(modulate(self.final_norm(h), sh, sc)))
         if return_kv:
-            return out, torch.stack([torch.stack(kv) for kv in new_kv])   # (depth,2,B,H,T,N,hd)
+            return out, torch.stack([torch.stack(kv_i) for kv_i in new_kv])   # (depth,2,B,H,T,N,hd)
         return out
 
 
@@ -215,9 +222,10 @@ class KVCache:
     window of the last n_window frames, so memory and cost per frame stay constant forever.
 
     The buffers are preallocated at the first write and written in place as a ring (frame t
-    goes to slot t in the sink, then to n_sink + (t - n_sink) % n_window), so once full the
-    tensors a compiled streaming step sees keep their shape and address: no recompiles, and a
-    CUDA graph can replay. Positions are assigned inside the cache (sink first, then the window
+    goes to slot t in the sink, then to n_sink + (t - n_sink) % n_window). A streaming forward
+    always sees the whole buffers, with the empty slots masked while the cache fills, so the
+    compiled step keeps its shapes from the second chunk on: no recompiles as the stream grows,
+    and a CUDA graph can replay. Positions are assigned inside the cache (sink first, then the window
     by age), as StreamingLLM does, so RoPE distances stay inside the range seen in training
     however long the stream runs; attention does not care in which slot a key sits."""
 
@@ -242,11 +250,14 @@ class KVCache:
         """(B,) the event of the newest cached frame."""
         return self.events[:, int(self.slot(torch.tensor(self.n_seen - 1)))]
 
-    def view(self):
-        """What a streaming forward attends to: (keys/values of the filled slots, their positions)."""
+    def view(self, T):
+        """What a streaming forward of T frames attends to (VideoDiT.forward's `past`): the whole
+        buffers, always the same shape, with positions and, while filling, the filled slots."""
         if self.n_seen == 0:
-            return None, None
-        return self.kv[:, :, :, :, :len(self)], self.pos
+            return None
+        n, cap = len(self), self.n_sink + self.n_window
+        q_pos = torch.arange(n, n + T, device=self.kv.device)
+        return self.kv, self.pos, q_pos, (None if n == cap else torch.arange(cap, device=self.kv.device) < n)
 
     def write(self, frames, events, kv):
         """Store T new frames and their keys/values kv (depth,2,B,H,T,N,hd), in place."""
@@ -267,24 +278,27 @@ class KVCache:
         self.events.index_copy_(1, slot, events.detach())
         self.t.index_copy_(0, slot, torch.arange(self.n_seen, self.n_seen + T, device=frames.device))
         self.n_seen += T
-        # (n,) each filled slot's position inside the cache: the sink 0..n_sink-1, then the
-        # window n_sink, n_sink+1, ... from its oldest frame to its newest
-        t, oldest = self.t[:len(self)], max(self.n_sink, self.n_seen - self.n_window)
-        self.pos = torch.where(t < self.n_sink, t, t - oldest + self.n_sink)
+        # (cap,) each slot's position inside the cache: the sink 0..n_sink-1, then the window
+        # n_sink, n_sink+1, ... from its oldest frame to its newest (empty slots: masked anyway)
+        oldest = max(self.n_sink, self.n_seen - self.n_window)
+        self.pos = torch.where(self.t < self.n_sink, self.t, (self.t - oldest + self.n_sink).clamp(min=0))
 
     def ordered(self):
         """(frames, events) of the filled slots in stream order (sink, then window by age)."""
-        order = torch.argsort(self.pos)
+        order = torch.argsort(self.pos[:len(self)])
         return self.frames[:, order], self.events[:, order]
 
 
 def stream(model, x, sigma, event, cache, write=False):
     """One streaming forward: x attends to [cache ; itself]; write=True then stores its
     keys/values in the cache (detached). The model call itself is pure, so it can be compiled."""
-    past, pos = cache.view()
+    past = cache.view(x.shape[1])
+    # fresh copies with standard strides: x and event are often slices of longer tensors, and a
+    # compiled step guards on strides (even of size-1 dims); the copy is a few KB per chunk
+    x, sigma, event = (a.clone(memory_format=torch.contiguous_format) for a in (x, sigma, event))
     if not write:
-        return model(x, sigma, event, past=past, past_pos=pos)
-    v, kv = model(x, sigma, event, past=past, past_pos=pos, return_kv=True)
+        return model(x, sigma, event, past=past)
+    v, kv = model(x, sigma, event, past=past, return_kv=True)
     cache.write(x, event if event.dim() == 2 else event[:, None].expand(x.shape[:2]), kv)
     return v
 
@@ -305,7 +319,7 @@ def recache(model, cache, event, chunk):
     for i in range(0, n, chunk):
         f = frames[:, i:i + chunk]                               # (B,chunk,C,H,W)
         stream(model, f, torch.zeros(f.shape[:2], device=f.device), event, fresh, write=True)
-    pos = cache.pos                                              # slot s of ours is slot pos[s] of the fresh cache
+    pos = cache.pos[:n]                                          # slot s of ours is slot pos[s] of the fresh cache
     c = changed.view(1, 1, -1, 1, 1, 1, 1)                       # broadcasts over (depth,2,B,H,n,N,hd)
     cache.kv[:, :, :, :, :n] = torch.where(c, fresh.kv[:, :, :, :, pos], cache.kv[:, :, :, :, :n])
     cache.events[:, :n] = torch.where(changed[:, None], event[:, None], cache.events[:, :n])
@@ -405,8 +419,14 @@ def pick_device(name, local_rank=0):
 
 
 def maybe_compile(model, cfg, device, **kw):
-    """torch.compile on CUDA when --compile=True (the default); the CPU and the tests stay eager."""
-    return torch.compile(model, **kw) if cfg.compile and device.type == "cuda" else model
+    """torch.compile on CUDA when --compile=True (the default); the CPU and the tests stay eager.
+    A stage traces a handful of graphs (bidirectional, block-causal, and the streaming step with
+    an empty, filling or full cache, with and without keys/values out, with and without grad),
+    more than dynamo's default limit of 8, after which it would silently fall back to eager."""
+    if not (cfg.compile and device.type == "cuda"):
+        return model
+    torch._dynamo.config.recompile_limit = 64
+    return torch.compile(model, **kw)
 
 
 # ----------------------------------------------------------------------------- data parallel (torchrun)

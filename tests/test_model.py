@@ -96,7 +96,7 @@ def test_sink_and_window_keep_memory_bounded():
             stream_step(m, x + i, torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.long), cache, write=True)
             first = cache.frames[:, :2].clone() if i == 0 else first
             buffers = buffers or (cache.kv.data_ptr(), cache.kv.shape)
-            assert len(cache) == min(6, 2 * (i + 1)) and cache.view()[0].shape[4] == len(cache)
+            assert len(cache) == min(6, 2 * (i + 1)) and cache.kv.shape[4] == 6
             assert (cache.kv.data_ptr(), cache.kv.shape) == buffers      # preallocated once, written in place
     assert cache.n_seen == 80 and len(cache) == 6
     frames, _ = cache.ordered()
@@ -111,13 +111,14 @@ def test_recache_changes_cache_only_when_event_changes():
     event = torch.zeros(B, T, dtype=torch.long)
     with torch.no_grad():
         _, cache = stream(m, x, torch.zeros(B, T), event)
-        before = cache.view()[0].clone()                          # (depth,2,B,H,n,N,hd)
+        filled = lambda c: c.kv[:, :, :, :, :len(c)]             # noqa: E731  (depth,2,B,H,n,N,hd)
+        before = filled(cache).clone()
         recache(m, cache, torch.zeros(B, dtype=torch.long), CH)           # same event: nothing changes
-        assert torch.equal(before, cache.view()[0])
+        assert torch.equal(before, filled(cache))
         _, ref = stream(m, x, torch.zeros(B, T), torch.full((B, T), 3))  # what writing under event 3 gives
         recache(m, cache, torch.full((B,), 3), CH)
-    assert all((before[i] - cache.view()[0][i]).abs().max() > 1e-3 for i in range(MC.depth))
-    assert torch.allclose(cache.view()[0], ref.view()[0], atol=1e-5)
+    assert all((before[i] - filled(cache)[i]).abs().max() > 1e-3 for i in range(MC.depth))
+    assert torch.allclose(filled(cache), filled(ref), atol=1e-5)
     assert (cache.ordered()[1] == 3).all()
 
 
@@ -133,15 +134,32 @@ def test_ring_cache_equals_concatenate_and_evict():
         for i in range(0, 24, CH):
             s = slice(i, i + CH)
             keep = kvs[:2] + kvs[2:][-4:]                        # sink + the newest 4, in stream order
-            past = torch.cat(keep, 4) if keep else None
-            pos = torch.arange(len(keep)) if keep else None
-            ref = m(x[:, s], sigma[:, s], event[:, s], past=past, past_pos=pos)
+            n = len(keep)
+            past = (torch.cat(keep, 4), torch.arange(n), torch.arange(n, n + CH), None) if keep else None
+            ref = m(x[:, s], sigma[:, s], event[:, s], past=past)
             outs.append((ref, stream_step(m, x[:, s], sigma[:, s], event[:, s], cache)))
-            _, kv = m(x[:, s], torch.zeros(B, CH), event[:, s], past=past, past_pos=pos, return_kv=True)
+            _, kv = m(x[:, s], torch.zeros(B, CH), event[:, s], past=past, return_kv=True)
             kvs += list(kv.split(1, 4))
             stream_step(m, x[:, s], torch.zeros(B, CH), event[:, s], cache, write=True)
     assert len(outs) == 12 and all(torch.allclose(a, b, atol=1e-5) for a, b in outs)
     assert (outs[-1][0] - outs[-2][0]).abs().max() > 1e-3        # and the frames really differ
+
+
+def test_compiled_stream_does_not_recompile_as_it_grows():
+    """Dynamo (no inductor, so it is fast) sees a handful of graphs, empty / filling / full cache
+    with and without keys out, and none new however long the stream runs or how often it restarts."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from model import rollout
+    torch._dynamo.reset()
+    compiled = torch.compile(randomized(), backend="eager", dynamic=False)
+    graphs, base = [], counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for T in (16, 40, 40):
+            rollout(compiled, torch.randn(1, T, 3, 16, 16), torch.zeros(1, T, dtype=torch.long),
+                    [1.0, 0.5], CH, KVCache(2, 4))
+            graphs.append(counters["stats"]["unique_graphs"] - base)
+    assert graphs[0] <= 6 and graphs[2] == graphs[1] == graphs[0], graphs
 
 
 def test_flow_matching_convention():
