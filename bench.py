@@ -1,35 +1,55 @@
 """Speed, measured in one run so that ratios compare like with like (machines are noisy).
 
-    python bench.py                 # tiny on CPU, small on a GPU
-    python bench.py --batch=8 --frames=256
+    python bench.py                       # tiny on CPU, small on a GPU
+    python bench.py --compile=on          # also compile on the CPU (slow to compile; checks the code path)
 
-Rows: the teacher's Euler + CFG sampler over a full clip against the student streaming 4 steps
-per chunk through its KV cache; per-frame cost early against late in a long stream; and cached
-streaming against recomputing the whole causal prefix for every chunk. Weights do not change
-speed, so untrained models of the preset's shape are used.
+Streaming: frames/s in steady state and first-chunk latency at batch 1 and at a large batch,
+eager and compiled (on CUDA the compiled streaming step replays as a CUDA graph), the graphs
+compiled and any recompile during a warmed stream, per-frame cost at frame 50 against frame
+1000, cached streaming against recomputing the causal prefix, and the teacher's sampler
+against the student's stream. Training: step time, FLOPs counted per step by PyTorch's
+FlopCounterMode, achieved FLOP/s and MFU against a small table of bf16 peaks, for the teacher,
+DMD and long-tuning steps, eager and compiled. On CUDA also which SDPA paths take flash.
+Weights do not change speed, so untrained models of the preset's shape are used.
 """
+import copy
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
+from torch._dynamo.utils import counters
+from torch.utils.flop_counter import FlopCounterMode
 
 import distill
+import longtune
 import teacher
-from model import KVCache, build, cli, pick_device, pred_x0, rollout
+from model import BadInput, KVCache, build, cli, maybe_compile, pick_device, pred_x0, rollout, stream
+from world import teacher_batch
+
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+             "4090": 165e12}                                     # dense bf16 tensor-core FLOP/s, from the data sheets
 
 
 @dataclass
 class BenchConfig:
     preset: str = "tiny"
     device: str = "auto"
-    batch: int = 1              # streams generated side by side
-    frames: int = 256           # length of the stream for cached streaming against recompute
-    late: int = 500             # per-frame cost is measured around frame 50 and around this frame
-    repeats: int = 3            # best of n
+    compile: str = "auto"       # auto: on CUDA only | on: also on the CPU | off
+    big_batch: int = 16         # the large batch for streaming throughput
+    frames: int = 256           # stream length for cached streaming against recompute
+    late: int = 1000            # per-frame cost is compared at frame 50 and at this frame
+    repeats: int = 3            # best of n for whole-call timings
+    steps: int = 3              # timed training steps per stage, after two warm-up steps
     threads: int = 0            # torch CPU threads; 0 = torch's default
 
 
-PRESETS = {"tiny": {}, "small": {}}
+PRESETS = {"tiny": {}, "small": dict(big_batch=64)}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()                                 # time the GPU work, not the launch
 
 
 def timed(fn, device, repeats):
@@ -37,14 +57,28 @@ def timed(fn, device, repeats):
     fn()
     best = float("inf")
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()                             # time the GPU work, not the launch
+        sync(device)
         t = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return best
+
+
+@torch.no_grad()
+def stream_times(model, B, n, levels, dcfg, S, device):
+    """Seconds of each chunk of one n-frame stream at batch B of S x S frames (sample.py's loop, timed per chunk)."""
+    ch = dcfg.chunk
+    noise, ev = torch.randn(B, n, 3, S, S, device=device), torch.zeros(B, n, dtype=torch.long, device=device)
+    cache, times = KVCache(dcfg.n_sink, dcfg.n_window), []
+    for i in range(0, n, ch):
+        sync(device)
+        t = time.perf_counter()
+        with teacher.autocast(device):
+            rollout(model, noise[:, i:i + ch], ev[:, i:i + ch], levels, ch, cache)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return times
 
 
 @torch.no_grad()
@@ -64,61 +98,156 @@ def recompute_stream(model, noise, event, levels, chunk):
     return torch.cat(done, 1)
 
 
-@torch.no_grad()
+def flash_paths(model, dcfg, S, device):
+    """Which attention paths run with SDPA restricted to the flash kernel (CUDA, bf16): a path
+    that flash cannot take raises. The block-causal path passes a mask, so it must fail."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    ch, B = dcfg.chunk, 2
+    x, ev = torch.randn(B, ch, 3, S, S, device=device), torch.zeros(B, ch, dtype=torch.long, device=device)
+    full = KVCache(dcfg.n_sink, dcfg.n_window)
+    with torch.no_grad(), teacher.autocast(device):
+        while len(full) < dcfg.n_sink + dcfg.n_window:           # fill the cache: the steady state has no mask
+            stream(model, x, torch.zeros(B, ch, device=device), ev, full, write=True)
+    paths = {"bidirectional (teacher, critic)": lambda: model(x, torch.ones(B, ch, device=device), ev),
+             "streaming, full cache": lambda: stream(model, x, torch.ones(B, ch, device=device), ev, full),
+             "block-causal (ODE init; expected: no)": lambda: model(x.repeat(1, 2, 1, 1, 1), torch.ones(B, 2 * ch, device=device),
+                                                                    ev.repeat(1, 2), causal_chunk=ch)}
+    out = {}
+    for name, fn in paths.items():
+        try:
+            with torch.no_grad(), teacher.autocast(device), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                fn()
+            out[name] = "flash"
+        except RuntimeError:
+            out[name] = "not flash"
+    return out
+
+
+def train_steps(tcfg, dcfg, lcfg, device, compiled):
+    """One closure per training step of the pipeline, each running exactly the stage's own step
+    function on fresh models of the preset's shape: teacher, DMD (5 critic + 1 generator), long tune."""
+    amp = teacher.autocast(device)
+    t_model = build(tcfg, device=device)
+    t_ema, t_opt = copy.deepcopy(t_model), torch.optim.AdamW(t_model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    x, ev = (a.to(device) for a in teacher_batch(tcfg, tcfg.batch, tcfg.frames, gen))
+    t_fwd = maybe_compile(t_model, compiled)
+    student, critic, frozen = (build(tcfg, device=device) for _ in range(3))
+    frozen.requires_grad_(False)
+    opts = tuple(torch.optim.AdamW(m.parameters(), lr=1e-5, betas=(0.0, 0.999)) for m in (student, critic))
+    nets = (student, critic, *(maybe_compile(m, compiled) for m in (student, critic, frozen)))
+    levels = distill.student_levels(dcfg, device)
+    shape = (dcfg.batch, tcfg.frames, tcfg.size)
+    streams = longtune.Streams(lcfg, asdict(tcfg), gen, device)
+    df = copy.copy(lcfg)
+    df.trust_region = True
+    return {"teacher step": (lambda: teacher.train_step(t_fwd, t_model, t_ema, t_opt, x, ev, 0, tcfg), tcfg.batch),
+            "DMD step (5 critic + 1 generator)": (lambda: distill.dmd_update(nets, opts, dcfg, levels, shape, amp), dcfg.batch),
+            "long-tune step, baseline": (lambda: longtune.tune_update(streams, nets, opts, lcfg, levels, dcfg.shift, amp),
+                                         lcfg.batch),
+            "long-tune step, Delta Forcing": (lambda: longtune.tune_update(streams, nets, opts, df, levels, dcfg.shift, amp),
+                                              lcfg.batch)}
+
+
+def flops_of(fn):
+    """FLOPs of one call, counted by PyTorch's FlopCounterMode: matmuls and attention, forward
+    and backward (elementwise work is not counted, as in every MFU figure). Eager only."""
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def step_time(fn, device, steps):
+    """Mean seconds per step over `steps`, after two warm-up steps (which also compile)."""
+    fn(), fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / steps
+
+
 def main(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
+    if cfg.compile not in ("auto", "on", "off"):
+        raise BadInput(f"--compile must be auto, on or off, not {cfg.compile!r}")
+    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     tcfg = teacher.TeacherConfig(**teacher.PRESETS[cfg.preset])
     dcfg = distill.DistillConfig(**distill.PRESETS[cfg.preset])
+    lcfg = longtune.LongtuneConfig(**longtune.PRESETS[cfg.preset])
+    lcfg.chunk, lcfg.n_sink, lcfg.n_window = dcfg.chunk, dcfg.n_sink, dcfg.n_window
     model = build(tcfg, device=device).eval()
     levels = distill.student_levels(dcfg, device)
-    B, T, S, ch = cfg.batch, tcfg.frames, tcfg.size, dcfg.chunk
-    n = max(cfg.frames, cfg.late + 20, 70)
-    ev = torch.zeros(B, n, dtype=torch.long, device=device)
-    noise = torch.randn(B, n, 3, S, S, device=device)
-    print(f"device {device}, {torch.get_num_threads()} threads, preset {cfg.preset}, batch {B}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {T}-frame teacher clips, chunk {ch}")
+    ch, T = dcfg.chunk, tcfg.frames
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    print(f"device {name}, torch {torch.__version__}, preset {cfg.preset}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {T}-frame teacher clips, chunk {ch}, "
+          f"cache {dcfg.n_sink} sink + {dcfg.n_window} window frames, compile {'on' if compiled else 'off'}")
     rows = []
+    warm = (dcfg.n_sink + dcfg.n_window) // ch + 1                  # chunks until the cache is full
 
-    t_teacher = timed(lambda: teacher.sample(model, ev[:, 0], noise[:, :T], teacher.euler_grid(tcfg.sample_steps),
-                                             tcfg.guidance), device, cfg.repeats)
-    t_student = timed(lambda: rollout(model, noise[:, :T], ev[:, :T], levels, ch, KVCache(dcfg.n_sink, dcfg.n_window)),
-                      device, cfg.repeats)
-    t_first = timed(lambda: rollout(model, noise[:, :ch], ev[:, :ch], levels, ch, KVCache(dcfg.n_sink, dcfg.n_window)),
-                    device, cfg.repeats)
-    rows += [(f"teacher Euler {tcfg.sample_steps} steps + CFG, {T}-frame clip", B * T / t_teacher, "frames/s"),
-             (f"student {len(levels)} steps/chunk, KV cache, {T}-frame clip", B * T / t_student, "frames/s"),
-             ("speed-up student / teacher", t_teacher / t_student, "x"),
-             ("student first-chunk latency", t_first * 1000, "ms")]
+    def streaming(fwd, label):
+        """Steady-state frames/s and first-chunk latency at batch 1 and big_batch, and the graphs traced."""
+        res = {}
+        for B in (1, cfg.big_batch):
+            stream_times(fwd, B, ch * (warm + 4), levels, dcfg, tcfg.size, device)  # warm-up: compiles every graph
+            g0 = counters["stats"]["unique_graphs"]
+            times = stream_times(fwd, B, ch * (warm + 20), levels, dcfg, tcfg.size, device)
+            res[B] = B * ch / statistics.median(times[warm:])
+            rows.append((f"{label}: streaming, batch {B}, steady state", res[B], "frames/s"))
+            rows.append((f"{label}: first-chunk latency, batch {B}", times[0] * 1000, "ms"))
+            if fwd is not model:
+                rows.append((f"{label}: graphs traced in total / new in a warmed stream, batch {B}",
+                             f"{g0} / {counters['stats']['unique_graphs'] - g0}", ""))
+        return res
 
-    def per_frame_cost(at, n=10):
-        """Seconds per frame for n chunks generated after a stream of `at` frames has filled the cache."""
-        cache = KVCache(dcfg.n_sink, dcfg.n_window)
-        rollout(model, noise[:, :at], ev[:, :at], levels, ch, cache)
-        snap = (cache.frames, cache.events, list(cache.kv), cache.n_seen)
+    eager = streaming(model, "eager")
+    if compiled:                                                    # static shapes: replay as a CUDA graph
+        fast = streaming(maybe_compile(model, True, dynamic=False,
+                                       mode="reduce-overhead" if device.type == "cuda" else "default"), "compiled")
+        rows += [(f"compiled / eager streaming, batch {B}", fast[B] / eager[B], "x") for B in fast]
+    best = fast if compiled else eager
 
-        def step():
-            cache.frames, cache.events, cache.kv, cache.n_seen = snap[0], snap[1], list(snap[2]), snap[3]
-            rollout(model, noise[:, at:at + n * ch], ev[:, at:at + n * ch], levels, ch, cache)
-        return timed(step, device, cfg.repeats) / (n * ch)
-    early, late = per_frame_cost(50), per_frame_cost(cfg.late)
-    rows += [("per-frame cost at frames 50-70", early * 1000, "ms"),
-             (f"per-frame cost at frames {cfg.late}-{cfg.late + 20}", late * 1000, "ms"),
-             (f"ratio frame {cfg.late} / frame 50", late / early, "x")]
+    t_teacher = timed(lambda: teacher.sample(model, torch.zeros(1, dtype=torch.long, device=device),
+                                             torch.randn(1, T, 3, tcfg.size, tcfg.size, device=device),
+                                             teacher.euler_grid(tcfg.sample_steps), tcfg.guidance), device, cfg.repeats)
+    rows += [(f"teacher Euler {tcfg.sample_steps} steps + CFG, batch 1, eager", T / t_teacher, "frames/s"),
+             ("student stream / teacher sampler, batch 1", best[1] / (T / t_teacher), "x")]
+
+    times = stream_times(model, 1, cfg.late + 10 * ch, levels, dcfg, tcfg.size, device)  # one long stream, eager
+    early, late = statistics.median(times[50 // ch:50 // ch + 10]), statistics.median(times[-10:])
+    rows += [("per-frame cost at frame 50 (eager, batch 1)", early / ch * 1000, "ms"),
+             (f"per-frame cost at frame {cfg.late}", late / ch * 1000, "ms"),
+             (f"per-frame cost, frame {cfg.late} / frame 50", late / early, "x")]
 
     F = cfg.frames
-    t_cache = timed(lambda: rollout(model, noise[:, :F], ev[:, :F], levels, ch, KVCache(dcfg.n_sink, dcfg.n_window)),
-                    device, 1)
-    t_recompute = timed(lambda: recompute_stream(model, noise[:, :F], ev[:, :F], levels, ch), device, 1)
-    rows += [(f"{cfg.frames} frames, cached streaming", cfg.frames * B / t_cache, "frames/s"),
-             (f"{cfg.frames} frames, recompute the causal prefix", cfg.frames * B / t_recompute, "frames/s"),
-             ("speed-up cache / recompute", t_recompute / t_cache, "x")]
+    noise, ev = torch.randn(1, F, 3, tcfg.size, tcfg.size, device=device), torch.zeros(1, F, dtype=torch.long, device=device)
+    t_cache = timed(lambda: rollout(model, noise, ev, levels, ch, KVCache(dcfg.n_sink, dcfg.n_window)), device, 1)
+    t_recompute = timed(lambda: recompute_stream(model, noise, ev, levels, ch), device, 1)
+    rows += [(f"{F} frames, cached streaming (eager)", F / t_cache, "frames/s"),
+             (f"{F} frames, recompute the causal prefix", F / t_recompute, "frames/s"),
+             ("cache / recompute", t_recompute / t_cache, "x")]
+
+    flops = {}
+    for label, on in (("eager", False),) + ((("compiled", True),) if compiled else ()):
+        for what, (fn, batch) in train_steps(tcfg, dcfg, lcfg, device, on).items():
+            flops[what] = flops.get(what) or flops_of(fn)          # counted on the eager step
+            dt = step_time(fn, device, cfg.steps)
+            mfu = f"{100 * flops[what] / dt / peak:.1f}%" if peak else "n/a (no CPU peak)"
+            rows.append((f"{label}: {what}, batch {batch}", dt * 1000, "ms"))
+            rows.append((f"{label}: {what}: {flops[what] / 1e9:.2f} GFLOP/step, achieved / MFU",
+                         f"{flops[what] / dt / 1e9:,.1f} GFLOP/s / {mfu}", ""))
+    if device.type == "cuda":
+        rows += [(f"SDPA flash kernel: {k}", v, "") for k, v in flash_paths(model, dcfg, tcfg.size, device).items()]
 
     w = max(len(r[0]) for r in rows)
     print(f"| {'what':<{w}} | value | unit |\n|{'-' * (w + 2)}|---:|---|")
-    for name, val, unit in rows:
-        print(f"| {name:<{w}} | {val:,.2f} | {unit} |")
+    for what, val, unit in rows:
+        print(f"| {what:<{w}} | {val if isinstance(val, str) else f'{val:,.2f}'} | {unit} |")
 
 
 if __name__ == "__main__":

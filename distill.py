@@ -17,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 import teacher as teacher_stage
-from model import (BadInput, KVCache, add_noise, average_gradients, build, cfg_mix, check_in_sync, cli, ema_update,
-                   load_checkpoint, maybe_compile, per_rank, pick_device, pred_x0, rollout, save_checkpoint,
-                   setup_distributed, shift_sigma)
+from model import (BadInput, KVCache, add_noise, average_gradients, build, cfg_mix, check_in_sync, check_writable,
+                   cli, ema_update, load_checkpoint, maybe_compile, per_rank, pick_device, pred_x0, rollout,
+                   save_checkpoint, setup_distributed, shift_sigma)
 from world import EVENTS, World, batch_metrics, save_strip, save_video, summarize
 
 
@@ -218,6 +218,7 @@ def main(cfg):
     rank, world, local = setup_distributed()
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device, local)
+    check_writable(cfg.out_dir)
     batch = per_rank(cfg.batch, world)
     tck, teacher_path = load_teacher(cfg, device, world)
     tcfg = tck["config"]
@@ -240,7 +241,8 @@ def main(cfg):
         print(f"resumed {path}: phase {phase}, step {step}")
     if rank:                                                      # other ranks draw their own data and noise
         torch.manual_seed(cfg.seed + 1000 * rank + step)
-    gen_fwd, critic_fwd, teacher_fwd = (maybe_compile(m, cfg, device) for m in (student, critic, teacher))
+    on = cfg.compile and device.type == "cuda"
+    gen_fwd, critic_fwd, teacher_fwd = (maybe_compile(m, on) for m in (student, critic, teacher))
     amp = teacher_stage.autocast(device)
 
     def checkpoint(metrics=None):

@@ -24,8 +24,8 @@ from tqdm import tqdm
 import distill
 import teacher as teacher_stage
 import trust_region
-from model import (BadInput, KVCache, build, check_in_sync, cli, ema_update, load_checkpoint, maybe_compile, per_rank,
-                   pick_device, rollout, save_checkpoint, setup_distributed)
+from model import (BadInput, KVCache, build, check_in_sync, check_writable, cli, ema_update, load_checkpoint,
+                   maybe_compile, per_rank, pick_device, rollout, save_checkpoint, setup_distributed)
 from world import EVENTS
 
 
@@ -164,6 +164,7 @@ def main(cfg):
     rank, world, local = setup_distributed()
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device, local)
+    check_writable(cfg.out_dir)
     batch = per_rank(cfg.batch, world)
     sck, tcfg = load_student(cfg)
     scfg = distill.DistillConfig(**{k: v for k, v in sck["config"].items() if k in distill.DistillConfig.__dataclass_fields__})
@@ -191,7 +192,8 @@ def main(cfg):
         print(f"resumed {path} at step {step} (the rollout state restarts with a new video)")
     if rank:                                                      # other ranks draw their own schedules and noise
         gen.manual_seed(cfg.seed + 1000 * rank + step); torch.manual_seed(cfg.seed + 1000 * rank + step)
-    gen_fwd, critic_fwd, teacher_fwd = (maybe_compile(m, cfg, device) for m in (student, critic, teacher))
+    on = cfg.compile and device.type == "cuda"
+    gen_fwd, critic_fwd, teacher_fwd = (maybe_compile(m, on) for m in (student, critic, teacher))
     amp = teacher_stage.autocast(device)
     streams = Streams(cfg, tcfg, gen, device, batch)
     n_updates = min(cfg.steps, cfg.max_steps) if cfg.max_steps > 0 else cfg.steps

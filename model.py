@@ -418,12 +418,12 @@ def pick_device(name, local_rank=0):
     return device
 
 
-def maybe_compile(model, cfg, device, **kw):
-    """torch.compile on CUDA when --compile=True (the default); the CPU and the tests stay eager.
+def maybe_compile(model, enabled, **kw):
+    """torch.compile if enabled: the stages pass `--compile and on CUDA`; the CPU and the tests stay eager.
     A stage traces a handful of graphs (bidirectional, block-causal, and the streaming step with
     an empty, filling or full cache, with and without keys/values out, with and without grad),
     more than dynamo's default limit of 8, after which it would silently fall back to eager."""
-    if not (cfg.compile and device.type == "cuda"):
+    if not enabled:
         return model
     torch._dynamo.config.recompile_limit = 64
     return torch.compile(model, **kw)
@@ -482,6 +482,17 @@ def check_in_sync(model, rank, world):
     if rank == 0:
         same = len(set(digests)) == 1
         print(f"data parallel: weights {'identical' if same else 'DIFFERENT'} on all {world} ranks", flush=True)
+
+
+def check_writable(out_dir):
+    """Fail before training, not at the first checkpoint: out_dir must be a writable directory."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f".write_test{os.getpid()}"), "wb"):
+            pass
+        os.remove(os.path.join(out_dir, f".write_test{os.getpid()}"))
+    except OSError as e:
+        raise BadInput(f"cannot write checkpoints to --out_dir={out_dir}: {e.strerror or e}") from None
 
 
 def save_checkpoint(path, ckpt):

@@ -3,16 +3,19 @@
 
     python sample.py --ckpt=out/longtune.pt --events=right@0,up@24,left@48 --frames=96 --out=out/sample.gif
     python sample.py --eval --ckpts=out/student.pt,out/longtune.pt --seeds=8 --json=out/eval.json
+    python sample.py --live --ckpt=out/deltaforcing.pt        # steer it with the arrow keys, q quits
 
 Generation streams chunk by chunk through the KV cache (sink + rolling window) and writes each
 chunk to the GIF/MP4 as it comes, so memory stays constant for any length. --eval runs the same
 videos (schedules x seeds) through every checkpoint and prints the world metrics with 95%
 intervals over seeds.
 """
+import contextlib
 import json
-import re
 import math
 import os
+import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,8 +24,9 @@ import numpy as np
 import torch
 
 import distill
-from model import BadInput, KVCache, build, cli, load_checkpoint, pick_device, rollout
-from world import World, batch_metrics, parse_schedule, schedule_events
+from model import BadInput, KVCache, build, cli, load_checkpoint, maybe_compile, pick_device, rollout
+from teacher import autocast
+from world import EVENTS, World, batch_metrics, parse_schedule, schedule_events, to_rgb
 
 METRICS = ["follow", "latency", "identity", "jumps", "valid", "drift", "bias"]
 
@@ -44,7 +48,9 @@ class SampleConfig:
     first_seed: int = 0            # --eval: seeds first_seed .. first_seed + seeds - 1 (tune on some, report on fresh ones)
     pool: bool = True              # --eval: pool checkpoints named NAME_s<k>.pt (training seeds) into one row NAME
     json: str = ""
-    live: bool = False
+    live: bool = False             # stream to the terminal; arrow keys switch the event, q quits and saves --out
+    fps: float = 12.0              # --live: display cap in frames/s (0 = as fast as they are generated)
+    compile: bool = True           # CUDA only, generation and --live: the streaming step as a CUDA graph
 
 
 PRESETS = {"tiny": {}, "small": {}}
@@ -89,7 +95,8 @@ def generate(model, g, ev, noise_seed, switch, on_chunk=None):
     cache, outs, times = KVCache(g["n_sink"], g["n_window"]), [], []
     for i in range(0, T, ch):                                    # rollout chunk by chunk = one long rollout
         t = time.perf_counter()
-        x = rollout(model, noise[:, i:i + ch], ev[:, i:i + ch], g["levels"], ch, cache, switch=switch)
+        with autocast(ev.device):
+            x = rollout(model, noise[:, i:i + ch], ev[:, i:i + ch], g["levels"], ch, cache, switch=switch).float()
         if x.device.type == "cuda":
             torch.cuda.synchronize()                             # time the work, not the launch
         times.append(time.perf_counter() - t)
@@ -101,25 +108,30 @@ def schedule_tensor(text, frames, chunk, B, device):
     return schedule_events(parse_schedule(text, frames), frames, chunk)[None].expand(B, frames).to(device)
 
 
-def sample_one(cfg, device):
+def open_writer(path):
+    """A GIF or MP4 writer that takes frames as they come; an unusable path is one clear line."""
     import imageio.v2 as imageio
-    model, g = load_generator(cfg.ckpt, device)
+    if not path.endswith((".gif", ".mp4")):
+        raise BadInput(f"--out must end in .gif or .mp4, not {path!r}")
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "ab"):                                   # fail now, not after generating
+            pass
+        return (imageio.get_writer(path, fps=8, macro_block_size=1) if path.endswith(".mp4")
+                else imageio.get_writer(path, duration=125, loop=0))
+    except OSError as e:
+        raise BadInput(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def sample_one(cfg, model, g, device):
+    import imageio.v2 as imageio
     check_frames(cfg.frames, g["chunk"])
     ev = schedule_tensor(cfg.events, cfg.frames, g["chunk"], 1, device)
-    if not cfg.out.endswith((".gif", ".mp4")):
-        raise BadInput(f"--out must end in .gif or .mp4, not {cfg.out!r}")
-    try:
-        os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-        writer = (imageio.get_writer(cfg.out, fps=8, macro_block_size=1) if cfg.out.endswith(".mp4")
-                  else imageio.get_writer(cfg.out, duration=125, loop=0))
-    except OSError as e:
-        raise BadInput(f"cannot write {cfg.out}: {e.strerror or e}") from None
+    writer = open_writer(cfg.out)
     strip, every = [], max(1, cfg.frames // 16)
 
     def write(x):                                                # (1,chunk,3,S,S) -> frames appended as they come
-        for f in x[0]:
-            a = ((f.float().clamp(-1, 1) + 1) * 127.5).round().byte()
-            a = a.repeat_interleave(4, -1).repeat_interleave(4, -2).permute(1, 2, 0).numpy()
+        for a in to_rgb(x[0]):
             writer.append_data(a)
             if write.n % every == 0 and len(strip) < 16:
                 strip.append(a)
@@ -140,6 +152,11 @@ def evaluate(cfg, device):
     chunk, W = gens[0][1]["chunk"], gens[0][1]["window"]
     if cfg.seeds <= 0:
         raise BadInput(f"--seeds must be positive, not {cfg.seeds}")
+    if cfg.json:
+        try:
+            open(cfg.json, "a").close()                          # fail now, not after the evaluation
+        except OSError as e:
+            raise BadInput(f"cannot write --json={cfg.json}: {e.strerror or e}") from None
     if cfg.schedule_file:
         try:
             items = json.load(open(cfg.schedule_file))
@@ -191,13 +208,118 @@ def evaluate(cfg, device):
     return result
 
 
+# ----------------------------------------------------------------------------- live steering in the terminal
+
+KEYS = {b"\x1b[A": "up", b"\x1b[B": "down", b"\x1b[C": "right", b"\x1b[D": "left",   # arrows, and the same
+        b"\x1bOA": "up", b"\x1bOB": "down", b"\x1bOC": "right", b"\x1bOD": "left",   # in application mode
+        b" ": "stay", b"q": "quit", b"Q": "quit"}
+
+
+def read_keys(fd):
+    """The names of the keys waiting on fd, without blocking (select with a zero timeout)."""
+    import select
+    data = b""
+    while select.select([fd], [], [], 0)[0]:
+        got = os.read(fd, 64)
+        if not got:                                              # the terminal went away: stop
+            return ["quit"]
+        data += got
+    names, i = [], 0
+    while i < len(data):
+        seq = next((k for k in KEYS if data.startswith(k, i)), None)
+        names += [KEYS[seq]] if seq else []
+        i += len(seq) if seq else 1
+    return names
+
+
+def ansi_frame(a):
+    """(H,W,3) uint8 -> ANSI truecolor half-blocks: each character cell shows two pixel rows,
+    the upper one as the foreground colour of '▀' and the lower one as its background."""
+    rows = []
+    for top, bot in zip(a[0::2], a[1::2]):
+        rows.append("".join(f"\x1b[38;2;{t[0]};{t[1]};{t[2]}m\x1b[48;2;{b[0]};{b[1]};{b[2]}m▀"
+                            for t, b in zip(top.tolist(), bot.tolist())) + "\x1b[0m")
+    return "\r\n".join(rows)
+
+
+@contextlib.contextmanager
+def terminal(fd):
+    """cbreak mode (keys arrive one at a time, unechoed; Ctrl-C still interrupts), the alternate
+    screen and a hidden cursor, all restored on every way out: q, Ctrl-C, an exception, SIGTERM,
+    SIGHUP (a dropped SSH link). Works over plain SSH and in tmux: only the tty and ANSI codes."""
+    import signal
+    import termios
+    import tty
+    saved = termios.tcgetattr(fd)
+    handlers = {s: signal.signal(s, lambda n, f: sys.exit(128 + n)) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        tty.setcbreak(fd)
+        sys.stdout.write("\x1b[?1049h\x1b[?25l\x1b[2J")
+        sys.stdout.flush()
+        yield
+    finally:
+        sys.stdout.write("\x1b[0m\x1b[?25h\x1b[?1049l")
+        sys.stdout.flush()
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+@torch.no_grad()
+def live(cfg, model, g, device):
+    """Stream generated frames to the terminal as they are made; the arrow keys switch the
+    event (from the next chunk, as a schedule does); q quits and saves the session to --out."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise BadInput("--live needs a terminal on stdin and stdout (run it in a terminal, over ssh -t, or in tmux)")
+    event = parse_schedule(cfg.events, 1 << 30)[0][0]            # start with the schedule's first event
+    writer = open_writer(cfg.out)
+    S, ch, fd = g["size"], g["chunk"], sys.stdin.fileno()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    cache, n, times, shown = KVCache(g["n_sink"], g["n_window"]), 0, [], time.perf_counter()
+    try:
+        with terminal(fd):
+            try:
+                while True:
+                    keys = read_keys(fd)
+                    if "quit" in keys:
+                        break
+                    event = EVENTS.index(keys[-1]) if keys else event
+                    t = time.perf_counter()
+                    ev = torch.full((1, ch), event, device=device)
+                    with autocast(device):
+                        x = rollout(model, torch.randn(1, ch, 3, S, S, generator=gen).to(device), ev, g["levels"],
+                                    ch, cache, switch=cfg.switch_cache).float().cpu()   # .cpu() syncs
+                    times.append(time.perf_counter() - t)
+                    rate = ch * len(times[1:]) / max(sum(times[1:]), 1e-9)
+                    for a in to_rgb(x[0], scale=1):
+                        writer.append_data(a.repeat(4, 0).repeat(4, 1))
+                        shown = max(shown + (1 / cfg.fps if cfg.fps > 0 else 0), time.perf_counter())
+                        time.sleep(max(0.0, shown - time.perf_counter()))   # the --fps cap
+                        n += 1
+                        sys.stdout.write("\x1b[H" + ansi_frame(a.repeat(2, 0).repeat(2, 1)) + "\x1b[0m\r\n"
+                                         f"frame {n} | event {EVENTS[event]} | generating {rate:.0f} frames/s"
+                                         " | arrows: steer, space: stay, q: quit and save\x1b[K")
+                        sys.stdout.flush()
+            except KeyboardInterrupt:                            # Ctrl-C: like q
+                pass
+    finally:
+        writer.close()
+    steady = times[1:] or times or [float("nan")]
+    print(f"{n} frames -> {cfg.out} | {ch * len(steady) / sum(steady):.1f} frames/s generated "
+          f"| first chunk {times[0] * 1000 if times else float('nan'):.1f} ms | device {device}")
+
+
 def main(cfg):
     device = pick_device(cfg.device)
     if cfg.switch_cache not in ("recache", "keep", "clear"):
         raise BadInput(f"--switch_cache must be recache, keep or clear, not {cfg.switch_cache!r}")
-    if cfg.live:
-        raise BadInput("--live is not built yet (issue 7); use --events to steer with a schedule")
-    return evaluate(cfg, device) if cfg.eval else sample_one(cfg, device)
+    if cfg.eval:                                                 # many checkpoints, short videos: eager
+        return evaluate(cfg, device)
+    model, g = load_generator(cfg.ckpt, device)
+    # one long stream of static shapes: compiled, it replays as a CUDA graph (mode reduce-overhead)
+    model = maybe_compile(model, cfg.compile and device.type == "cuda", mode="reduce-overhead", dynamic=False)
+    return live(cfg, model, g, device) if cfg.live else sample_one(cfg, model, g, device)
 
 
 if __name__ == "__main__":

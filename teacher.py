@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from model import (add_noise, average_gradients, build, cfg_mix, check_in_sync, cli, ema_update, load_checkpoint,
-                   maybe_compile, per_rank, pick_device, save_checkpoint, setup_distributed, shift_sigma)
+from model import (add_noise, average_gradients, build, cfg_mix, check_in_sync, check_writable, cli, ema_update,
+                   load_checkpoint, maybe_compile, per_rank, pick_device, save_checkpoint, setup_distributed,
+                   shift_sigma)
 from world import EVENTS, batch_metrics, save_video, summarize, teacher_batch
 
 
@@ -142,6 +143,7 @@ def main(cfg):
     rank, world, local = setup_distributed()
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device, local)
+    check_writable(cfg.out_dir)
     path = os.path.join(cfg.out_dir, "teacher.pt")
     batch = per_rank(cfg.batch, world)
     model = build(cfg, device=device)                               # the same seed: the same weights on every rank
@@ -157,7 +159,7 @@ def main(cfg):
         print(f"resumed {path} at step {step}")
     if rank:                                                        # other ranks draw their own data and noise
         gen.manual_seed(cfg.seed + 1000 * rank + step); torch.manual_seed(cfg.seed + 1000 * rank + step)
-    fwd = maybe_compile(model, cfg, device)
+    fwd = maybe_compile(model, cfg.compile and device.type == "cuda")
     n_params = sum(p.numel() for p in model.parameters())
     if rank == 0:
         print(f"teacher: {n_params / 1e6:.2f}M params, {cfg.frames}x{cfg.size}x{cfg.size} clips, device {device}"

@@ -216,11 +216,16 @@ def summarize(per_video):
     return {k: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan") for k, v in per_video.items()}
 
 
+def to_rgb(frames, scale=4):
+    """frames (T,3,H,W) in [-1,1] -> (T,H*scale,W*scale,3) uint8 numpy, nearest-upscaled."""
+    a = ((frames.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return a.repeat_interleave(scale, -1).repeat_interleave(scale, -2).permute(0, 2, 3, 1).numpy()
+
+
 def save_video(path, frames, fps=8, scale=4):
     """frames (T,3,S,S) or (T,3,S,W) in [-1,1] -> GIF or MP4 (by suffix), nearest-upscaled."""
     import imageio.v2 as imageio
-    a = ((frames.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
-    a = a.repeat_interleave(scale, -1).repeat_interleave(scale, -2).permute(0, 2, 3, 1).numpy()  # (T,H,W,3)
+    a = to_rgb(frames, scale)                                        # (T,H,W,3)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if path.endswith(".mp4"):
         imageio.mimwrite(path, list(a), fps=fps, macro_block_size=1)
@@ -232,8 +237,7 @@ def save_strip(path, videos, scale=4):
     """Videos (N,T,3,S,S) in [-1,1] -> one PNG, a video per row, its frames left to right."""
     import imageio.v2 as imageio
     grid = torch.cat([torch.cat(list(v), -1) for v in videos], -2)   # (3, N*S, T*S)
-    a = ((grid.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
-    a = a.repeat_interleave(scale, -1).repeat_interleave(scale, -2).permute(1, 2, 0).numpy()
+    a = to_rgb(grid[None], scale)[0]                                 # (N*S*scale, T*S*scale, 3)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     imageio.imwrite(path, a)
 

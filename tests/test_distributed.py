@@ -19,7 +19,7 @@ def torchrun(script, *args):
                         os.path.join(ROOT, script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    digests = dict(re.findall(r"rank (\d)/2: weights sha256 (\w+)", r.stdout))
+    digests = dict(re.findall(r"rank (\d)/2: weights sha256 ([0-9a-f]{16})", r.stdout))
     assert sorted(digests) == ["0", "1"], r.stdout[-2000:]              # each rank hashed its own weights
     assert digests["0"] == digests["1"] and "weights identical on all 2 ranks" in r.stdout
     return r

@@ -1,0 +1,183 @@
+"""Faults and bad input (DESIGN section 11): kill -9 and resume, non-finite losses, one clear line
+for every bad input, bit-identical samples for a seed, and live steering in a real terminal (tmux)."""
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import imageio.v2 as imageio
+import pytest
+import torch
+
+import distill
+import teacher
+from model import load_checkpoint
+from test_longtune import student_dir  # noqa: F401  (module fixture)
+from test_distill import distill_cfg, teacher_dir  # noqa: F401
+from test_teacher import ROOT, TINY, assert_one_line_error, run, tiny_cfg
+
+TEACHER = [f"--{k}={v}" for k, v in TINY.items()]
+
+
+# ----------------------------------------------------------------------------- kill -9, resume, non-finite
+
+def test_kill_9_at_random_moments_leaves_a_checkpoint_that_resumes(tmp_path):
+    rng = random.Random(0)
+    for attempt in range(3):
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "teacher.py"), f"--out_dir={tmp_path}", *TEACHER,
+                              "--max_steps=100000", "--resume=True"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        t0 = time.time()
+        while not (tmp_path / "teacher.pt").exists() and time.time() - t0 < 60:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))                       # then a random moment, mid-write or not
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        ck = load_checkpoint(str(tmp_path / "teacher.pt"), ["teacher"], "")   # readable after every kill
+        assert ck["step"] >= 1
+    r = run("teacher.py", f"--out_dir={tmp_path}", *TEACHER, f"--max_steps={ck['step'] + 2}", "--resume=True")
+    assert r.returncode == 0, r.stderr
+    assert f"resumed {tmp_path / 'teacher.pt'} at step {ck['step']}" in r.stdout
+    assert load_checkpoint(str(tmp_path / "teacher.pt"), ["teacher"], "")["step"] == ck["step"] + 2
+
+
+def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch, teacher_dir, capsys):  # noqa: F811
+    real_fm, calls = teacher.fm_loss, []
+
+    def nan_on_second(*a):
+        calls.append(1)
+        loss = real_fm(*a)
+        return loss * float("nan") if len(calls) == 2 else loss
+    monkeypatch.setattr(teacher, "fm_loss", nan_on_second)
+    teacher.main(tiny_cfg(tmp_path, max_steps=4, ckpt_every=100))
+    ck = load_checkpoint(str(tmp_path / "teacher.pt"), ["teacher"], "")
+    assert ck["step"] == 4 and ck["skipped"] == 1 and "skipped 1" in capsys.readouterr().out
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+    real_dmd, calls = distill.dmd_loss, []
+
+    def dmd_nan_on_first(x, *a):
+        calls.append(1)
+        per_frame, aux = real_dmd(x, *a)
+        return (per_frame * float("nan") if len(calls) == 1 else per_frame), aux
+    monkeypatch.setattr(distill, "dmd_loss", dmd_nan_on_first)
+    distill.main(distill_cfg(teacher_dir, out_dir=str(tmp_path / "d"), teacher=str(teacher_dir / "teacher.pt"),
+                             max_steps=3))
+    ck = load_checkpoint(str(tmp_path / "d" / "student.pt"), ["student"], "")
+    assert ck["skipped"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+# ----------------------------------------------------------------------------- one line for every bad input
+
+@pytest.mark.parametrize("script,args,words", [
+    ("teacher.py", ["--out_dir=/proc/nope"], ["cannot write checkpoints", "/proc/nope"]),
+    ("teacher.py", ["--lr=fast"], ["--lr", "not a float"]),
+    ("teacher.py", ["--compile=maybe"], ["--compile"]),
+    ("distill.py", ["--out_dir=/proc/nope"], ["cannot write checkpoints"]),
+    ("longtune.py", ["--switch_cache=sometimes"], ["recache, keep or clear"]),
+    ("sample.py", ["--eval", "--seeds=0"], ["--seeds must be positive"]),
+    ("sample.py", ["--frames=-8"], ["positive"]),
+    ("sample.py", ["--events=right@0,up@8,left@4", "--frames=16"], ["must increase"]),
+    ("sample.py", ["--events=up@3", "--frames=16"], ["must start at frame 0"]),
+    ("sample.py", ["--events=right@-2", "--frames=16"], ["non-negative integer"]),
+    ("sample.py", ["--out=out/x.png"], [".gif or .mp4"]),
+    ("sample.py", ["--live"], ["needs a terminal"]),
+    ("sample.py", ["--eval", "--json=/proc/nope/e.json"], ["cannot write --json"]),
+    ("sample.py", ["--eval", "--schedule_file=/nonexistent.json"], ["cannot read --schedule_file"]),
+    ("bench.py", ["--compile=fast"], ["auto, on or off"]),
+])
+def test_bad_input_is_one_line_and_exit_2(student_dir, script, args, words):  # noqa: F811
+    ck = [f"--ckpt={student_dir / 'student.pt'}"] if script == "sample.py" else []
+    ck += [f"--student={student_dir / 'student.pt'}"] if script == "longtune.py" else []
+    ck += [f"--teacher={student_dir / 'teacher.pt'}"] if script == "distill.py" else []
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *ck, *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert_one_line_error(r, *words)
+
+
+def test_bad_schedule_file_contents(student_dir, tmp_path):  # noqa: F811
+    (tmp_path / "s.json").write_text('["right@0,fly@4"]')
+    r = run("sample.py", "--eval", f"--ckpts={student_dir / 'student.pt'}", f"--schedule_file={tmp_path / 's.json'}",
+            "--frames=8")
+    assert_one_line_error(r, "unknown event 'fly'")
+    (tmp_path / "s.json").write_text('{"right": 0}')
+    r = run("sample.py", "--eval", f"--ckpts={student_dir / 'student.pt'}", f"--schedule_file={tmp_path / 's.json'}")
+    assert_one_line_error(r, "JSON list of schedule strings")
+
+
+@pytest.mark.parametrize("script,ckpt_arg,words", [
+    ("teacher.py", None, ["student checkpoint, not teacher", "python teacher.py"]),
+    ("distill.py", "--teacher=student.pt", ["student checkpoint, not teacher", "python teacher.py"]),
+    ("longtune.py", "--student=teacher.pt", ["teacher checkpoint, not student", "python distill.py"]),
+    ("sample.py", "--ckpt=teacher.pt", ["teacher checkpoint", "python distill.py"]),
+])
+def test_wrong_stage_names_the_command_that_makes_the_right_one(student_dir, tmp_path, script, ckpt_arg, words):  # noqa: F811
+    if ckpt_arg is None:                                         # --resume finds a student where the teacher should be
+        shutil.copy(student_dir / "student.pt", tmp_path / "teacher.pt")
+        args = [f"--out_dir={tmp_path}", "--resume=True"]
+    else:
+        key, name = ckpt_arg.split("=")
+        args = [f"{key}={student_dir / name}", f"--out_dir={tmp_path}"] if script != "sample.py" else [f"{key}={student_dir / name}"]
+    assert_one_line_error(run(script, *args), *words)
+
+
+def test_truncated_checkpoint_is_one_line(student_dir, tmp_path):  # noqa: F811
+    data = (student_dir / "student.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    assert_one_line_error(run("sample.py", f"--ckpt={tmp_path / 'cut.pt'}"), "truncated or corrupt", "python distill.py")
+
+
+def test_same_seed_gives_bit_identical_files(student_dir, tmp_path):  # noqa: F811
+    for name in ("a", "b", "c"):
+        seed = "--seed=3" if name != "c" else "--seed=4"
+        r = run("sample.py", f"--ckpt={student_dir / 'student.pt'}", "--frames=8", "--events=right@0,up@4", seed,
+                f"--out={tmp_path / name}.gif")
+        assert r.returncode == 0, r.stderr
+    a, b, c = ((tmp_path / f"{n}.gif").read_bytes() for n in "abc")
+    assert a == b and a != c
+
+
+# ----------------------------------------------------------------------------- live steering, in tmux
+
+def tmux(*args):
+    return subprocess.run(["tmux", "-L", "dftest", *args], capture_output=True, text=True).stdout
+
+
+def wait_for(text, timeout=60):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        screen = tmux("capture-pane", "-p", "-t", "live")
+        if text in screen:
+            return screen
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} never appeared; the screen was:\n{screen}")
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+@pytest.mark.parametrize("stop", ["q", "C-c", "SIGTERM"])
+def test_live_in_tmux_steers_saves_and_restores_the_terminal(student_dir, tmp_path, stop):  # noqa: F811
+    gif, pid = tmp_path / "live.gif", tmp_path / "pid"
+    cmd = (f"sh -c 'echo $$ > {pid}; exec {sys.executable} sample.py --live --ckpt={student_dir / 'student.pt'} "
+           f"--events=up@0 --fps=30 --out={gif}'; echo EXIT=$?; stty -a; sleep 60")
+    tmux("kill-server")
+    tmux("new-session", "-d", "-s", "live", "-x", "250", "-y", "50", "-c", ROOT, cmd)
+    try:
+        wait_for("event up")
+        tmux("send-keys", "-t", "live", "Right")
+        wait_for("event right")                                  # the arrow key switched the event
+        if stop == "SIGTERM":
+            os.kill(int(pid.read_text()), signal.SIGTERM)
+        else:
+            tmux("send-keys", "-t", "live", stop)
+        screen = wait_for("EXIT=")
+    finally:
+        tmux("kill-server")
+    code = {"q": "EXIT=0", "C-c": "EXIT=0", "SIGTERM": "EXIT=143"}[stop]
+    assert code in screen, screen
+    words = screen.split()                                       # stty -a: cooked mode is back
+    assert "echo" in words and "icanon" in words and "-echo" not in words and "-icanon" not in words
+    if stop != "SIGTERM":
+        assert "frames ->" in screen and len(imageio.mimread(str(gif))) >= 2   # the session was saved
