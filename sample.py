@@ -48,6 +48,7 @@ class SampleConfig:
     first_seed: int = 0            # --eval: seeds first_seed .. first_seed + seeds - 1 (tune on some, report on fresh ones)
     pool: bool = True              # --eval: pool checkpoints named NAME_s<k>.pt (training seeds) into one row NAME
     json: str = ""
+    md: str = ""                   # --eval: also append the markdown tables to this file
     live: bool = False             # stream to the terminal; arrow keys switch the event, q quits and saves --out
     fps: float = 12.0              # --live: display cap in frames/s (0 = as fast as they are generated)
     compile: bool = True           # CUDA only, generation and --live: the streaming step as a CUDA graph
@@ -152,11 +153,11 @@ def evaluate(cfg, device):
     chunk, W = gens[0][1]["chunk"], gens[0][1]["window"]
     if cfg.seeds <= 0:
         raise BadInput(f"--seeds must be positive, not {cfg.seeds}")
-    if cfg.json:
+    for flag, path in (("json", cfg.json), ("md", cfg.md)):
         try:
-            open(cfg.json, "a").close()                          # fail now, not after the evaluation
+            open(path, "a").close() if path else None           # fail now, not after the evaluation
         except OSError as e:
-            raise BadInput(f"cannot write --json={cfg.json}: {e.strerror or e}") from None
+            raise BadInput(f"cannot write --{flag}={path}: {e.strerror or e}") from None
     if cfg.schedule_file:
         try:
             items = json.load(open(cfg.schedule_file))
@@ -194,13 +195,18 @@ def evaluate(cfg, device):
             v = v[~np.isnan(v)]
             half = 1.96 * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
             result[row].setdefault(grp, {})[k] = dict(mean=float(v.mean()) if len(v) else float("nan"), ci95=float(half))
+    lines = []                                                   # markdown tables, printed and, with --md, saved
     for grp in next(iter(result.values())):
-        print(f"\n{grp} schedules (seeds {seeds[0]}-{seeds[-1]}; mean +- 95% interval over seeds, pooled over the"
-              f" training seeds of a row)")
-        print("| checkpoint | " + " | ".join(METRICS) + " |\n|---|" + "---:|" * len(METRICS))
-        for p, res in result.items():
-            r = res[grp]
-            print(f"| {p} | " + " | ".join(f"{r[k]['mean']:.3f} +- {r[k]['ci95']:.3f}" for k in METRICS) + " |")
+        lines += [f"\n**{grp} schedules** (seeds {seeds[0]}-{seeds[-1]}, switch cache {cfg.switch_cache}; mean +- 95% "
+                  f"interval over seeds, pooled over the training seeds of a row)\n",
+                  "| checkpoint | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+        lines += [f"| {p} | " + " | ".join(f"{r[grp][k]['mean']:.3f} +- {r[grp][k]['ci95']:.3f}" for k in METRICS) + " |"
+                  for p, r in result.items()]
+    print("\n".join(lines))
+    if cfg.md:
+        with open(cfg.md, "a") as f:                             # appends: one file can collect several runs
+            f.write("\n".join(lines) + "\n")
+        print(f"appended the tables to {cfg.md}")
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(dict(schedules=schedules, seeds=seeds, results=result), f, indent=1)

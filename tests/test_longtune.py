@@ -99,13 +99,15 @@ def test_longtune_end_to_end(student_dir):
 def test_sample_eval_json_and_same_seed(student_dir, tmp_path):
     st = str(student_dir / "student.pt")
     cfg = sample.SampleConfig(eval=True, ckpts=f"{st},{st}", seeds=2, json=str(tmp_path / "e.json"),
-                              schedule_file=str(tmp_path / "s.json"), frames=8)
+                              schedule_file=str(tmp_path / "s.json"), frames=8, md=str(tmp_path / "r.md"))
     (tmp_path / "s.json").write_text(json.dumps(["right@0,up@4", "down@0"]))
     res = sample.main(cfg)
     data = json.load(open(tmp_path / "e.json"))
     for k in sample.METRICS:
         assert k in data["results"][st]["all"]
     assert res[st]["all"]["valid"]["mean"] >= 0
+    md = (tmp_path / "r.md").read_text()
+    assert "| checkpoint | follow |" in md and f"| {st} | " in md       # the README's table, written by the run
     model, g = sample.load_generator(st, "cpu")
     ev = sample.schedule_tensor("right@0,up@4", 8, 2, 1, "cpu")
     a, _ = sample.generate(model, g, ev, [7], "recache")
