@@ -12,6 +12,7 @@ FlopCounterMode, achieved FLOP/s and MFU against a small table of bf16 peaks, fo
 DMD and long-tuning steps, eager and compiled. On CUDA also which SDPA paths take flash.
 Weights do not change speed, so untrained models of the preset's shape are used.
 """
+import contextlib
 import copy
 import statistics
 import time
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch._dynamo.utils import counters
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import distill
@@ -101,7 +103,6 @@ def recompute_stream(model, noise, event, levels, chunk):
 def flash_paths(model, dcfg, S, device):
     """Which attention paths run with SDPA restricted to the flash kernel (CUDA, bf16): a path
     that flash cannot take raises. The block-causal path passes a mask, so it must fail."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     ch, B = dcfg.chunk, 2
     x, ev = torch.randn(B, ch, 3, S, S, device=device), torch.zeros(B, ch, dtype=torch.long, device=device)
     full = KVCache(dcfg.n_sink, dcfg.n_window)
@@ -123,9 +124,9 @@ def flash_paths(model, dcfg, S, device):
     return out
 
 
-def train_steps(tcfg, dcfg, lcfg, device, compiled):
-    """One closure per training step of the pipeline, each running exactly the stage's own step
-    function on fresh models of the preset's shape: teacher, DMD (5 critic + 1 generator), long tune."""
+def train_step_fn(what, tcfg, dcfg, lcfg, device, compiled):
+    """A closure running one training step of the pipeline, exactly the stage's own step function,
+    on fresh models of the preset's shape: teacher, DMD (5 critic + 1 generator), long tune."""
     amp = teacher.autocast(device)
     t_model = build(tcfg, device=device)
     t_ema, t_opt = copy.deepcopy(t_model), torch.optim.AdamW(t_model.parameters(), lr=1e-4)
@@ -141,31 +142,38 @@ def train_steps(tcfg, dcfg, lcfg, device, compiled):
     streams = longtune.Streams(lcfg, asdict(tcfg), gen, device)
     df = copy.copy(lcfg)
     df.trust_region = True
-    return {"teacher step": (lambda: teacher.train_step(t_fwd, t_model, t_ema, t_opt, x, ev, 0, tcfg), tcfg.batch),
-            "DMD step (5 critic + 1 generator)": (lambda: distill.dmd_update(nets, opts, dcfg, levels, shape, amp), dcfg.batch),
-            "long-tune step, baseline": (lambda: longtune.tune_update(streams, nets, opts, lcfg, levels, dcfg.shift, amp),
-                                         lcfg.batch),
-            "long-tune step, Delta Forcing": (lambda: longtune.tune_update(streams, nets, opts, df, levels, dcfg.shift, amp),
-                                              lcfg.batch)}
+    return {TRAIN_STEPS[0]: lambda: teacher.train_step(t_fwd, t_model, t_ema, t_opt, x, ev, 0, tcfg),
+            TRAIN_STEPS[1]: lambda: distill.dmd_update(nets, opts, dcfg, levels, shape, amp),
+            TRAIN_STEPS[2]: lambda: longtune.tune_update(streams, nets, opts, lcfg, levels, dcfg.shift, amp),
+            TRAIN_STEPS[3]: lambda: longtune.tune_update(streams, nets, opts, df, levels, dcfg.shift, amp)}[what]
 
 
-def flops_of(fn):
-    """FLOPs of one call, counted by PyTorch's FlopCounterMode: matmuls and attention, forward
-    and backward (elementwise work is not counted, as in every MFU figure). Eager only."""
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return fc.get_total_flops()
+TRAIN_STEPS = ["teacher step", "DMD step (5 critic + 1 generator)", "long-tune step, baseline",
+               "long-tune step, Delta Forcing"]
 
 
-def step_time(fn, device, steps):
-    """Mean seconds per step over `steps`, after two warm-up steps (which also compile)."""
-    fn(), fn()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t) / steps
+def step_cost(make, device, steps, count):
+    """(seconds, FLOPs) per step, mean over `steps` steps after two warm-up steps (which also
+    compile). make() builds fresh models and steps from a fixed seed, so with count=True the very
+    same calls (the same random exit steps, stream states and switches) run again under PyTorch's
+    FlopCounterMode: matmuls and attention, forward and backward (elementwise work is not counted,
+    as in every MFU figure). On the CPU attention runs on the math kernel while counting, since
+    the counter does not see the CPU flash kernel."""
+    def run(timing):
+        torch.manual_seed(0)
+        fn = make()
+        fn(), fn()
+        sync(device)
+        t = time.perf_counter()
+        mode = FlopCounterMode(display=False) if not timing else contextlib.nullcontext()
+        kernel = sdpa_kernel([SDPBackend.MATH]) if not timing and device.type == "cpu" else contextlib.nullcontext()
+        with mode, kernel:
+            for _ in range(steps):
+                fn()
+        sync(device)
+        return (time.perf_counter() - t) / steps, (mode.get_total_flops() / steps if not timing else None)
+    dt, _ = run(timing=True)
+    return dt, (run(timing=False)[1] if count else None)
 
 
 def main(cfg):
@@ -194,7 +202,8 @@ def main(cfg):
         """Steady-state frames/s and first-chunk latency at batch 1 and big_batch, and the graphs traced."""
         res = {}
         for B in (1, cfg.big_batch):
-            stream_times(fwd, B, ch * (warm + 4), levels, dcfg, tcfg.size, device)  # warm-up: compiles every graph
+            for _ in range(2):                                      # warm-up: compiles and records every graph
+                stream_times(fwd, B, ch * (warm + 4), levels, dcfg, tcfg.size, device)
             g0 = counters["stats"]["unique_graphs"]
             times = stream_times(fwd, B, ch * (warm + 20), levels, dcfg, tcfg.size, device)
             res[B] = B * ch / statistics.median(times[warm:])
@@ -205,18 +214,23 @@ def main(cfg):
                              f"{g0} / {counters['stats']['unique_graphs'] - g0}", ""))
         return res
 
-    eager = streaming(model, "eager")
+    fwds = {"eager": model}
     if compiled:                                                    # static shapes: replay as a CUDA graph
-        fast = streaming(maybe_compile(model, True, dynamic=False,
-                                       mode="reduce-overhead" if device.type == "cuda" else "default"), "compiled")
-        rows += [(f"compiled / eager streaming, batch {B}", fast[B] / eager[B], "x") for B in fast]
-    best = fast if compiled else eager
+        fwds["compiled"] = maybe_compile(model, True, dynamic=False,
+                                         mode="reduce-overhead" if device.type == "cuda" else "default")
+    rates = {label: streaming(fwd, label) for label, fwd in fwds.items()}
+    rows += [(f"compiled / eager streaming, batch {B}", rates["compiled"][B] / rates["eager"][B], "x")
+             for B in rates.get("compiled", {})]
 
-    t_teacher = timed(lambda: teacher.sample(model, torch.zeros(1, dtype=torch.long, device=device),
-                                             torch.randn(1, T, 3, tcfg.size, tcfg.size, device=device),
-                                             teacher.euler_grid(tcfg.sample_steps), tcfg.guidance), device, cfg.repeats)
-    rows += [(f"teacher Euler {tcfg.sample_steps} steps + CFG, batch 1, eager", T / t_teacher, "frames/s"),
-             ("student stream / teacher sampler, batch 1", best[1] / (T / t_teacher), "x")]
+    for label, fwd in fwds.items():                                 # the teacher under the same compile and dtype
+        def teacher_clip():
+            with teacher.autocast(device):
+                teacher.sample(fwd, torch.zeros(1, dtype=torch.long, device=device),
+                               torch.randn(1, T, 3, tcfg.size, tcfg.size, device=device),
+                               teacher.euler_grid(tcfg.sample_steps), tcfg.guidance)
+        t_teacher = timed(teacher_clip, device, cfg.repeats)
+        rows += [(f"{label}: teacher Euler {tcfg.sample_steps} steps + CFG, batch 1", T / t_teacher, "frames/s"),
+                 (f"{label}: student stream / teacher sampler, batch 1", rates[label][1] / (T / t_teacher), "x")]
 
     times = stream_times(model, 1, cfg.late + 10 * ch, levels, dcfg, tcfg.size, device)  # one long stream, eager
     early, late = statistics.median(times[50 // ch:50 // ch + 10]), statistics.median(times[-10:])
@@ -226,21 +240,26 @@ def main(cfg):
 
     F = cfg.frames
     noise, ev = torch.randn(1, F, 3, tcfg.size, tcfg.size, device=device), torch.zeros(1, F, dtype=torch.long, device=device)
-    t_cache = timed(lambda: rollout(model, noise, ev, levels, ch, KVCache(dcfg.n_sink, dcfg.n_window)), device, 1)
+    with torch.no_grad():
+        t_cache = timed(lambda: rollout(model, noise, ev, levels, ch, KVCache(dcfg.n_sink, dcfg.n_window)), device, 1)
     t_recompute = timed(lambda: recompute_stream(model, noise, ev, levels, ch), device, 1)
     rows += [(f"{F} frames, cached streaming (eager)", F / t_cache, "frames/s"),
              (f"{F} frames, recompute the causal prefix", F / t_recompute, "frames/s"),
              ("cache / recompute", t_recompute / t_cache, "x")]
 
-    flops = {}
+    flops, speed = {}, {}
     for label, on in (("eager", False),) + ((("compiled", True),) if compiled else ()):
-        for what, (fn, batch) in train_steps(tcfg, dcfg, lcfg, device, on).items():
-            flops[what] = flops.get(what) or flops_of(fn)          # counted on the eager step
-            dt = step_time(fn, device, cfg.steps)
+        for what in TRAIN_STEPS:
+            make = lambda: train_step_fn(what, tcfg, dcfg, lcfg, device, on)   # noqa: E731
+            dt, f = step_cost(make, device, cfg.steps, count=not on)   # FLOPs counted on the eager steps
+            flops[what] = f or flops[what]
+            speed.setdefault(what, []).append(dt)
+            batch = [tcfg.batch, dcfg.batch, lcfg.batch, lcfg.batch][TRAIN_STEPS.index(what)]
             mfu = f"{100 * flops[what] / dt / peak:.1f}%" if peak else "n/a (no CPU peak)"
             rows.append((f"{label}: {what}, batch {batch}", dt * 1000, "ms"))
             rows.append((f"{label}: {what}: {flops[what] / 1e9:.2f} GFLOP/step, achieved / MFU",
                          f"{flops[what] / dt / 1e9:,.1f} GFLOP/s / {mfu}", ""))
+    rows += [(f"compiled / eager train step speed-up: {what}", v[0] / v[1], "x") for what, v in speed.items() if len(v) == 2]
     if device.type == "cuda":
         rows += [(f"SDPA flash kernel: {k}", v, "") for k, v in flash_paths(model, dcfg, tcfg.size, device).items()]
 

@@ -209,13 +209,15 @@ def load_teacher(cfg, device, world=1):
     if ck["step"] < ck["config"]["max_steps"]:
         raise BadInput(f"{path} is unfinished (step {ck['step']} of {ck['config']['max_steps']}); "
                        f"finish it with `python teacher.py --resume=True`")
+    if cfg.n_window < cfg.chunk:
+        raise BadInput(f"--n_window={cfg.n_window} must hold at least one chunk of {cfg.chunk} frames")
     if ck["config"]["frames"] % cfg.chunk:
         raise BadInput(f"teacher clips of {ck['config']['frames']} frames do not split into chunks of {cfg.chunk}")
     return ck, path
 
 
 def main(cfg):
-    rank, world, local = setup_distributed()
+    rank, world, local = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device, local)
     check_writable(cfg.out_dir)

@@ -131,7 +131,8 @@ def window_loss(per_frame, window, mask, aux, cfg):
 def tune_update(streams, nets, opts, cfg, levels, shift, amp, world=1):
     """One long-tuning iteration: advance the streams by F frames (graph at one shared exit step),
     one generator update on the newest window, then cfg.critic_ratio critic updates on it.
-    nets = (student, critic, gen_fwd, critic_fwd, teacher_fwd); opts = (opt, opt_c).
+    nets = (student, critic, gen_fwd, critic_fwd, teacher_fwd); opts = (opt, opt_c). A skipped
+    (non-finite) generator step still gives the critic its updates: the window is data either way.
     Returns (loss, critic loss, gnorm, applied, trust-region logs, whether the window holds a switch)."""
     student, critic, gen_fwd, critic_fwd, teacher_fwd = nets
     exit_step = int(torch.randint(len(levels), ()))              # one exit step, shared by the window's chunks
@@ -161,7 +162,7 @@ def load_student(cfg):
 
 
 def main(cfg):
-    rank, world, local = setup_distributed()
+    rank, world, local = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device, local)
     check_writable(cfg.out_dir)

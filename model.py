@@ -220,14 +220,11 @@ class VideoDiT(nn.Module):
 class KVCache:
     """Keys and values of clean past frames: the first n_sink frames (the sink) plus a rolling
     window of the last n_window frames, so memory and cost per frame stay constant forever.
-
-    The buffers are preallocated at the first write and written in place as a ring (frame t
-    goes to slot t in the sink, then to n_sink + (t - n_sink) % n_window). A streaming forward
-    always sees the whole buffers, with the empty slots masked while the cache fills, so the
-    compiled step keeps its shapes from the second chunk on: no recompiles as the stream grows,
-    and a CUDA graph can replay. Positions are assigned inside the cache (sink first, then the window
-    by age), as StreamingLLM does, so RoPE distances stay inside the range seen in training
-    however long the stream runs; attention does not care in which slot a key sits."""
+    The buffers are allocated at the first write and written in place as a ring. A streaming
+    forward always sees all of them (empty slots masked while the cache fills), so a compiled
+    step keeps its shapes: no recompiles as the stream grows, and a CUDA graph can replay.
+    Positions are assigned inside the cache (sink first, then the window by age), as StreamingLLM
+    does, so RoPE distances stay in the range seen in training however long the stream runs."""
 
     def __init__(self, n_sink, n_window):
         self.n_sink, self.n_window = n_sink, n_window
@@ -235,8 +232,7 @@ class KVCache:
 
     def reset(self):
         self.kv = None                                               # (depth,2,B,H,cap,N,hd), cap = n_sink + n_window
-        self.frames = self.events = None                             # (B,cap,C,H,W), (B,cap): what the keys encode
-        self.t = self.pos = None                                     # (cap,) the stream frame held by each slot; (n,) positions
+        self.frames = self.events = self.pos = None                  # (B,cap,C,H,W), (B,cap), (cap,) slot positions
         self.n_seen = 0                                              # frames written since the start
 
     def __len__(self):
@@ -244,44 +240,37 @@ class KVCache:
 
     def slot(self, t):
         """The ring slot of stream frame t: the sink keeps its frames, the window wraps around."""
-        return torch.where(t < self.n_sink, t, self.n_sink + (t - self.n_sink) % self.n_window)
+        return t if t < self.n_sink else self.n_sink + (t - self.n_sink) % self.n_window
 
     def newest_events(self):
         """(B,) the event of the newest cached frame."""
-        return self.events[:, int(self.slot(torch.tensor(self.n_seen - 1)))]
+        return self.events[:, self.slot(self.n_seen - 1)]
 
     def view(self, T):
         """What a streaming forward of T frames attends to (VideoDiT.forward's `past`): the whole
         buffers, always the same shape, with positions and, while filling, the filled slots."""
         if self.n_seen == 0:
             return None
-        n, cap = len(self), self.n_sink + self.n_window
-        q_pos = torch.arange(n, n + T, device=self.kv.device)
-        return self.kv, self.pos, q_pos, (None if n == cap else torch.arange(cap, device=self.kv.device) < n)
+        n, cap, dev = len(self), self.n_sink + self.n_window, self.kv.device
+        return self.kv, self.pos, torch.arange(n, n + T, device=dev), (None if n == cap else torch.arange(cap, device=dev) < n)
 
     def write(self, frames, events, kv):
-        """Store T new frames and their keys/values kv (depth,2,B,H,T,N,hd), in place."""
-        T = frames.shape[1]
+        """Store T new frames (B,T,C,H,W), events (B,T) and keys/values kv (depth,2,B,H,T,N,hd), in place."""
+        T, cap, dev = frames.shape[1], self.n_sink + self.n_window, frames.device
         if T > self.n_window:
             raise ValueError(f"cannot write {T} frames at once into a window of {self.n_window}")
         if self.kv is None:
-            cap = self.n_sink + self.n_window
-            d, two, B, H, _, N, hd = kv.shape
-            self.kv = kv.new_zeros(d, two, B, H, cap, N, hd)
-            self.frames = frames.new_zeros(B, cap, *frames.shape[2:])
-            self.events = events.new_zeros(B, cap)
-            self.t = torch.zeros(cap, dtype=torch.long, device=frames.device)
-        slot = self.slot(torch.arange(self.n_seen, self.n_seen + T, device=frames.device))
+            self.kv = kv.new_zeros(*kv.shape[:4], cap, *kv.shape[5:])
+            self.frames, self.events = frames.new_zeros(frames.shape[0], cap, *frames.shape[2:]), events.new_zeros(events.shape[0], cap)
+        slot = torch.tensor([self.slot(t) for t in range(self.n_seen, self.n_seen + T)], device=dev)
         # Detached: history is context, never a gradient path (Self Forcing's official code leaks here).
         self.kv.index_copy_(4, slot, kv.detach().to(self.kv.dtype))
         self.frames.index_copy_(1, slot, frames.detach().to(self.frames.dtype))
         self.events.index_copy_(1, slot, events.detach())
-        self.t.index_copy_(0, slot, torch.arange(self.n_seen, self.n_seen + T, device=frames.device))
         self.n_seen += T
-        # (cap,) each slot's position inside the cache: the sink 0..n_sink-1, then the window
-        # n_sink, n_sink+1, ... from its oldest frame to its newest (empty slots: masked anyway)
-        oldest = max(self.n_sink, self.n_seen - self.n_window)
-        self.pos = torch.where(self.t < self.n_sink, self.t, (self.t - oldest + self.n_sink).clamp(min=0))
+        s = torch.arange(cap, device=dev)                            # filling: slot s holds frame s, position s
+        head = (self.n_seen - self.n_sink) % self.n_window           # full: the window slot of the oldest frame
+        self.pos = s if self.n_seen <= cap else torch.where(s < self.n_sink, s, self.n_sink + (s - self.n_sink - head) % self.n_window)
 
     def ordered(self):
         """(frames, events) of the filled slots in stream order (sink, then window by age)."""
@@ -410,8 +399,8 @@ def cli(main, cls, presets):
 def pick_device(name, local_rank=0):
     """cuda (this process's GPU under torchrun), else mps, else cpu. TF32 matmuls on CUDA."""
     if name == "auto":
-        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.cuda.set_device(device)
@@ -437,13 +426,15 @@ def maybe_compile(model, enabled, **kw):
 # call all_reduce by hand because the Self Forcing rollout runs the generator several times
 # before one backward, which DDP's one-forward-one-backward bookkeeping does not allow.
 
-def setup_distributed():
-    """-> (rank, world_size, local_rank). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK."""
+def setup_distributed(device="auto"):
+    """-> (rank, world_size, local_rank). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK.
+    NCCL for GPUs, gloo for CPUs (`--device=cpu` on a GPU machine included)."""
     if "RANK" not in os.environ:
         return 0, 1, 0
     import torch.distributed as dist
+    gpu = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if gpu else "gloo")
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
@@ -458,39 +449,32 @@ def average_gradients(model, world):
     """All-reduce the gradients (one flat buffer, one call) and divide by the number of ranks."""
     if world == 1:
         return
-    import torch.distributed as dist
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    for p, g in zip(model.parameters(), flat.div_(world).split([g.numel() for g in grads])):
+    params = [p for p in model.parameters() if p.grad is not None]   # every one, in our models
+    flat = torch.cat([p.grad.flatten() for p in params])
+    torch.distributed.all_reduce(flat)
+    for p, g in zip(params, flat.div_(world).split([p.numel() for p in params])):
         p.grad = g.view_as(p)
 
 
 def check_in_sync(model, rank, world):
-    """After training under torchrun: every rank prints a digest of its weights, and rank 0
-    checks that all ranks hold identical weights."""
+    """After training under torchrun: each rank prints a digest of its weights; rank 0 compares them."""
     if world == 1:
         return
     import hashlib
-    import torch.distributed as dist
-    h = hashlib.sha256()
-    for v in model.state_dict().values():
-        h.update(v.detach().float().cpu().numpy().tobytes())
+    digest = hashlib.sha256(b"".join(v.float().cpu().numpy().tobytes() for v in model.state_dict().values()))
     digests = [None] * world
-    dist.all_gather_object(digests, h.hexdigest()[:16])
+    torch.distributed.all_gather_object(digests, digest.hexdigest()[:16])
     print(f"rank {rank}/{world}: weights sha256 {digests[rank]}", flush=True)
     if rank == 0:
-        same = len(set(digests)) == 1
-        print(f"data parallel: weights {'identical' if same else 'DIFFERENT'} on all {world} ranks", flush=True)
+        print(f"data parallel: weights {'identical' if len(set(digests)) == 1 else 'DIFFERENT'} on all {world} ranks")
 
 
 def check_writable(out_dir):
     """Fail before training, not at the first checkpoint: out_dir must be a writable directory."""
+    import tempfile
     try:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, f".write_test{os.getpid()}"), "wb"):
-            pass
-        os.remove(os.path.join(out_dir, f".write_test{os.getpid()}"))
+        tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as e:
         raise BadInput(f"cannot write checkpoints to --out_dir={out_dir}: {e.strerror or e}") from None
 

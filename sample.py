@@ -5,8 +5,9 @@
     python sample.py --eval --ckpts=out/student.pt,out/longtune.pt --seeds=8 --json=out/eval.json
     python sample.py --live --ckpt=out/deltaforcing.pt        # steer it with the arrow keys, q quits
 
-Generation streams chunk by chunk through the KV cache (sink + rolling window) and writes each
-chunk to the GIF/MP4 as it comes, so memory stays constant for any length. --eval runs the same
+Generation streams chunk by chunk through the KV cache (sink + rolling window) and hands each
+chunk to the GIF/MP4 writer as it comes, so the generator's memory stays constant for any length
+(an MP4 is encoded as it goes; a GIF writer keeps its frames until it closes). --eval runs the same
 videos (schedules x seeds) through every checkpoint and prints the world metrics with 95%
 intervals over seeds.
 """
@@ -264,25 +265,30 @@ def terminal(fd):
         sys.stdout.flush()
         yield
     finally:
-        sys.stdout.write("\x1b[0m\x1b[?25h\x1b[?1049l")
-        sys.stdout.flush()
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-        for s, h in handlers.items():
-            signal.signal(s, h)
+        try:                                                     # the tty first: the writes below can fail
+            termios.tcsetattr(fd, termios.TCSAFLUSH, saved)      # (SIGHUP); FLUSH drops unread keys
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        finally:
+            sys.stdout.write("\x1b[0m\x1b[?25h\x1b[?1049l")
+            sys.stdout.flush()
 
 
 @torch.no_grad()
 def live(cfg, model, g, device):
     """Stream generated frames to the terminal as they are made; the arrow keys switch the
-    event (from the next chunk, as a schedule does); q quits and saves the session to --out."""
+    event (from the next chunk, as a schedule does); q quits and saves the session to --out.
+    The session is kept at native resolution (3 KB a frame at 32 x 32) and written at the end."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise BadInput("--live needs a terminal on stdin and stdout (run it in a terminal, over ssh -t, or in tmux)")
+    if cfg.fps < 0:
+        raise BadInput(f"--fps must be 0 (no cap) or positive, not {cfg.fps}")
     event = parse_schedule(cfg.events, 1 << 30)[0][0]            # start with the schedule's first event
-    writer = open_writer(cfg.out)
+    writer = open_writer(cfg.out)                                # fails now if --out cannot be written
     S, ch, fd = g["size"], g["chunk"], sys.stdin.fileno()
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    cache, n, times, shown = KVCache(g["n_sink"], g["n_window"]), 0, [], time.perf_counter()
+    cache, session, times, shown = KVCache(g["n_sink"], g["n_window"]), [], [], time.perf_counter()
     try:
         with terminal(fd):
             try:
@@ -298,21 +304,22 @@ def live(cfg, model, g, device):
                                     ch, cache, switch=cfg.switch_cache).float().cpu()   # .cpu() syncs
                     times.append(time.perf_counter() - t)
                     rate = ch * len(times[1:]) / max(sum(times[1:]), 1e-9)
-                    for a in to_rgb(x[0], scale=1):
-                        writer.append_data(a.repeat(4, 0).repeat(4, 1))
+                    for a in to_rgb(x[0], scale=1):                      # (S,S,3) uint8 each
+                        session.append(a)
                         shown = max(shown + (1 / cfg.fps if cfg.fps > 0 else 0), time.perf_counter())
                         time.sleep(max(0.0, shown - time.perf_counter()))   # the --fps cap
-                        n += 1
                         sys.stdout.write("\x1b[H" + ansi_frame(a.repeat(2, 0).repeat(2, 1)) + "\x1b[0m\r\n"
-                                         f"frame {n} | event {EVENTS[event]} | generating {rate:.0f} frames/s"
+                                         f"frame {len(session)} | event {EVENTS[event]} | generating {rate:.0f} frames/s"
                                          " | arrows: steer, space: stay, q: quit and save\x1b[K")
                         sys.stdout.flush()
             except KeyboardInterrupt:                            # Ctrl-C: like q
                 pass
     finally:
+        for a in session:
+            writer.append_data(a.repeat(4, 0).repeat(4, 1))
         writer.close()
     steady = times[1:] or times or [float("nan")]
-    print(f"{n} frames -> {cfg.out} | {ch * len(steady) / sum(steady):.1f} frames/s generated "
+    print(f"{len(session)} frames -> {cfg.out} | {ch * len(steady) / sum(steady):.1f} frames/s generated "
           f"| first chunk {times[0] * 1000 if times else float('nan'):.1f} ms | device {device}")
 
 

@@ -140,7 +140,7 @@ def lr_at(step, cfg):
 
 
 def main(cfg):
-    rank, world, local = setup_distributed()
+    rank, world, local = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device, local)
     check_writable(cfg.out_dir)
