@@ -381,7 +381,8 @@ def convert(key, val, typ):
             return val.lower() in ("true", "1")
         return typ(val)
     except ValueError:
-        raise BadInput(f"bad value for --{key}: {val!r} is not a {typ.__name__}") from None
+        article = "an" if typ.__name__[0] in "aeiou" else "a"
+        raise BadInput(f"bad value for --{key}: {val!r} is not {article} {typ.__name__}") from None
 
 
 def cli(main, cls, presets):

@@ -8,13 +8,15 @@ import subprocess
 import sys
 import time
 
+import importlib
+
 import imageio.v2 as imageio
 import pytest
 import torch
 
 import distill
 import teacher
-from model import load_checkpoint
+from model import cli, load_checkpoint
 from test_longtune import student_dir  # noqa: F401  (module fixture)
 from test_distill import distill_cfg, teacher_dir  # noqa: F401
 from test_teacher import ROOT, TINY, assert_one_line_error, run, tiny_cfg
@@ -72,6 +74,27 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch, teache
 
 # ----------------------------------------------------------------------------- one line for every bad input
 
+def run_cli(script, args, capsys, monkeypatch):
+    """A script's entry point, in this process (no interpreter start-up): -> (exit code, stderr).
+    Any exception other than the one-line BadInput escapes and fails the test, as a traceback would."""
+    mod = importlib.import_module(script[:-3])
+    cls = next(v for k, v in vars(mod).items() if k.endswith("Config") and v.__module__ == mod.__name__)
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    capsys.readouterr()
+    try:
+        cli(mod.main, cls, mod.PRESETS)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_exit_2(code, err, *words):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert all(w in lines[0] for w in words), lines[0]
+
+
 @pytest.mark.parametrize("script,args,words", [
     ("teacher.py", ["--out_dir=/proc/nope"], ["cannot write checkpoints", "/proc/nope"]),
     ("teacher.py", ["--lr=fast"], ["--lr", "not a float"]),
@@ -89,23 +112,21 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch, teache
     ("sample.py", ["--eval", "--schedule_file=/nonexistent.json"], ["cannot read --schedule_file"]),
     ("bench.py", ["--compile=fast"], ["auto, on or off"]),
 ])
-def test_bad_input_is_one_line_and_exit_2(student_dir, script, args, words):  # noqa: F811
+def test_bad_input_is_one_line_and_exit_2(student_dir, script, args, words, capsys, monkeypatch):  # noqa: F811
     ck = [f"--ckpt={student_dir / 'student.pt'}"] if script == "sample.py" else []
     ck += [f"--student={student_dir / 'student.pt'}"] if script == "longtune.py" else []
     ck += [f"--teacher={student_dir / 'teacher.pt'}"] if script == "distill.py" else []
-    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *ck, *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert_one_line_error(r, *words)
+    assert_one_line_exit_2(*run_cli(script, [*ck, *args], capsys, monkeypatch), *words)
 
 
-def test_bad_schedule_file_contents(student_dir, tmp_path):  # noqa: F811
+def test_bad_schedule_file_contents(student_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    args = ["--eval", f"--ckpts={student_dir / 'student.pt'}", f"--schedule_file={tmp_path / 's.json'}", "--frames=8"]
     (tmp_path / "s.json").write_text('["right@0,fly@4"]')
-    r = run("sample.py", "--eval", f"--ckpts={student_dir / 'student.pt'}", f"--schedule_file={tmp_path / 's.json'}",
-            "--frames=8")
-    assert_one_line_error(r, "unknown event 'fly'")
+    assert_one_line_exit_2(*run_cli("sample.py", args, capsys, monkeypatch), "unknown event 'fly'")
+    (tmp_path / "s.json").write_text('["right@0,up@9"]')
+    assert_one_line_exit_2(*run_cli("sample.py", args, capsys, monkeypatch), "past the end")
     (tmp_path / "s.json").write_text('{"right": 0}')
-    r = run("sample.py", "--eval", f"--ckpts={student_dir / 'student.pt'}", f"--schedule_file={tmp_path / 's.json'}")
-    assert_one_line_error(r, "JSON list of schedule strings")
+    assert_one_line_exit_2(*run_cli("sample.py", args, capsys, monkeypatch), "JSON list of schedule strings")
 
 
 @pytest.mark.parametrize("script,ckpt_arg,words", [
@@ -114,14 +135,15 @@ def test_bad_schedule_file_contents(student_dir, tmp_path):  # noqa: F811
     ("longtune.py", "--student=teacher.pt", ["teacher checkpoint, not student", "python distill.py"]),
     ("sample.py", "--ckpt=teacher.pt", ["teacher checkpoint", "python distill.py"]),
 ])
-def test_wrong_stage_names_the_command_that_makes_the_right_one(student_dir, tmp_path, script, ckpt_arg, words):  # noqa: F811
+def test_wrong_stage_names_the_command_that_makes_the_right_one(student_dir, tmp_path, script, ckpt_arg, words,  # noqa: F811
+                                                               capsys, monkeypatch):
     if ckpt_arg is None:                                         # --resume finds a student where the teacher should be
         shutil.copy(student_dir / "student.pt", tmp_path / "teacher.pt")
         args = [f"--out_dir={tmp_path}", "--resume=True"]
     else:
         key, name = ckpt_arg.split("=")
-        args = [f"{key}={student_dir / name}", f"--out_dir={tmp_path}"] if script != "sample.py" else [f"{key}={student_dir / name}"]
-    assert_one_line_error(run(script, *args), *words)
+        args = [f"{key}={student_dir / name}"] + ([f"--out_dir={tmp_path}"] if script != "sample.py" else [])
+    assert_one_line_exit_2(*run_cli(script, args, capsys, monkeypatch), *words)
 
 
 def test_truncated_checkpoint_is_one_line(student_dir, tmp_path):  # noqa: F811
@@ -130,12 +152,11 @@ def test_truncated_checkpoint_is_one_line(student_dir, tmp_path):  # noqa: F811
     assert_one_line_error(run("sample.py", f"--ckpt={tmp_path / 'cut.pt'}"), "truncated or corrupt", "python distill.py")
 
 
-def test_same_seed_gives_bit_identical_files(student_dir, tmp_path):  # noqa: F811
+def test_same_seed_gives_bit_identical_files(student_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
     for name in ("a", "b", "c"):
         seed = "--seed=3" if name != "c" else "--seed=4"
-        r = run("sample.py", f"--ckpt={student_dir / 'student.pt'}", "--frames=8", "--events=right@0,up@4", seed,
-                f"--out={tmp_path / name}.gif")
-        assert r.returncode == 0, r.stderr
+        args = [f"--ckpt={student_dir / 'student.pt'}", "--frames=8", "--events=right@0,up@4", seed, f"--out={tmp_path / name}.gif"]
+        assert run_cli("sample.py", args, capsys, monkeypatch)[0] == 0
     a, b, c = ((tmp_path / f"{n}.gif").read_bytes() for n in "abc")
     assert a == b and a != c
 

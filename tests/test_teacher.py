@@ -88,7 +88,7 @@ def test_config_parsing():
     assert cfg.size == 32 and cfg.lr == 0.1 and cfg.resume is True
     with pytest.raises(BadInput, match="unknown option --lrr"):
         parse_config(teacher.TeacherConfig, teacher.PRESETS, ["--lrr=1"])
-    with pytest.raises(BadInput, match="not a int"):
+    with pytest.raises(BadInput, match="not an int"):
         parse_config(teacher.TeacherConfig, teacher.PRESETS, ["--max_steps=many"])
 
 
