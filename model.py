@@ -262,7 +262,8 @@ class KVCache:
         if self.kv is None:
             self.kv = kv.new_zeros(*kv.shape[:4], cap, *kv.shape[5:])
             self.frames, self.events = frames.new_zeros(frames.shape[0], cap, *frames.shape[2:]), events.new_zeros(events.shape[0], cap)
-        slot = torch.tensor([self.slot(t) for t in range(self.n_seen, self.n_seen + T)], device=dev)
+        t = torch.arange(self.n_seen, self.n_seen + T, device=dev)  # made on the device: no host copy, no sync
+        slot = torch.where(t < self.n_sink, t, self.n_sink + (t - self.n_sink) % self.n_window)
         # Detached: history is context, never a gradient path (Self Forcing's official code leaks here).
         self.kv.index_copy_(4, slot, kv.detach().to(self.kv.dtype))
         self.frames.index_copy_(1, slot, frames.detach().to(self.frames.dtype))

@@ -182,7 +182,7 @@ def wait_for(text, timeout=60):
 def test_live_in_tmux_steers_saves_and_restores_the_terminal(student_dir, tmp_path, stop):  # noqa: F811
     gif, pid = tmp_path / "live.gif", tmp_path / "pid"
     cmd = (f"sh -c 'echo $$ > {pid}; exec {sys.executable} sample.py --live --ckpt={student_dir / 'student.pt'} "
-           f"--events=up@0 --fps=30 --out={gif}'; echo EXIT=$?; stty -a; sleep 60")
+           f"--events=up@0 --fps=30 --out={gif}'; echo EXIT=$?; stty -a; echo STTY-DONE; sleep 60")
     tmux("kill-server")
     tmux("new-session", "-d", "-s", "live", "-x", "250", "-y", "50", "-c", ROOT, cmd)
     try:
@@ -193,7 +193,7 @@ def test_live_in_tmux_steers_saves_and_restores_the_terminal(student_dir, tmp_pa
             os.kill(int(pid.read_text()), signal.SIGTERM)
         else:
             tmux("send-keys", "-t", "live", stop)
-        screen = wait_for("EXIT=")
+        screen = wait_for("STTY-DONE")                         # after the exit code and the terminal modes
     finally:
         tmux("kill-server")
     code = {"q": "EXIT=0", "C-c": "EXIT=0", "SIGTERM": "EXIT=143"}[stop]
