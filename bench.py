@@ -153,9 +153,11 @@ TRAIN_STEPS = ["teacher step", "DMD step (5 critic + 1 generator)", "long-tune s
 
 
 def step_cost(make, device, steps, count):
-    """(seconds, FLOPs) per step, mean over `steps` steps after two warm-up steps (which also
-    compile). make() builds fresh models and steps from a fixed seed, so with count=True the very
-    same calls (the same random exit steps, stream states and switches) run again under PyTorch's
+    """(seconds per step, FLOPs per step, graphs compiled during the timed steps): the mean over
+    `steps` steps after two warm-up steps, which compile what they meet (a rarer path, such as the
+    recache at a switch, may first compile inside the timed steps: the third number says so).
+    make() builds fresh models and steps from a fixed seed, so with count=True the very same calls
+    (the same random exit steps, stream states and switches) run again under PyTorch's
     FlopCounterMode: matmuls and attention, forward and backward (elementwise work is not counted,
     as in every MFU figure). On the CPU attention runs on the math kernel while counting, since
     the counter does not see the CPU flash kernel."""
@@ -164,16 +166,17 @@ def step_cost(make, device, steps, count):
         fn = make()
         fn(), fn()
         sync(device)
-        t = time.perf_counter()
+        g0, t = counters["stats"]["unique_graphs"], time.perf_counter()
         mode = FlopCounterMode(display=False) if not timing else contextlib.nullcontext()
         kernel = sdpa_kernel([SDPBackend.MATH]) if not timing and device.type == "cpu" else contextlib.nullcontext()
         with mode, kernel:
             for _ in range(steps):
                 fn()
         sync(device)
-        return (time.perf_counter() - t) / steps, (mode.get_total_flops() / steps if not timing else None)
-    dt, _ = run(timing=True)
-    return dt, (run(timing=False)[1] if count else None)
+        dt, graphs = (time.perf_counter() - t) / steps, counters["stats"]["unique_graphs"] - g0
+        return dt, (mode.get_total_flops() / steps if not timing else graphs)
+    dt, graphs = run(timing=True)
+    return dt, (run(timing=False)[1] if count else None), graphs
 
 
 def main(cfg):
@@ -251,12 +254,13 @@ def main(cfg):
     for label, on in (("eager", False),) + ((("compiled", True),) if compiled else ()):
         for what in TRAIN_STEPS:
             make = lambda: train_step_fn(what, tcfg, dcfg, lcfg, device, on)   # noqa: E731
-            dt, f = step_cost(make, device, cfg.steps, count=not on)   # FLOPs counted on the eager steps
+            dt, f, graphs = step_cost(make, device, cfg.steps, count=not on)   # FLOPs counted on the eager steps
             flops[what] = f or flops[what]
             speed.setdefault(what, []).append(dt)
             batch = [tcfg.batch, dcfg.batch, lcfg.batch, lcfg.batch][TRAIN_STEPS.index(what)]
             mfu = f"{100 * flops[what] / dt / peak:.1f}%" if peak else "n/a (no CPU peak)"
-            rows.append((f"{label}: {what}, batch {batch}", dt * 1000, "ms"))
+            rows.append((f"{label}: {what}, batch {batch}" + (f" ({graphs} graphs compiled while timed)" if on else ""),
+                         dt * 1000, "ms"))
             rows.append((f"{label}: {what}: {flops[what] / 1e9:.2f} GFLOP/step, achieved / MFU",
                          f"{flops[what] / dt / 1e9:,.1f} GFLOP/s / {mfu}", ""))
     rows += [(f"compiled / eager train step speed-up: {what}", v[0] / v[1], "x") for what, v in speed.items() if len(v) == 2]
