@@ -1,11 +1,12 @@
 """The one compact video transformer (teacher, causal generator, critic), its KV cache, the
-flow-matching helpers, and the config / CLI / checkpoint helpers every stage shares.
+streaming rollout, the flow-matching helpers, and what every stage shares: config / CLI,
+checkpoints, and data parallel under torchrun.
 
 A DiT (Peebles & Xie 2023) over patch tokens of all frames, with per-frame AdaLN-Zero
 conditioning on (sigma, event) and 3D RoPE. It runs three ways (DESIGN section 4):
-  bidirectional      model(x, sigma, event)                      teacher and critic
-  block-causal       model(x, sigma, event, causal_chunk=k)      ODE init and tests
-  streaming          model(x, sigma, event, cache=c, write=...)  generator rollout and sampling
+  bidirectional      model(x, sigma, event)                          teacher and critic
+  block-causal       model(x, sigma, event, causal_chunk=k)          ODE init and tests
+  streaming          stream(model, x, sigma, event, cache, write)    generator rollout and sampling
 """
 import dataclasses
 import math
@@ -67,9 +68,10 @@ def model_config(cfg):
 
 def attention(q, k, v, mask=None):
     """The one attention function. q (B,H,Lq,hd), k/v (B,H,Lk,hd).
-    SDPA backends on CUDA: mask=None (bidirectional teacher/critic, and streaming, where a chunk
-    attends to [cache ; itself]) can take the flash kernel; the block-causal path passes a
-    boolean mask, which flash does not take, so it runs on the memory-efficient kernel.
+    SDPA backends on CUDA: mask=None (bidirectional teacher/critic, and streaming once the cache
+    is full, where a chunk attends to [cache ; itself]) can take the flash kernel; the block-causal
+    path and a still-filling cache pass a boolean mask, which flash does not take, so they run on
+    the memory-efficient kernel (bench.py and a CUDA test check this).
     Never is_causal=True: with fewer queries than keys it would build the wrong mask."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
