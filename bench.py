@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import distill
 import longtune
+import sample
 import teacher
 from model import BadInput, KVCache, build, cli, maybe_compile, pick_device, pred_x0, rollout, stream
 from world import teacher_batch
@@ -67,20 +68,10 @@ def timed(fn, device, repeats):
     return best
 
 
-@torch.no_grad()
-def stream_times(model, B, n, levels, dcfg, S, device):
-    """Seconds of each chunk of one n-frame stream at batch B of S x S frames (sample.py's loop, timed per chunk)."""
-    ch = dcfg.chunk
-    noise, ev = torch.randn(B, n, 3, S, S, device=device), torch.zeros(B, n, dtype=torch.long, device=device)
-    cache, times = KVCache(dcfg.n_sink, dcfg.n_window), []
-    for i in range(0, n, ch):
-        sync(device)
-        t = time.perf_counter()
-        with teacher.autocast(device):
-            rollout(model, noise[:, i:i + ch], ev[:, i:i + ch], levels, ch, cache)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return times
+def stream_times(model, B, n, g, device):
+    """Seconds of each chunk of one n-frame stream at batch B: sample.py's own streaming loop."""
+    ev = torch.zeros(B, n, dtype=torch.long, device=device)
+    return sample.generate(model, g, ev, list(range(B)), "recache", on_chunk=lambda x: None)[1]
 
 
 @torch.no_grad()
@@ -193,6 +184,7 @@ def main(cfg):
     model = build(tcfg, device=device).eval()
     levels = distill.student_levels(dcfg, device)
     ch, T = dcfg.chunk, tcfg.frames
+    g = dict(size=tcfg.size, chunk=ch, n_sink=dcfg.n_sink, n_window=dcfg.n_window, levels=levels)   # as sample.py's
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     print(f"device {name}, torch {torch.__version__}, preset {cfg.preset}, "
@@ -206,9 +198,9 @@ def main(cfg):
         res = {}
         for B in (1, cfg.big_batch):
             for _ in range(2):                                      # warm-up: compiles and records every graph
-                stream_times(fwd, B, ch * (warm + 4), levels, dcfg, tcfg.size, device)
+                stream_times(fwd, B, ch * (warm + 4), g, device)
             g0 = counters["stats"]["unique_graphs"]
-            times = stream_times(fwd, B, ch * (warm + 20), levels, dcfg, tcfg.size, device)
+            times = stream_times(fwd, B, ch * (warm + 20), g, device)
             res[B] = B * ch / statistics.median(times[warm:])
             rows.append((f"{label}: streaming, batch {B}, steady state", res[B], "frames/s"))
             rows.append((f"{label}: first-chunk latency, batch {B}", times[0] * 1000, "ms"))
@@ -235,7 +227,7 @@ def main(cfg):
         rows += [(f"{label}: teacher Euler {tcfg.sample_steps} steps + CFG, batch 1", T / t_teacher, "frames/s"),
                  (f"{label}: student stream / teacher sampler, batch 1", rates[label][1] / (T / t_teacher), "x")]
 
-    times = stream_times(model, 1, cfg.late + 50, levels, dcfg, tcfg.size, device)  # one long stream, eager
+    times = stream_times(model, 1, cfg.late + 50, g, device)  # one long stream, eager
     early, late = (statistics.median(times[f // ch:(f + 50) // ch]) for f in (50, cfg.late))   # 50 frames each
     rows += [("per-frame cost at frames 50-100 (eager, batch 1)", early / ch * 1000, "ms"),
              (f"per-frame cost at frames {cfg.late}-{cfg.late + 50}", late / ch * 1000, "ms"),

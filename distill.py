@@ -17,9 +17,9 @@ import torch
 from tqdm import tqdm
 
 import teacher as teacher_stage
-from model import (BadInput, KVCache, add_noise, average_gradients, build, cfg_mix, check_in_sync, check_writable,
-                   cli, ema_update, load_checkpoint, maybe_compile, per_rank, pick_device, pred_x0, rollout,
-                   save_checkpoint, setup_distributed, shift_sigma)
+from model import (BadInput, KVCache, add_noise, build, cfg_mix, check_in_sync, check_writable, cli, ema_update,
+                   load_checkpoint, maybe_compile, per_rank, pick_device, pred_x0, rollout, save_checkpoint,
+                   setup_distributed, shift_sigma)
 from world import EVENTS, World, batch_metrics, save_strip, save_video, summarize
 
 
@@ -133,26 +133,12 @@ def critic_loss(critic, x, event, shift):
     return ((v.float() - (eps - x)) ** 2).mean()                 # Eq. DMD2 critic flow-matching loss
 
 
-def optimizer_step(model, opt, loss, grad_clip, world):
-    """backward, gradients averaged over ranks, clip, step. Returns (gnorm, applied): a non-finite
-    loss or gradient skips the step on every rank alike (they share the averaged gradients)."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    average_gradients(model, world)
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if not torch.isfinite(gnorm):                                # syncs once per step: the price of the skip
-        opt.zero_grad(set_to_none=True)
-        return gnorm, False
-    opt.step()
-    return gnorm, True
-
-
 def critic_update(critic_fwd, critic, opt_c, x, event, shift, grad_clip, amp, world=1):
     """One fake-score step on detached generator samples; distill.py and longtune.py both run 5
     of these per generator update (DMD2's two time scales)."""
     with amp:
         loss = critic_loss(critic_fwd, x, event, shift)
-    optimizer_step(critic, opt_c, loss, grad_clip, world)
+    teacher_stage.optimizer_step(critic, opt_c, loss, grad_clip, world)
     return loss
 
 
@@ -175,7 +161,7 @@ def dmd_update(nets, opts, cfg, levels, shape, amp, world=1):
                     KVCache(cfg.n_sink, cfg.n_window), exit_step=int(torch.randint(K, ())))
         per_frame, _ = dmd_loss(x.float(), event, teacher_fwd, critic_fwd, cfg.guidance, cfg.shift)
         loss = per_frame.mean()
-    gnorm, applied = optimizer_step(student, opts[0], loss, cfg.grad_clip, world)
+    gnorm, applied = teacher_stage.optimizer_step(student, opts[0], loss, cfg.grad_clip, world)
     return loss, closs, gnorm, applied
 
 
@@ -268,7 +254,7 @@ def main(cfg):
             idx = torch.randint(len(x0), (batch,), generator=gen)
             with amp:
                 loss = ode_loss(gen_fwd, xs[idx].to(device), x0[idx].to(device), event[idx].to(device), levels, cfg.chunk)
-            skipped += not optimizer_step(student, opt_ode, loss, 1.0, world)[1]
+            skipped += not teacher_stage.optimizer_step(student, opt_ode, loss, 1.0, world)[1]
             if (i + 1) % (cfg.log_every * 10) == 0 and rank == 0:
                 tqdm.write(f"ode {i + 1} | loss {loss.item():.4f}")
         ema.load_state_dict(student.state_dict())

@@ -141,7 +141,7 @@ def tune_update(streams, nets, opts, cfg, levels, shift, amp, world=1):
         ev = event[:, None].expand(-1, window.shape[1])          # the current event for the whole window (LongLive)
         per_frame, aux = distill.dmd_loss(window.float(), ev, teacher_fwd, critic_fwd, cfg.guidance, shift)
         loss, logs = window_loss(per_frame, window, mask, aux, cfg)
-    gnorm, applied = distill.optimizer_step(student, opts[0], loss, cfg.grad_clip, world)
+    gnorm, applied = teacher_stage.optimizer_step(student, opts[0], loss, cfg.grad_clip, world)
     x = window.detach().float()                                  # the critic learns the generator's windows
     for _ in range(cfg.critic_ratio):                            # 5 critic updates per generator update (DMD2)
         closs = distill.critic_update(critic_fwd, critic, opts[1], x, ev, shift, cfg.grad_clip, amp, world)

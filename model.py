@@ -234,7 +234,7 @@ class KVCache:
 
     def reset(self):
         self.kv = None                                               # (depth,2,B,H,cap,N,hd), cap = n_sink + n_window
-        self.frames = self.events = self.pos = None                  # (B,cap,C,H,W), (B,cap), (cap,) slot positions
+        self.frames = self.events = self.pos = self.valid = None     # (B,cap,C,H,W), (B,cap), (cap,) positions, filled
         self.n_seen = 0                                              # frames written since the start
 
     def __len__(self):
@@ -253,8 +253,8 @@ class KVCache:
         buffers, always the same shape, with positions and, while filling, the filled slots."""
         if self.n_seen == 0:
             return None
-        n, cap, dev = len(self), self.n_sink + self.n_window, self.kv.device
-        return self.kv, self.pos, torch.arange(n, n + T, device=dev), (None if n == cap else torch.arange(cap, device=dev) < n)
+        n = len(self)
+        return self.kv, self.pos, torch.arange(n, n + T, device=self.kv.device), self.valid
 
     def write(self, frames, events, kv):
         """Store T new frames (B,T,C,H,W), events (B,T) and keys/values kv (depth,2,B,H,T,N,hd), in place."""
@@ -274,6 +274,7 @@ class KVCache:
         s = torch.arange(cap, device=dev)                            # filling: slot s holds frame s, position s
         head = (self.n_seen - self.n_sink) % self.n_window           # full: the window slot of the oldest frame
         self.pos = s if self.n_seen <= cap else torch.where(s < self.n_sink, s, self.n_sink + (s - self.n_sink - head) % self.n_window)
+        self.valid = s < self.n_seen if self.n_seen < cap else None   # (cap,) filled slots; None once all are
 
     def ordered(self):
         """(frames, events) of the filled slots in stream order (sink, then window by age)."""

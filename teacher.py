@@ -111,6 +111,21 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def optimizer_step(model, opt, loss, grad_clip, world=1):
+    """backward, gradients averaged over ranks, clip, step; every stage's updates go through it.
+    Returns (gnorm, applied): a non-finite loss or gradient skips the step on every rank alike
+    (they share the averaged gradients) and never poisons the weights."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(model, world)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not torch.isfinite(gnorm):                                   # syncs once per step: the price of the skip
+        opt.zero_grad(set_to_none=True)
+        return gnorm, False
+    opt.step()
+    return gnorm, True
+
+
 def train_step(fwd, model, ema, opt, x, event, step, cfg, world=1):
     """One optimiser step: flow-matching loss, backward, gradients averaged over ranks, clip,
     AdamW, EMA. fwd is the (maybe compiled) model. Returns (loss, gnorm, applied): a non-finite
@@ -119,16 +134,10 @@ def train_step(fwd, model, ema, opt, x, event, step, cfg, world=1):
         g["lr"] = lr_at(step, cfg)
     with autocast(x.device):
         loss = fm_loss(fwd, x, event, cfg)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    average_gradients(model, world)
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    if not torch.isfinite(gnorm):                                   # syncs once per step: the price of the skip
-        opt.zero_grad(set_to_none=True)
-        return loss, gnorm, False
-    opt.step()
-    ema_update(ema, model, cfg.ema if step >= cfg.warmup else 0.0)
-    return loss, gnorm, True
+    gnorm, applied = optimizer_step(model, opt, loss, cfg.grad_clip, world)
+    if applied:
+        ema_update(ema, model, cfg.ema if step >= cfg.warmup else 0.0)
+    return loss, gnorm, applied
 
 
 def lr_at(step, cfg):
