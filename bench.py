@@ -27,8 +27,9 @@ import distill
 import longtune
 import sample
 import teacher
-from model import BadInput, KVCache, build, cli, maybe_compile, pick_device, pred_x0, rollout, stream
-from world import teacher_batch
+from common import BadInput, autocast, cli, compile_, pick_device
+from model import KVCache, build, pred_x0, rollout, stream
+from world import World, natural_step, teacher_batch
 
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
              "4090": 165e12}                                     # dense bf16 tensor-core FLOP/s, from the data sheets
@@ -68,10 +69,10 @@ def timed(fn, device, repeats):
     return best
 
 
-def stream_times(model, B, n, g, device):
+def stream_times(g, B, n, device):
     """Seconds of each chunk of one n-frame stream at batch B: sample.py's own streaming loop."""
     ev = torch.zeros(B, n, dtype=torch.long, device=device)
-    return sample.generate(model, g, ev, list(range(B)), "recache", on_chunk=lambda x: None)[1]
+    return sample.generate(g, ev, list(range(B)), "recache", on_chunk=lambda x: None)[1]
 
 
 @torch.no_grad()
@@ -97,7 +98,7 @@ def flash_paths(model, dcfg, S, device):
     ch, B = dcfg.chunk, 2
     x, ev = torch.randn(B, ch, 3, S, S, device=device), torch.zeros(B, ch, dtype=torch.long, device=device)
     full = KVCache(dcfg.n_sink, dcfg.n_window)
-    with torch.no_grad(), teacher.autocast(device):
+    with torch.no_grad(), autocast(device):
         while len(full) < dcfg.n_sink + dcfg.n_window:           # fill the cache: the steady state has no mask
             stream(model, x, torch.zeros(B, ch, device=device), ev, full, write=True)
     paths = {"bidirectional (teacher, critic)": lambda: model(x, torch.ones(B, ch, device=device), ev),
@@ -107,7 +108,7 @@ def flash_paths(model, dcfg, S, device):
     out = {}
     for name, fn in paths.items():
         try:
-            with torch.no_grad(), teacher.autocast(device), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            with torch.no_grad(), autocast(device), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
                 fn()
             out[name] = "flash"
         except RuntimeError:
@@ -118,25 +119,26 @@ def flash_paths(model, dcfg, S, device):
 def train_step_fn(what, tcfg, dcfg, lcfg, device, compiled):
     """A closure running one training step of the pipeline, exactly the stage's own step function,
     on fresh models of the preset's shape: teacher, DMD (5 critic + 1 generator), long tune."""
-    amp = teacher.autocast(device)
-    t_model = build(tcfg, device=device)
+    args = teacher.model_args(tcfg)
+    t_model = compile_(build(args, device=device), compiled)
     t_ema, t_opt = copy.deepcopy(t_model), torch.optim.AdamW(t_model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    x, ev = (a.to(device) for a in teacher_batch(tcfg, tcfg.batch, tcfg.frames, gen))
-    t_fwd = maybe_compile(t_model, compiled)
-    student, critic, frozen = (build(tcfg, device=device) for _ in range(3))
+    x, ev = (a.to(device) for a in teacher_batch(teacher.world_of(tcfg), tcfg.batch, tcfg.frames, gen, tcfg.chunk))
+    student, critic, frozen = (compile_(build(args, device=device), compiled) for _ in range(3))
     frozen.requires_grad_(False)
-    opts = tuple(torch.optim.AdamW(m.parameters(), lr=1e-5, betas=(0.0, 0.999)) for m in (student, critic))
-    nets = (student, critic, *(maybe_compile(m, compiled) for m in (student, critic, frozen)))
-    levels = distill.student_levels(dcfg, device)
-    shape = (dcfg.batch, tcfg.frames, tcfg.size)
-    streams = longtune.Streams(lcfg, asdict(tcfg), gen, device)
+    opt, opt_critic = (torch.optim.AdamW(m.parameters(), lr=1e-5, betas=(0.0, 0.999)) for m in (student, critic))
+    stream_ = distill.stream_args(dcfg, tcfg.frames)
+    levels = torch.tensor(stream_["sigmas"], device=device)
+    nets = dict(student=student, critic=critic, teacher=frozen, opt=opt, opt_critic=opt_critic)
+    m = natural_step(teacher.world_of(tcfg), tcfg.frames, tcfg.chunk)
+    streams = longtune.Streams(lcfg, stream_, tcfg.size, gen, device, lcfg.batch)
     df = copy.copy(lcfg)
     df.trust_region = True
-    return {TRAIN_STEPS[0]: lambda: teacher.train_step(t_fwd, t_model, t_ema, t_opt, x, ev, 0, tcfg),
-            TRAIN_STEPS[1]: lambda: distill.dmd_update(nets, opts, dcfg, levels, shape, amp),
-            TRAIN_STEPS[2]: lambda: longtune.tune_update(streams, nets, opts, lcfg, levels, dcfg.shift, amp),
-            TRAIN_STEPS[3]: lambda: longtune.tune_update(streams, nets, opts, df, levels, dcfg.shift, amp)}[what]
+    return {TRAIN_STEPS[0]: lambda: teacher.train_step(t_model, t_ema, t_opt, x, ev, 0, tcfg),
+            TRAIN_STEPS[1]: lambda: distill.dmd_update(**nets, cfg=dcfg, levels=levels, gen=gen,
+                                                       shape=(dcfg.batch, tcfg.frames, tcfg.size)),
+            TRAIN_STEPS[2]: lambda: longtune.tune_update(streams, **nets, cfg=lcfg, levels=levels, shift=dcfg.shift, m=m),
+            TRAIN_STEPS[3]: lambda: longtune.tune_update(streams, **nets, cfg=df, levels=levels, shift=dcfg.shift, m=m)}[what]
 
 
 TRAIN_STEPS = ["teacher step", "DMD step (5 critic + 1 generator)", "long-tune step, baseline",
@@ -180,11 +182,11 @@ def main(cfg):
     tcfg = teacher.TeacherConfig(**teacher.PRESETS[cfg.preset])
     dcfg = distill.DistillConfig(**distill.PRESETS[cfg.preset])
     lcfg = longtune.LongtuneConfig(**longtune.PRESETS[cfg.preset])
-    lcfg.chunk, lcfg.n_sink, lcfg.n_window = dcfg.chunk, dcfg.n_sink, dcfg.n_window
-    model = build(tcfg, device=device).eval()
-    levels = distill.student_levels(dcfg, device)
+    model = build(teacher.model_args(tcfg), device=device).eval()
+    stream_ = distill.stream_args(dcfg, tcfg.frames)
+    levels = stream_["sigmas"]
     ch, T = dcfg.chunk, tcfg.frames
-    g = dict(size=tcfg.size, chunk=ch, n_sink=dcfg.n_sink, n_window=dcfg.n_window, levels=levels)   # as sample.py's
+    gens = {"eager": sample.Generator(model, stream_, teacher.world_of(tcfg))}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     print(f"device {name}, torch {torch.__version__}, preset {cfg.preset}, "
@@ -193,41 +195,40 @@ def main(cfg):
     rows = []
     warm = (dcfg.n_sink + dcfg.n_window) // ch + 1                  # chunks until the cache is full
 
-    def streaming(fwd, label):
+    def streaming(g, label):
         """Steady-state frames/s and first-chunk latency at batch 1 and big_batch, and the graphs traced."""
         res = {}
         for B in (1, cfg.big_batch):
             for _ in range(2):                                      # warm-up: compiles and records every graph
-                stream_times(fwd, B, ch * (warm + 4), g, device)
+                stream_times(g, B, ch * (warm + 4), device)
             g0 = counters["stats"]["unique_graphs"]
-            times = stream_times(fwd, B, ch * (warm + 20), g, device)
+            times = stream_times(g, B, ch * (warm + 20), device)
             res[B] = B * ch / statistics.median(times[warm:])
             rows.append((f"{label}: streaming, batch {B}, steady state", res[B], "frames/s"))
             rows.append((f"{label}: first-chunk latency, batch {B}", times[0] * 1000, "ms"))
-            if fwd is not model:
+            if label != "eager":
                 rows.append((f"{label}: graphs traced in total / new in a warmed stream, batch {B}",
                              f"{g0} / {counters['stats']['unique_graphs'] - g0}", ""))
         return res
 
-    fwds = {"eager": model}
     if compiled:                                                    # static shapes: replay as a CUDA graph
-        fwds["compiled"] = maybe_compile(model, True, dynamic=False,
-                                         mode="reduce-overhead" if device.type == "cuda" else "default")
-    rates = {label: streaming(fwd, label) for label, fwd in fwds.items()}
+        twin = compile_(copy.deepcopy(model), True, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
+        gens["compiled"] = sample.Generator(twin, stream_, teacher.world_of(tcfg))
+    rates = {label: streaming(g, label) for label, g in gens.items()}
     rows += [(f"compiled / eager streaming, batch {B}", rates["compiled"][B] / rates["eager"][B], "x")
              for B in rates.get("compiled", {})]
 
-    for label, fwd in fwds.items():                                 # the teacher under the same compile and dtype
+    for label, g in gens.items():                                   # the teacher under the same compile and dtype
         def teacher_clip():
-            with teacher.autocast(device):
-                teacher.sample(fwd, torch.zeros(1, dtype=torch.long, device=device),
+            with autocast(device):
+                teacher.sample(g.model, torch.zeros(1, T, dtype=torch.long, device=device),
                                torch.randn(1, T, 3, tcfg.size, tcfg.size, device=device),
                                teacher.euler_grid(tcfg.sample_steps), tcfg.guidance)
         t_teacher = timed(teacher_clip, device, cfg.repeats)
         rows += [(f"{label}: teacher Euler {tcfg.sample_steps} steps + CFG, batch 1", T / t_teacher, "frames/s"),
                  (f"{label}: student stream / teacher sampler, batch 1", rates[label][1] / (T / t_teacher), "x")]
 
-    times = stream_times(model, 1, cfg.late + 50, g, device)  # one long stream, eager
+    times = stream_times(gens["eager"], 1, cfg.late + 50, device)  # one long stream, eager
     early, late = (statistics.median(times[f // ch:(f + 50) // ch]) for f in (50, cfg.late))   # 50 frames each
     rows += [("per-frame cost at frames 50-100 (eager, batch 1)", early / ch * 1000, "ms"),
              (f"per-frame cost at frames {cfg.late}-{cfg.late + 50}", late / ch * 1000, "ms"),

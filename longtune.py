@@ -1,18 +1,20 @@
-"""Streaming long tuning with event switches (LongLive), the baseline that Delta Forcing improves on
-(DESIGN section 7). With --trust_region=True the window loss becomes Delta Forcing's (section 8).
+"""Streaming long tuning with event switches (LongLive, Yang et al. 2025), the baseline that Delta
+Forcing improves on; with --trust_region=True the window loss becomes Delta Forcing's.
 
 The student rolls out long videos (default 8 teacher windows) chunk by chunk through its KV
-cache, with sink and rolling window; the rollout state persists across optimiser steps. Events
-switch at random chunk boundaries, at least once per video, and the cache is refreshed under the
-new event (--switch_cache). Each step supervises the newest teacher-length window, K detached
-context frames plus F new frames, with the DMD loss of distill.py, the teacher and critic both
-conditioned on the window's current event, and the loss masked to the new frames.
+cache, with sink and rolling window; the rollout state persists across optimiser steps. Each
+video switches event 1..max_switches times at its own chunk boundaries, and at a switch that
+stream's cache is refreshed under the new event (--switch_cache). Each iteration advances every
+stream by F new frames and supervises the newest teacher-length window, K detached context
+frames plus the F new ones, with the DMD loss of distill.py, masked to the new frames. The
+teacher and critic see each frame's own event, so no frame generated under one event is
+supervised under another; --window_events=current gives the whole window the newest frame's
+event instead, as LongLive gives its text teacher one prompt per window.
 
     python longtune.py                      # writes out/longtune.pt
+    python longtune.py --trust_region=True  # Delta Forcing, writes out/deltaforcing.pt
     python longtune.py --switch_cache=keep --out_name=longtune_keep.pt
-    torchrun --nproc_per_node=8 longtune.py --trust_region=True   # data parallel
 """
-import copy
 import math
 import os
 import time
@@ -22,11 +24,11 @@ import torch
 from tqdm import tqdm
 
 import distill
-import teacher as teacher_stage
 import trust_region
-from model import (BadInput, KVCache, build, check_in_sync, check_writable, cli, ema_update, load_checkpoint,
-                   maybe_compile, per_rank, pick_device, rollout, save_checkpoint, setup_distributed)
-from world import EVENTS
+from common import (BadInput, autocast, check_in_sync, cli, compile_, ema_copy, ema_update, init_run, load_checkpoint,
+                    optimizer_step, resume, save_checkpoint, seed_rank, states)
+from model import KVCache, build, rollout
+from world import World, batch_metrics, random_events, summarize
 
 
 @dataclass
@@ -38,207 +40,200 @@ class LongtuneConfig:
     resume: bool = False
     device: str = "auto"
     compile: bool = True           # used on CUDA only; CPU stays eager
-    max_steps: int = 0             # if > 0, caps the generator updates (smoke runs and tests)
+    max_steps: int = 0             # if > 0, caps the generator updates and the final probe (smoke runs)
     student: str = ""              # default out_dir/student.pt
     windows: int = 8               # rollout length, in teacher windows
     context: int = 2               # K detached context frames in each supervised window
-    switch_cache: str = "recache"  # recache | keep | clear, at every event switch
+    switch_cache: str = "recache"  # recache | keep | clear, at every event switch, per stream
+    window_events: str = "true"    # true: each frame's own event | current: the newest frame's (LongLive)
     max_switches: int = 3
-    steps: int = 150               # generator updates
-    critic_ratio: int = 5
+    steps: int = 400               # generator updates
+    critic_ratio: int = 5          # critic updates per generator update, each on a freshly generated window
     batch: int = 8
-    lr: float = 5e-5               # as distill.py (LongLive tunes at a higher rate than its distillation)
-    critic_lr: float = 1e-4
+    lr: float = 5e-5               # as distill.py
+    critic_lr: float = 1e-5        # a fifth, as LongLive (1e-5 / 2e-6) and Self Forcing
     guidance: float = 1.0
     grad_clip: float = 10.0
     ema: float = 0.99
-    ema_start: int = 20
-    log_every: int = 10
+    ema_start: int = 100
+    log_every: int = 20
+    probe_every: int = 100         # a small fixed switch probe, to see the metrics settle
     trust_region: bool = False     # Delta Forcing (trust_region.py): writes deltaforcing.pt
-    tr_weights: bool = True        # ablation: the trust weights w_f
-    tr_continuity: bool = True     # ablation: the monotonic continuity objective
-    tau: float = 0.5               # trust radius, in natural steps (a teleport's excess is about 1)
-    mc_radius: float = 1.0         # continuity bound per frame, in natural steps
-    lam: float = 1.0               # weight of the continuity objective
-    step_floor: float = 0.5        # floor of the natural step m
+    tr_weights: bool = True        # ablation: the trust weight w on the DMD term
+    tr_continuity: bool = True     # ablation: the monotonic continuity term
+    tau: float = 1.0               # trust radius, in natural steps of latent delta on the committed frames
+    mc_radius: float = 1.4         # r: a new frame may move r natural steps (moving steps span 0.87-1.35)
+    lam: float = 1.0               # lambda, the weight of the continuity term
 
 
-PRESETS = {"tiny": {}, "small": dict(steps=500, batch=16)}
-
-
-def random_schedule(B, L, chunk, first, max_switches, gen):
-    """Per-frame events (B,L): every video switches 1..max_switches times, at chunk boundaries
-    shared by the batch (so the batched cache switches together), never before frame `first`.
-    Each video draws its own events, and a switch always changes the event."""
-    bounds = torch.arange(first, L, chunk)
-    n = int(torch.randint(1, max_switches + 1, (), generator=gen))
-    at = bounds[torch.randperm(len(bounds), generator=gen)[:n]].sort().values
-    ev = torch.empty(B, L, dtype=torch.long)
-    cur = torch.randint(len(EVENTS), (B,), generator=gen)
-    start = 0
-    for a in at.tolist() + [L]:
-        ev[:, start:a] = cur[:, None]
-        cur = (cur + torch.randint(1, len(EVENTS), (B,), generator=gen)) % len(EVENTS)
-        start = a
-    return ev
+PRESETS = {"tiny": {}, "small": dict(steps=1000, batch=16, ema_start=300)}
 
 
 class Streams:
     """B long videos in progress. Their cache, schedule, position and last committed frames
     persist across optimiser steps, as LongLive's rollout state does."""
 
-    def __init__(self, cfg, tcfg, gen, device, batch=None):
-        self.cfg, self.tcfg, self.gen, self.device = cfg, tcfg, gen, device
-        self.batch = batch or cfg.batch                          # this rank's share of the streams
-        W, F = tcfg["frames"], tcfg["frames"] - cfg.context
+    def __init__(self, cfg, stream, size, gen, device, batch):
+        self.cfg, self.stream, self.size, self.gen, self.device, self.batch = cfg, stream, size, gen, device, batch
+        W, F = stream["window"], stream["window"] - cfg.context
         self.L = W + math.ceil((cfg.windows - 1) * W / F) * F       # at least `windows` teacher windows long
         self.reset()
 
     def reset(self):
-        cfg, tcfg = self.cfg, self.tcfg
-        self.cache = KVCache(cfg.n_sink, cfg.n_window)
-        self.events = random_schedule(self.batch, self.L, cfg.chunk, tcfg["frames"], cfg.max_switches, self.gen).to(self.device)
+        W, s = self.stream["window"], self.stream
+        self.cache = KVCache(s["n_sink"], s["n_window"])
+        self.events = random_events(self.batch, self.L, s["chunk"], self.gen, p_switch=1.0,
+                                    max_switches=self.cfg.max_switches, first=W).to(self.device)   # (B,L), per stream
         self.t, self.context = 0, None
 
     def advance(self, model, levels, exit_step):
         """Generate the next frames: a whole teacher window at the start of a video, then F new
-        frames. Returns the supervised window (B,W,...), its event (B,) and its new-frame mask (W,)."""
-        W, K = self.tcfg["frames"], self.cfg.context
+        frames. -> the supervised window (B,W,...), its per-frame events (B,W), the new-frame
+        mask (W,), and which streams' windows hold a switch (B,)."""
+        W, K = self.stream["window"], self.cfg.context
         n = W if self.t == 0 else W - K
-        S = self.tcfg["size"]
-        noise = torch.randn(self.batch, n, 3, S, S, device=self.device)
+        noise = torch.randn(self.batch, n, 3, self.size, self.size, device=self.device)
         ev = self.events[:, self.t:self.t + n]
-        new = rollout(model, noise, ev, levels, self.cfg.chunk, self.cache, exit_step, self.cfg.switch_cache)
+        new = rollout(model, noise, ev, levels, self.stream["chunk"], self.cache, exit_step, self.cfg.switch_cache)
         window = new if self.context is None else torch.cat([self.context, new], 1)   # (B,W,C,H,W)
-        mask = torch.arange(W, device=self.device) >= W - n
-        switched = bool((self.events[:, max(0, self.t - K):self.t + n] != ev[:, -1:]).any())
-        self.context = new[:, -K:].detach()                      # committed history: context, never a graph
+        win_ev = self.events[:, self.t + n - W:self.t + n]           # (B,W) each frame's own event
+        if self.cfg.window_events == "current":
+            win_ev = win_ev[:, -1:].expand(-1, W)                    # LongLive: the newest event for the whole window
+        switched = (self.events[:, self.t + n - W:self.t + n] != self.events[:, self.t + n - 1:self.t + n]).any(1)
+        self.context = new[:, -K:].detach()                          # committed history: context, never a graph
         self.t += n
         if self.t >= self.L:
             self.reset()
-        return window, ev[:, -1], mask, switched
+        return window, win_ev, torch.arange(W, device=self.device) >= W - n, switched
 
 
-def window_loss(per_frame, window, mask, aux, cfg):
-    """The one place the supervised window's per-frame DMD loss becomes a scalar.
-    Baseline (LongLive): the mean over the new frames only. Delta Forcing: trust_region.py."""
+def window_loss(per_frame, window, aux, mask, m, cfg):
+    """The one place the supervised window's per-frame DMD loss becomes a scalar."""
     if cfg.trust_region:
-        return trust_region.delta_forcing_loss(per_frame, window, aux, int((~mask).sum()), cfg.tau, cfg.lam,
-                                               cfg.step_floor, cfg.tr_weights, cfg.tr_continuity, cfg.mc_radius)
-    return per_frame[:, mask].mean(), {}                         # Eq. LongLive section 3.2: DMD masked to new frames
+        return trust_region.delta_forcing_loss(per_frame, window, aux, K=int((~mask).sum()), m=m, tau=cfg.tau,
+                                               lam=cfg.lam, r=cfg.mc_radius, weights=cfg.tr_weights,
+                                               continuity=cfg.tr_continuity)
+    return per_frame[:, mask].mean(), {}                         # LongLive, streaming long tuning: DMD masked to the new frames
 
 
-def tune_update(streams, nets, opts, cfg, levels, shift, amp, world=1):
-    """One long-tuning iteration: advance the streams by F frames (graph at one shared exit step),
-    one generator update on the newest window, then cfg.critic_ratio critic updates on it.
-    nets = (student, critic, gen_fwd, critic_fwd, teacher_fwd); opts = (opt, opt_c). A skipped
-    (non-finite) generator step still gives the critic its updates: the window is data either way.
-    Returns (loss, critic loss, gnorm, applied, trust-region logs, whether the window holds a switch)."""
-    student, critic, gen_fwd, critic_fwd, teacher_fwd = nets
-    exit_step = int(torch.randint(len(levels), ()))              # one exit step, shared by the window's chunks
-    with amp:
-        window, event, mask, switched = streams.advance(gen_fwd, levels, exit_step)
-        ev = event[:, None].expand(-1, window.shape[1])          # the current event for the whole window (LongLive)
-        per_frame, aux = distill.dmd_loss(window.float(), ev, teacher_fwd, critic_fwd, cfg.guidance, shift)
-        loss, logs = window_loss(per_frame, window, mask, aux, cfg)
-    gnorm, applied = teacher_stage.optimizer_step(student, opts[0], loss, cfg.grad_clip, world)
-    x = window.detach().float()                                  # the critic learns the generator's windows
-    for _ in range(cfg.critic_ratio):                            # 5 critic updates per generator update (DMD2)
-        closs = distill.critic_update(critic_fwd, critic, opts[1], x, ev, shift, cfg.grad_clip, amp, world)
+def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, levels, shift, m, world=1):
+    """One long-tuning iteration: cfg.critic_ratio critic updates, each on the streams' next
+    window generated without a graph, then one generator update on the window after that
+    (graph at one exit step shared by its chunks). -> (loss, critic loss, gnorm, applied, logs, switched)."""
+    device = levels.device
+    for _ in range(cfg.critic_ratio):                            # DMD2: 5 critic updates, each on fresh samples
+        with torch.no_grad(), autocast(device):
+            window, ev, _, _ = streams.advance(student, levels, int(torch.randint(len(levels), ())))
+        closs = distill.critic_update(critic, opt_critic, window.float(), ev, shift, cfg.grad_clip, world)
+    with autocast(device):
+        window, ev, mask, switched = streams.advance(student, levels, int(torch.randint(len(levels), ())))
+        per_frame, aux = distill.dmd_loss(window.float(), ev, teacher, critic, cfg.guidance, shift)
+        loss, logs = window_loss(per_frame, window.float(), aux, mask, m, cfg)
+    gnorm, applied = optimizer_step(student, opt, loss, cfg.grad_clip, world)
     return loss, closs, gnorm, applied, logs, switched
 
 
+@torch.no_grad()
+def probe(model, stream, world, n, device, seed=4321):
+    """A small fixed switch probe: n videos of 4 teacher windows, the event switching halfway
+    (ordered pairs cycling). Its own generators: the training stream's RNG is never touched."""
+    W, ch = stream["window"], stream["chunk"]
+    pairs = [(a, b) for a in range(4) for b in range(4) if a != b]
+    ev = torch.tensor([[pairs[i % len(pairs)][t >= 2 * W] for t in range(4 * W)] for i in range(n)])
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, 4 * W, 3, world.size, world.size, generator=gen)
+    with autocast(device):
+        x = rollout(model, noise.to(device), ev.to(device), torch.tensor(stream["sigmas"], device=device), ch,
+                    KVCache(stream["n_sink"], stream["n_window"]), gen=gen).float().cpu()
+    return summarize(batch_metrics(x, ev, world, first=ch, chunk=ch))
+
+
 def load_student(cfg):
-    path = cfg.student or os.path.join(cfg.out_dir, "student.pt")
-    ck = load_checkpoint(path, ["student"], f"python distill.py --preset={cfg.preset}")
-    tcfg = ck["teacher_config"]
-    W = tcfg["frames"]
-    if not 0 < cfg.context < W or (W - cfg.context) % ck["config"]["chunk"]:
-        raise BadInput(f"--context={cfg.context} must leave a whole number of {ck['config']['chunk']}-frame chunks "
-                       f"in a {W}-frame teacher window")
+    """Every check of longtune's inputs, before any work."""
     if cfg.switch_cache not in ("recache", "keep", "clear"):
         raise BadInput(f"--switch_cache must be recache, keep or clear, not {cfg.switch_cache!r}")
-    return ck, tcfg
+    if cfg.window_events not in ("true", "current"):
+        raise BadInput(f"--window_events must be true or current, not {cfg.window_events!r}")
+    path = cfg.student or os.path.join(cfg.out_dir, "student.pt")
+    ck = load_checkpoint(path, ["student"], f"python distill.py --preset={cfg.preset}")
+    W, ch = ck["stream"]["window"], ck["stream"]["chunk"]
+    if not 0 < cfg.context < W or (W - cfg.context) % ch:
+        raise BadInput(f"--context={cfg.context} must leave a whole number of {ch}-frame chunks in a {W}-frame teacher window")
+    tck = load_checkpoint(ck["teacher"], ["teacher"], f"python teacher.py --preset={cfg.preset}")
+    return ck, tck
 
 
 def main(cfg):
-    rank, world, local = setup_distributed(cfg.device)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device, local)
-    check_writable(cfg.out_dir)
-    batch = per_rank(cfg.batch, world)
-    sck, tcfg = load_student(cfg)
-    scfg = distill.DistillConfig(**{k: v for k, v in sck["config"].items() if k in distill.DistillConfig.__dataclass_fields__})
-    cfg.chunk, cfg.n_sink, cfg.n_window = scfg.chunk, scfg.n_sink, scfg.n_window   # the student's streaming setup
+    sck, tck = load_student(cfg)
+    run = init_run(cfg, cfg.batch)
+    device, stream, w = run.device, sck["stream"], World(**sck["world"])
     name = cfg.out_name or ("deltaforcing.pt" if cfg.trust_region else "longtune.pt")
     path = os.path.join(cfg.out_dir, name)
-    teacher = build(tcfg, device=device).requires_grad_(False).eval()
-    tck = load_checkpoint(sck["teacher_path"], ["teacher"], f"python teacher.py --preset={cfg.preset}")
-    teacher.load_state_dict(tck["ema"])
-    student = build(sck, "ema", device)                           # start from the distilled student
-    critic = build(sck, "critic", device)
-    ema = copy.deepcopy(student).requires_grad_(False)
+    teacher = build(tck["model_args"], tck["ema"], device).requires_grad_(False).eval()
+    student = build(sck["model_args"], sck["ema"], device)       # start from the distilled student
+    critic = build(sck["model_args"], sck["critic"], device)
+    ema = ema_copy(student)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.0, 0.999), weight_decay=0.01)
-    opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=(0.0, 0.999), weight_decay=0.01)
-    levels = distill.student_levels(scfg, device)
-    step, skipped = 0, 0
+    opt_critic = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=(0.0, 0.999), weight_decay=0.01)
+    levels = torch.tensor(stream["sigmas"], device=device)
     gen = torch.Generator().manual_seed(cfg.seed)                 # schedules: the same data for every run of a seed
-    if cfg.resume and os.path.exists(path):
-        ck = load_checkpoint(path, ["longtune"], f"python longtune.py --out_name={name}")
-        for mod, key in ((student, "model"), (ema, "ema"), (critic, "critic")):
-            mod.load_state_dict(ck[key])
-        opt.load_state_dict(ck["optimizer"]); opt_c.load_state_dict(ck["critic_optimizer"])
-        step, skipped = ck["step"], ck.get("skipped", 0)
-        torch.set_rng_state(ck["rng"]); gen.set_state(ck["gen"])
-        print(f"resumed {path} at step {step} (the rollout state restarts with a new video)")
-    if rank:                                                      # other ranks draw their own schedules and noise
-        gen.manual_seed(cfg.seed + 1000 * rank + step); torch.manual_seed(cfg.seed + 1000 * rank + step)
-    on = cfg.compile and device.type == "cuda"
-    gen_fwd, critic_fwd, teacher_fwd = (maybe_compile(m, on) for m in (student, critic, teacher))
-    amp = teacher_stage.autocast(device)
-    streams = Streams(cfg, tcfg, gen, device, batch)
+    ck = resume(cfg, path, "longtune", f"python longtune.py --out_name={name}", gen, model=student, ema=ema,
+                critic=critic, optimizer=opt, critic_optimizer=opt_critic)
+    step, skipped = (ck["step"], ck["skipped"]) if ck else (0, 0)
+    seed_rank(run, cfg.seed, step, gen)
+    for m in (student, critic, teacher):
+        compile_(m, cfg.compile and device.type == "cuda")
+    streams = Streams(cfg, stream, w.size, gen, device, run.batch)
     n_updates = min(cfg.steps, cfg.max_steps) if cfg.max_steps > 0 else cfg.steps
-    if rank == 0:
+    n_probe = 4 if cfg.max_steps > 0 else 24
+    if run.rank == 0:
         print(f"long tuning {name}: {streams.L}-frame rollouts ({cfg.windows} teacher windows), windows of "
-              f"{cfg.context} context + {tcfg['frames'] - cfg.context} new frames, switch cache: {cfg.switch_cache}")
+              f"{cfg.context} context + {stream['window'] - cfg.context} new frames, switch cache {cfg.switch_cache}, "
+              f"window events {cfg.window_events}, {n_updates} updates at lr {cfg.lr:g} (critic {cfg.critic_lr:g})")
 
-    def checkpoint():
-        if rank == 0:                                             # one writer; every rank holds the same weights
+    def checkpoint(next_step, metrics=None):
+        if run.rank == 0:                                         # one writer; every rank holds the same weights
             save_checkpoint(path, dict(
-                stage="longtune", model=student.state_dict(), ema=ema.state_dict(), critic=critic.state_dict(),
-                optimizer=opt.state_dict(), critic_optimizer=opt_c.state_dict(), config={**sck["config"], **asdict(cfg)},
-                teacher_config=tcfg, teacher_path=sck["teacher_path"], step=step, skipped=skipped, metrics={},
-                rng=torch.get_rng_state(), gen=gen.get_state()))
+                stage="longtune", model_args=sck["model_args"], world=sck["world"], natural_step=sck["natural_step"],
+                stream=stream, config=asdict(cfg), teacher=sck["teacher"], student=cfg.student or "student.pt",
+                step=next_step, skipped=skipped, metrics=metrics or {},
+                **states(gen, model=student, ema=ema, critic=critic, optimizer=opt, critic_optimizer=opt_critic)))
 
-    t0, seen = time.time(), {"switch": [], "plain": []}          # trust-region logs, split by window kind
-    nets = (student, critic, gen_fwd, critic_fwd, teacher_fwd)
+    t0, t_start, seen = time.time(), time.time(), {"switch": [], "plain": []}   # trust-region logs by window kind
     for step in tqdm(range(step, n_updates), initial=step, total=n_updates, desc="longtune", mininterval=5,
-                     disable=rank > 0):
-        loss, closs, gnorm, applied, logs, switched = tune_update(streams, nets, (opt, opt_c), cfg, levels, scfg.shift,
-                                                                  amp, world)
+                     disable=run.rank > 0):
+        loss, closs, gnorm, applied, logs, switched = tune_update(
+            streams, student=student, critic=critic, teacher=teacher, opt=opt, opt_critic=opt_critic, cfg=cfg,
+            levels=levels, shift=stream["shift"], m=sck["natural_step"], world=run.world)
         if not applied:                                           # a non-finite step is skipped and counted
             skipped += 1
             continue
         ema_update(ema, student, cfg.ema if step >= cfg.ema_start else 0.0)
-        if logs:
-            seen["switch" if switched else "plain"].append(logs)
+        for kind, sel in (("switch", switched), ("plain", ~switched)):
+            if logs and sel.any():
+                seen[kind].append({k: float(v[sel].mean()) for k, v in logs.items()})
         if (step + 1) % cfg.log_every == 0 or step + 1 == n_updates:
             dt = (time.time() - t0) / cfg.log_every
-            extra = "".join(f" | {kind} " + " ".join(f"{k} {sum(d[k] for d in v) / len(v):.3f}" for k in v[0])
+            extra = "".join(f" | {kind} windows " + " ".join(f"{k} {sum(d[k] for d in v) / len(v):.3f}" for k in v[0])
                             for kind, v in seen.items() if v)
             seen = {"switch": [], "plain": []}
-            if rank == 0:
+            if run.rank == 0:
                 tqdm.write(f"longtune {step + 1} | dmd loss {loss.item():.4f} | critic loss {closs.item():.4f} | "
                            f"gnorm {gnorm:.3f}{extra} | {dt:.2f} s/update | skipped {skipped}")
             t0 = time.time()
-            step += 1
-            checkpoint()
-            step -= 1
-    step = n_updates
-    check_in_sync(student, rank, world)
-    checkpoint()
-    if rank == 0:
-        print(f"wrote {path}; evaluate it with `python sample.py --eval --ckpts={path}`")
+            checkpoint(step + 1)                                  # the checkpoint holds the next update to run
+        if run.rank == 0 and (step + 1) % cfg.probe_every == 0 and step + 1 < n_updates:
+            p = probe(ema, stream, w, n_probe, device)
+            tqdm.write(f"probe {step + 1} (ema): " + " ".join(f"{k} {p[k]:.3f}" for k in ("react", "latency", "follow",
+                                                                                        "identity", "valid", "bias")))
+    check_in_sync(student, run)
+    if run.rank > 0:
+        return
+    metrics = probe(ema, stream, w, n_probe, device)
+    metrics["train_minutes"] = (time.time() - t_start) / 60
+    print(f"probe {n_updates} (ema): " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    checkpoint(n_updates, metrics)
+    print(f"wrote {path}; evaluate it with `python sample.py --eval --ckpts={path}`")
 
 
 if __name__ == "__main__":

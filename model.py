@@ -1,17 +1,14 @@
-"""The one compact video transformer (teacher, causal generator, critic), its KV cache, the
-streaming rollout, the flow-matching helpers, and what every stage shares: config / CLI,
-checkpoints, and data parallel under torchrun.
+"""The model, and only the model: one compact video transformer that serves as the bidirectional
+teacher, the causal few-step generator and the critic; its KV cache; the streaming rollout; the
+flow-matching helpers. It imports only torch and einops, so it can be copied alone into a notebook.
 
 A DiT (Peebles & Xie 2023) over patch tokens of all frames, with per-frame AdaLN-Zero
-conditioning on (sigma, event) and 3D RoPE. It runs three ways (DESIGN section 4):
+conditioning on (sigma, event) and 3D RoPE. It runs three ways:
   bidirectional      model(x, sigma, event)                          teacher and critic
   block-causal       model(x, sigma, event, causal_chunk=k)          ODE init and tests
   streaming          stream(model, x, sigma, event, cache, write)    generator rollout and sampling
 """
-import dataclasses
 import math
-import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -20,20 +17,18 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
-class BadInput(ValueError):
-    """A user error. Scripts print it as one line on stderr and exit with code 2."""
-
-
 # ----------------------------------------------------------------------------- flow matching
 # One convention everywhere: x_sigma = (1 - sigma) x0 + sigma eps, sigma in [0, 1] (1 = pure noise),
 # and the network predicts the velocity v = eps - x0. sigma has shape (B,T): one level per frame.
 
 def add_noise(x0, eps, sigma):
+    """Rectified flow (Liu et al. 2022; Lipman et al. 2023): the straight path from data to noise."""
     s = sigma[..., None, None, None]                                 # (B,T,1,1,1)
     return (1 - s) * x0 + s * eps
 
 
 def pred_x0(x, v, sigma):
+    """x0 = x_sigma - sigma v, the clean frames implied by a velocity prediction."""
     return x - sigma[..., None, None, None] * v
 
 
@@ -60,30 +55,23 @@ class ModelConfig:
     n_events: int = 5    # + 1 null event for classifier-free guidance
 
 
-def model_config(cfg):
-    """The ModelConfig fields found in a stage config (or its dict)."""
-    get = cfg.get if isinstance(cfg, dict) else lambda k, d: getattr(cfg, k, d)
-    return ModelConfig(**{f.name: get(f.name, f.default) for f in dataclasses.fields(ModelConfig)})
-
-
 def attention(q, k, v, mask=None):
-    """The one attention function. q (B,H,Lq,hd), k/v (B,H,Lk,hd).
-    SDPA backends on CUDA: mask=None (bidirectional teacher/critic, and streaming once the cache
-    is full, where a chunk attends to [cache ; itself]) can take the flash kernel; the block-causal
-    path and a still-filling cache pass a boolean mask, which flash does not take, so they run on
-    the memory-efficient kernel (bench.py and a CUDA test check this).
+    """The one attention function. q (B,H,Lq,hd), k/v (B,H,Lk,hd), mask: boolean, True = attend.
     Never is_causal=True: with fewer queries than keys it would build the wrong mask."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def rope_angles(t_pos, grid, head_dim, device):
-    """3D RoPE angles for frames at positions t_pos (T,) -> (T*grid*grid, head_dim/2).
+    """3D RoPE angles (Su et al. 2021) for frames at positions t_pos (T,) -> (T*grid*grid, head_dim/2).
     Pairs are split time / row / col. The world is a torus, so the spatial frequencies are
-    multiples of 2 pi / grid: a sprite leaving one edge is one step from the other edge."""
+    k * 2 pi / grid, with k cycling over 1 .. grid/2 - 1: a sprite leaving one edge is one step
+    from the other edge. k = grid/2 (Nyquist) is left out: its sine is 0 at every integer
+    position, so those channels would encode only parity. At grid 4 every spatial pair uses
+    k = 1, whose angle alone already tells the four relative positions apart."""
     n_s = (head_dim // 2 - head_dim // 8) // 2                       # pairs for rows, and as many for cols
     n_t = head_dim // 2 - 2 * n_s                                    # the rest (about a quarter) for time
     f_t = 1.0 / (100 ** (torch.arange(n_t, device=device) / n_t))
-    f_s = 2 * math.pi / grid * (1 + torch.arange(n_s, device=device) % max(1, grid // 2))
+    f_s = 2 * math.pi / grid * (1 + torch.arange(n_s, device=device) % max(1, (grid - 1) // 2))
     r = torch.arange(grid, device=device, dtype=torch.float32)
     a_t = t_pos.float()[:, None, None, None] * f_t                   # (T,1,1,n_t)
     a_r = r[None, :, None, None] * f_s                               # (1,g,1,n_s)
@@ -185,10 +173,9 @@ class VideoDiT(nn.Module):
         """x (B,T,C,H,W), sigma (B,T) or (B,), event (B,T) or (B,) -> velocity (B,T,C,H,W).
         Stream mode: past = (kv, k_pos, q_pos, valid) from KVCache.view(): the keys/values of the
         cache slots (depth,2,B,H,n,N,hd), their positions (n,), the positions of x's frames (T,),
-        and which slots are filled (n,) bool, or None once all are. The frames attend to
-        [cache ; themselves]. return_kv=True also returns their own keys/values (depth,2,B,H,T,N,hd).
-        Tensors in, tensors out, every shape fixed by the cache's capacity: torch.compile traces
-        a handful of graphs (empty, filling, full cache) and never recompiles as the stream grows."""
+        and which slots may be seen ((n,) or per stream (B,n) bool, or None: all). The frames
+        attend to [cache ; themselves]. return_kv=True also returns their own keys/values
+        (depth,2,B,H,T,N,hd). Tensors in, tensors out, every shape fixed by the cache's capacity."""
         B, T = x.shape[:2]
         sigma = sigma.expand(B, T) if sigma.dim() == 2 else sigma[:, None].expand(B, T)
         event = event.expand(B, T) if event.dim() == 2 else event[:, None].expand(B, T)
@@ -202,9 +189,10 @@ class VideoDiT(nn.Module):
             kv, k_pos, q_pos, valid = past
             ang_q = rope_angles(q_pos, self.grid, hd, x.device)
             ang_k = rope_angles(torch.cat([k_pos, q_pos]), self.grid, hd, x.device)
-            if valid is not None:                                    # a filling cache hides its empty slots;
-                keys = torch.cat([valid, valid.new_ones(T)])         # the full cache needs no mask (flash)
-                mask = keys.repeat_interleave(N)[None]               # (1, (n+T)*N) bool, broadcast over queries
+            if valid is not None:                                    # a filling or cleared cache hides slots;
+                keys = torch.cat([valid, valid.new_ones(*valid.shape[:-1], T)], -1)   # a full one needs no mask
+                mask = keys.repeat_interleave(N, -1)                 # (n+T)*N, or (B, (n+T)*N) per stream
+                mask = mask[None] if mask.dim() == 1 else mask[:, None, None]   # broadcast over heads, queries
         if causal_chunk and past is None:                            # query chunk sees its own and earlier chunks
             ch = torch.arange(T, device=x.device).repeat_interleave(N) // causal_chunk
             mask = ch[:, None] >= ch[None, :]                        # (T*N, T*N) bool
@@ -221,12 +209,14 @@ class VideoDiT(nn.Module):
 
 class KVCache:
     """Keys and values of clean past frames: the first n_sink frames (the sink) plus a rolling
-    window of the last n_window frames, so memory and cost per frame stay constant forever.
+    window of the last n_window frames, so memory and cost per frame stay constant forever
+    (Self Forcing sec. 3.4, rolling KV cache; the sink as in StreamingLLM and LongLive).
     The buffers are allocated at the first write and written in place as a ring. A streaming
     forward always sees all of them (empty slots masked while the cache fills), so a compiled
     step keeps its shapes: no recompiles as the stream grows, and a CUDA graph can replay.
-    Positions are assigned inside the cache (sink first, then the window by age), as StreamingLLM
-    does, so RoPE distances stay in the range seen in training however long the stream runs."""
+    Positions are assigned inside the cache (sink first, then the window by age), so RoPE
+    distances stay in the range seen in training however long the stream runs. clear(mask)
+    hides everything written so far from the streams in mask, and only from them."""
 
     def __init__(self, n_sink, n_window):
         self.n_sink, self.n_window = n_sink, n_window
@@ -235,6 +225,7 @@ class KVCache:
     def reset(self):
         self.kv = None                                               # (depth,2,B,H,cap,N,hd), cap = n_sink + n_window
         self.frames = self.events = self.pos = self.valid = None     # (B,cap,C,H,W), (B,cap), (cap,) positions, filled
+        self.born = self.cleared = None                              # (cap,) frame held by each slot, (B,) clear time
         self.n_seen = 0                                              # frames written since the start
 
     def __len__(self):
@@ -250,7 +241,8 @@ class KVCache:
 
     def view(self, T):
         """What a streaming forward of T frames attends to (VideoDiT.forward's `past`): the whole
-        buffers, always the same shape, with positions and, while filling, the filled slots."""
+        buffers, always the same shape, with positions and which slots each stream may see:
+        (cap,) while filling, (B,cap) once a stream was cleared, None when all see all (flash)."""
         if self.n_seen == 0:
             return None
         n = len(self)
@@ -264,22 +256,50 @@ class KVCache:
         if self.kv is None:
             self.kv = kv.new_zeros(*kv.shape[:4], cap, *kv.shape[5:])
             self.frames, self.events = frames.new_zeros(frames.shape[0], cap, *frames.shape[2:]), events.new_zeros(events.shape[0], cap)
+            self.born = torch.full((cap,), -1, device=dev)
         t = torch.arange(self.n_seen, self.n_seen + T, device=dev)  # made on the device: no host copy, no sync
         slot = torch.where(t < self.n_sink, t, self.n_sink + (t - self.n_sink) % self.n_window)
         # Detached: history is context, never a gradient path (Self Forcing's official code leaks here).
-        self.kv.index_copy_(4, slot, kv.detach().to(self.kv.dtype))
+        self.kv.index_copy_(4, slot, kv.detach().to(self.kv.dtype))   # Self Forcing sec. 3.4: rolling KV cache
         self.frames.index_copy_(1, slot, frames.detach().to(self.frames.dtype))
         self.events.index_copy_(1, slot, events.detach())
+        self.born.index_copy_(0, slot, t)
         self.n_seen += T
         s = torch.arange(cap, device=dev)                            # filling: slot s holds frame s, position s
         head = (self.n_seen - self.n_sink) % self.n_window           # full: the window slot of the oldest frame
         self.pos = s if self.n_seen <= cap else torch.where(s < self.n_sink, s, self.n_sink + (s - self.n_sink - head) % self.n_window)
-        self.valid = s < self.n_seen if self.n_seen < cap else None   # (cap,) filled slots; None once all are
+        self._update_valid()
+
+    def clear(self, mask):
+        """Hide every frame written so far from the streams in mask (B,) bool; the others keep theirs."""
+        if self.n_seen and mask.any():
+            now = torch.full_like(mask, self.n_seen, dtype=torch.long)
+            self.cleared = torch.where(mask, now, 0 if self.cleared is None else self.cleared)
+            self._update_valid()
+
+    def _update_valid(self):
+        cap = self.n_sink + self.n_window
+        filled = self.born >= 0                                      # (cap,)
+        if self.cleared is not None:                                 # (B,cap): slots written after each stream's clear
+            self.valid = filled[None] & (self.born[None] >= self.cleared[:, None])
+        else:
+            self.valid = filled if self.n_seen < cap else None       # None once all are filled: no mask at all
 
     def ordered(self):
         """(frames, events) of the filled slots in stream order (sink, then window by age)."""
         order = torch.argsort(self.pos[:len(self)])
         return self.frames[:, order], self.events[:, order]
+
+
+def randn(shape, gen, device):
+    """Gaussian noise. gen: None (the global RNG: training), one torch.Generator, or a list with
+    one per video, so that each video's noise depends only on its own generator, never on the
+    other videos of its batch. Drawn on the CPU when a generator is given, for reproducibility."""
+    if gen is None:
+        return torch.randn(shape, device=device)
+    if isinstance(gen, torch.Generator):
+        return torch.randn(shape, generator=gen).to(device)
+    return torch.stack([torch.randn(shape[1:], generator=g) for g in gen]).to(device)   # (B, ...)
 
 
 def stream(model, x, sigma, event, cache, write=False):
@@ -298,8 +318,8 @@ def stream(model, x, sigma, event, cache, write=False):
 
 @torch.no_grad()
 def recache(model, cache, event, chunk):
-    """At an event switch, recompute the cached frames' keys and values under the new event
-    (LongLive's recache), chunk by chunk as they were written. event (B,): streams whose cache
+    """LongLive's KV-recache: at an event switch, recompute the cached frames' keys and values
+    under the new event, chunk by chunk as they were written. event (B,): streams whose cache
     already holds this event keep their keys and values untouched."""
     n = len(cache)
     if n == 0:
@@ -309,7 +329,7 @@ def recache(model, cache, event, chunk):
         return
     frames, _ = cache.ordered()                                  # (B,n,C,H,W) in stream order
     fresh = KVCache(cache.n_sink, cache.n_window)
-    for i in range(0, n, chunk):
+    for i in range(0, n, chunk):                                 # LongLive, KV-recache: old frames, new prompt
         f = frames[:, i:i + chunk]                               # (B,chunk,C,H,W)
         stream(model, f, torch.zeros(f.shape[:2], device=f.device), event, fresh, write=True)
     pos = cache.pos[:n]                                          # slot s of ours is slot pos[s] of the fresh cache
@@ -318,204 +338,43 @@ def recache(model, cache, event, chunk):
     cache.events[:, :n] = torch.where(changed[:, None], event[:, None], cache.events[:, :n])
 
 
-def rollout(model, noise, event, levels, chunk, cache, exit_step=None, switch="recache"):
-    """The causal few-step generator, run chunk by chunk through the KV cache (Self Forcing).
-    Training and inference both call this one function, so they cannot drift apart.
-    noise (B,T,C,H,W), event (B,T), levels: the denoising sigmas, e.g. shift([1, .75, .5, .25]).
-    Each chunk: predict x0 at levels[0], re-noise it with fresh noise to levels[1], ... and stop
-    at `exit_step` (default: the last), whose x0 is the chunk's output. Only the exit step keeps a
-    graph. Then the output is re-run at sigma=0 to write its clean keys/values to the cache.
-    When a chunk's event differs from the cache's newest frames, `switch` says what happens to
-    the cache: "recache" (under the new event, LongLive), "keep", or "clear"."""
+def rollout(model, noise, event, levels, chunk, cache, exit_step=None, switch="recache", gen=None):
+    """The causal few-step generator, run chunk by chunk through the KV cache (Self Forcing
+    sec. 3.2, Algorithm 1). Training and inference both call this one function, so they cannot
+    drift apart. noise (B,T,C,H,W), event (B,T), levels: the denoising sigmas, e.g.
+    shift([1, .75, .5, .25]). Each chunk: predict x0 at levels[0], re-noise it with fresh noise
+    to levels[1], ... and stop at `exit_step` (default: the last), whose x0 is the chunk's output.
+    Only the exit step keeps a graph. Then the output is re-run at sigma=0 to write its clean
+    keys/values to the cache. When a stream's event differs from its cache's newest frame,
+    `switch` says what happens to that stream's cache: "recache" (under the new event,
+    LongLive), "keep", or "clear". gen: the re-noising draws (see randn)."""
     B, T = noise.shape[:2]
     exit_step = len(levels) - 1 if exit_step is None else exit_step
     outs = []
     for i in range(0, T, chunk):
         x, ev = noise[:, i:i + chunk], event[:, i:i + chunk]     # (B,chunk,C,H,W), (B,chunk)
-        if len(cache) and (cache.newest_events() != ev[:, 0]).any():
+        if len(cache):
+            changed = cache.newest_events() != ev[:, 0]          # (B,) the streams that switch here
             if switch == "recache":
-                recache(model, cache, ev[:, 0], chunk)
+                recache(model, cache, ev[:, 0], chunk)           # touches the changed streams only
             elif switch == "clear":
-                cache.reset()
-        for k in range(exit_step + 1):
+                cache.clear(changed)
+        for k in range(exit_step + 1):                           # Self Forcing sec. 3.2: few-step denoising
             sig = torch.full(ev.shape, float(levels[k]), device=x.device)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and k == exit_step):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and k == exit_step):   # graph at the exit step only
                 x0 = pred_x0(x, stream(model, x, sig, ev, cache), sig)
             if k < exit_step:                                    # re-noise with fresh noise, not an Euler step
-                x = add_noise(x0, torch.randn_like(x0), torch.full_like(sig, float(levels[k + 1])))
+                x = add_noise(x0, randn(x0.shape, gen, x0.device), torch.full_like(sig, float(levels[k + 1])))
         outs.append(x0)
         with torch.no_grad():                                    # the cache write carries no gradient
-            stream(model, x0, torch.zeros_like(sig), ev, cache, write=True)
+            stream(model, x0, torch.zeros_like(sig), ev, cache, write=True)   # Self Forcing sec. 3.2: clean KV
     return torch.cat(outs, 1)
 
 
-# ----------------------------------------------------------------------------- config, CLI, checkpoints
-
-def parse_config(cls, presets, argv):
-    """--preset=tiny|small first, then --key=value overrides typed by the dataclass fields."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: python {os.path.basename(sys.argv[0])} [--preset=tiny|small] [--key=value ...]")
-        for name, f in fields.items():
-            print(f"  --{name}={presets['tiny'].get(name, f.default)!s:<10} (small: {presets['small'].get(name, f.default)})")
-        sys.exit(0)
-    pairs = []
-    for a in argv:
-        key, eq, val = a[2:].partition("=") if a.startswith("--") else ("", "", "")
-        if not key:
-            raise BadInput(f"cannot read argument {a!r}; use --key=value")
-        pairs.append((key, val if eq else "True"))
-    preset = dict(pairs).get("preset", "small" if torch.cuda.is_available() else "tiny")
-    if preset not in presets:
-        raise BadInput(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
-    cfg = cls(**presets[preset])
-    for key, val in pairs:
-        if key not in fields:
-            raise BadInput(f"unknown option --{key}; valid options: {', '.join('--' + k for k in fields)}")
-        setattr(cfg, key, convert(key, val, type(getattr(cfg, key))))
-    cfg.preset = preset
-    return cfg
-
-
-def convert(key, val, typ):
-    try:
-        if typ is bool:
-            if val.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return val.lower() in ("true", "1")
-        return typ(val)
-    except ValueError:
-        article = "an" if typ.__name__[0] in "aeiou" else "a"
-        raise BadInput(f"bad value for --{key}: {val!r} is not {article} {typ.__name__}") from None
-
-
-def cli(main, cls, presets):
-    """The entry point of every script: parse, run, and turn BadInput into one line and exit code 2."""
-    try:
-        main(parse_config(cls, presets, sys.argv[1:]))
-    except BadInput as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if "RANK" in os.environ and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def pick_device(name, local_rank=0):
-    """cuda (this process's GPU under torchrun), else mps, else cpu. TF32 matmuls on CUDA."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.cuda.set_device(device)
-    return device
-
-
-def maybe_compile(model, enabled, **kw):
-    """torch.compile if enabled: the stages pass `--compile and on CUDA`; the CPU and the tests stay eager.
-    A stage traces a handful of graphs (bidirectional, block-causal, and the streaming step with
-    an empty, filling or full cache, with and without keys/values out, with and without grad),
-    more than dynamo's default limit of 8, after which it would silently fall back to eager."""
-    if not enabled:
-        return model
-    torch._dynamo.config.recompile_limit = 64
-    return torch.compile(model, **kw)
-
-
-# ----------------------------------------------------------------------------- data parallel (torchrun)
-# `torchrun --nproc_per_node=N teacher.py|distill.py|longtune.py` runs N data-parallel processes;
-# plain `python` is rank 0 of 1 and never touches torch.distributed (optional, as in nanoGPT).
-# Every rank holds the same weights and draws its own data; after each backward the gradients
-# are averaged over ranks, so every rank takes the same step. This is what DDP's hooks do; we
-# call all_reduce by hand because the Self Forcing rollout runs the generator several times
-# before one backward, which DDP's one-forward-one-backward bookkeeping does not allow.
-
-def setup_distributed(device="auto"):
-    """-> (rank, world_size, local_rank). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK.
-    NCCL for GPUs, gloo for CPUs (`--device=cpu` on a GPU machine included)."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    import torch.distributed as dist
-    gpu = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if gpu else "gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def per_rank(batch, world):
-    """The global batch split over the ranks, so N GPUs train what one GPU trains, N times faster."""
-    if batch % world:
-        raise BadInput(f"--batch={batch} does not split over {world} processes; use a multiple of {world}")
-    return batch // world
-
-
-def average_gradients(model, world):
-    """All-reduce the gradients (one flat buffer, one call) and divide by the number of ranks."""
-    if world == 1:
-        return
-    params = [p for p in model.parameters() if p.grad is not None]   # every one, in our models
-    flat = torch.cat([p.grad.flatten() for p in params])
-    torch.distributed.all_reduce(flat)
-    for p, g in zip(params, flat.div_(world).split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
-
-
-def check_in_sync(model, rank, world):
-    """After training under torchrun: each rank prints a digest of its weights; rank 0 compares them."""
-    if world == 1:
-        return
-    import hashlib
-    digest = hashlib.sha256(b"".join(v.float().cpu().numpy().tobytes() for v in model.state_dict().values()))
-    digests = [None] * world
-    torch.distributed.all_gather_object(digests, digest.hexdigest()[:16])
-    print(f"rank {rank}/{world}: weights sha256 {digests[rank]}", flush=True)
-    if rank == 0:
-        print(f"data parallel: weights {'identical' if len(set(digests)) == 1 else 'DIFFERENT'} on all {world} ranks")
-
-
-def check_writable(out_dir):
-    """Fail before training, not at the first checkpoint: out_dir must be a writable directory."""
-    import tempfile
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        raise BadInput(f"cannot write checkpoints to --out_dir={out_dir}: {e.strerror or e}") from None
-
-
-def save_checkpoint(path, ckpt):
-    """Atomic: write a temp file, then rename, so a kill at any moment leaves the last good one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, stages, hint):
-    """Load and check a checkpoint; every failure is one clear line naming the command that fixes it."""
-    if not os.path.exists(path):
-        raise BadInput(f"checkpoint {path} not found; make it with `{hint}`")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInput(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); remake it with `{hint}`") from None
-    stage = ck.get("stage") if isinstance(ck, dict) else None
-    if stage not in stages:
-        raise BadInput(f"{path} is a {stage or 'unknown'} checkpoint, not {' or '.join(stages)}; make one with `{hint}`")
-    return ck
-
-
-def build(ck_or_cfg, state="ema", device="cpu"):
-    """A VideoDiT from a checkpoint (its `state` weights) or from a config."""
-    is_ck = isinstance(ck_or_cfg, dict) and "config" in ck_or_cfg
-    m = VideoDiT(model_config(ck_or_cfg["config"] if is_ck else ck_or_cfg))
-    if is_ck:
-        m.load_state_dict(ck_or_cfg[state])
+def build(model_args, state=None, device="cpu"):
+    """A VideoDiT from its arguments (a checkpoint's `model_args` dict), with `state` weights if given."""
+    m = VideoDiT(ModelConfig(**model_args))
+    if state is not None:
+        m.load_state_dict(state)
     return m.to(device)
 
-
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm.detach(), 1 - decay)

@@ -1,13 +1,14 @@
-"""Streaming interactive generation from any generator checkpoint, and --eval, the benchmark
-(DESIGN section 9).
+"""Streaming interactive generation from any generator checkpoint, and --eval, the benchmark.
 
     python sample.py --ckpt=out/longtune.pt --events=right@0,up@24,left@48 --frames=96 --out=out/sample.gif
     python sample.py --eval --ckpts=out/student.pt,out/longtune.pt --seeds=8 --json=out/eval.json
     python sample.py --live --ckpt=out/deltaforcing.pt        # steer it with the arrow keys, q quits
+    python sample.py --serve --ckpt=out/deltaforcing.pt       # the same in a browser: http://127.0.0.1:8000
 
 Generation streams chunk by chunk through the KV cache (sink + rolling window) and hands each
-chunk to the GIF/MP4 writer as it comes, so the generator's memory stays constant for any length
-(an MP4 is encoded as it goes; a GIF writer keeps its frames until it closes). --eval runs the same
+chunk to the GIF/MP4 writer as it comes, so the generator's memory stays constant for any length.
+Each video's noise (initial and re-noising) comes from its own generator seeded by its own seed,
+so a video's result never depends on which other videos share its batch. --eval runs the same
 videos (schedules x seeds) through every checkpoint and prints the world metrics with 95%
 intervals over seeds.
 """
@@ -24,12 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import distill
-from model import BadInput, KVCache, build, cli, load_checkpoint, maybe_compile, pick_device, rollout
-from teacher import autocast
+from common import BadInput, autocast, cli, compile_, load_checkpoint, pick_device
+from model import KVCache, build, rollout
 from world import EVENTS, World, batch_metrics, parse_schedule, schedule_events, to_rgb
 
-METRICS = ["follow", "latency", "identity", "jumps", "valid", "drift", "bias"]
+METRICS = ["react", "latency", "follow", "identity", "bias", "jumps", "valid", "drift"]
 
 
 @dataclass
@@ -37,6 +37,7 @@ class SampleConfig:
     preset: str = "tiny"
     device: str = "auto"
     ckpt: str = "out/longtune.pt"
+    weights: str = "ema"           # ema | model (the raw weights)
     events: str = "right@0,up@24,left@48"
     frames: int = 96
     out: str = "out/sample.gif"
@@ -51,54 +52,64 @@ class SampleConfig:
     json: str = ""
     md: str = ""                   # --eval: also append the markdown tables to this file
     live: bool = False             # stream to the terminal; arrow keys switch the event, q quits and saves --out
-    fps: float = 12.0              # --live: display cap in frames/s (0 = as fast as they are generated)
+    fps: float = 24.0              # --live and --serve: frames/s shown (0 = as fast as they are generated)
     compile: bool = True           # CUDA only, generation and --live: the streaming step as a CUDA graph
+    serve: bool = False            # serve a local web page that streams the generator and steers it (serve.py)
+    host: str = "127.0.0.1"        # --serve: bind address (loopback unless you say otherwise)
+    port: int = 8000               # --serve: port
+    max_clients: int = 4           # --serve: concurrent streams; more get a clear 503
 
 
 PRESETS = {"tiny": {}, "small": {}}
 
 
-def load_generator(path, device):
-    """Any causal generator checkpoint (student or long-tuned) -> (model, streaming settings)."""
+@dataclass
+class Generator:
+    """A causal generator loaded for streaming: the network and how it streams."""
+    model: torch.nn.Module
+    stream: dict                   # chunk, sigmas, n_sink, n_window, window (the teacher's clip length)
+    world: World
+
+    @property
+    def chunk(self):
+        return self.stream["chunk"]
+
+
+def load_generator(path, device, weights="ema"):
+    """Any causal generator checkpoint (student or long-tuned)."""
     ck = load_checkpoint(path, ["student", "longtune"], "python distill.py (or python longtune.py)")
-    g = dict(ck["config"])
-    g["levels"] = distill.student_levels(distill.DistillConfig(levels=g["levels"], shift=g["shift"]), device)
-    g["world"] = World(**{k: ck["teacher_config"][k] for k in ("size", "sprite", "speed", "rho")})
-    g["window"] = ck["teacher_config"]["frames"]
-    return build(ck, "ema", device).eval(), g
-
-
-def check_frames(frames, chunk):
-    if frames <= 0:
-        raise BadInput(f"--frames must be a positive number of frames, not {frames}")
-    if frames % chunk:
-        raise BadInput(f"--frames={frames} must be a multiple of the generator's chunk of {chunk} frames")
+    return Generator(build(ck["model_args"], ck[weights], device).eval(), ck["stream"], World(**ck["world"]))
 
 
 def builtin_schedules(W):
-    """(group, schedule, frames) in units of the teacher window W: one switch, several, and long horizons."""
-    one = [(a, b) for a, b in (("right", "up"), ("down", "left"), ("left", "down"), ("up", "right"))]
+    """(group, schedule, frames) in units of the teacher window W: one switch, several, long
+    horizons, switches off the chunk grid, and rapid switching."""
+    one = [("right", "up"), ("down", "left"), ("left", "down"), ("up", "right")]
     return ([("switch", f"{a}@0,{b}@{2 * W}", 4 * W) for a, b in one]
             + [("multi", f"right@0,down@{W + W // 2},left@{3 * W},up@{4 * W + W // 2}", 6 * W),
                ("multi", f"up@0,left@{W},down@{2 * W},right@{3 * W},stay@{4 * W}", 6 * W)]
             + [("long", f"left@0,up@{3 * W},right@{6 * W}", 8 * W), ("long", f"down@0,right@{4 * W}", 8 * W),
-               ("long", "right@0", 8 * W)])
+               ("long", "right@0", 8 * W)]
+            + [("offgrid", f"down@0,right@{2 * W - 3},up@{3 * W + 1}", 4 * W),
+               ("offgrid", f"up@0,left@{W + 1},down@{3 * W - 1}", 4 * W)]
+            + [("rapid", f"right@0,up@{2 * W},left@{2 * W + 4},down@{2 * W + 8},right@{2 * W + 12}", 4 * W),
+               ("rapid", f"left@0,down@{W},right@{W + 4},up@{W + 8},left@{W + 12}", 3 * W)])
 
 
 @torch.no_grad()
-def generate(model, g, ev, noise_seed, switch, on_chunk=None):
-    """Stream the videos for per-frame events ev (B,T). noise_seed fixes the initial noise per
-    video and the re-noising draws. on_chunk(x) sees each chunk as it is made."""
+def generate(g, ev, seeds, switch, on_chunk=None):
+    """Stream the videos for per-frame events ev (B,T). Video b's initial noise and re-noising
+    draws come from one generator seeded with seeds[b], and from nothing else.
+    on_chunk(x) sees each chunk as it is made. -> (videos or None, seconds per chunk)."""
     B, T = ev.shape
-    S, ch = g["size"], g["chunk"]
-    gens = [torch.Generator().manual_seed(int(s)) for s in noise_seed]
-    noise = torch.stack([torch.randn(T, 3, S, S, generator=gn) for gn in gens]).to(ev.device)
-    torch.manual_seed(int(noise_seed[0]))
-    cache, outs, times = KVCache(g["n_sink"], g["n_window"]), [], []
+    S, ch = g.world.size, g.chunk
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    cache, outs, times = KVCache(g.stream["n_sink"], g.stream["n_window"]), [], []
     for i in range(0, T, ch):                                    # rollout chunk by chunk = one long rollout
         t = time.perf_counter()
+        noise = torch.stack([torch.randn(ch, 3, S, S, generator=gn) for gn in gens]).to(ev.device)   # (B,ch,3,S,S)
         with autocast(ev.device):
-            x = rollout(model, noise[:, i:i + ch], ev[:, i:i + ch], g["levels"], ch, cache, switch=switch).float()
+            x = rollout(g.model, noise, ev[:, i:i + ch], g.stream["sigmas"], ch, cache, switch=switch, gen=gens).float()
         if x.device.type == "cuda":
             torch.cuda.synchronize()                             # time the work, not the launch
         times.append(time.perf_counter() - t)
@@ -125,10 +136,9 @@ def open_writer(path):
         raise BadInput(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def sample_one(cfg, model, g, device):
+def sample_one(cfg, g, device):
     import imageio.v2 as imageio
-    check_frames(cfg.frames, g["chunk"])
-    ev = schedule_tensor(cfg.events, cfg.frames, g["chunk"], 1, device)
+    ev = schedule_tensor(cfg.events, cfg.frames, g.chunk, 1, device)
     writer = open_writer(cfg.out)
     strip, every = [], max(1, cfg.frames // 16)
 
@@ -139,80 +149,112 @@ def sample_one(cfg, model, g, device):
                 strip.append(a)
             write.n += 1
     write.n = 0
-    _, times = generate(model, g, ev, [cfg.seed], cfg.switch_cache, on_chunk=write)
+    _, times = generate(g, ev, [cfg.seed], cfg.switch_cache, on_chunk=write)
     writer.close()
     png = os.path.splitext(cfg.out)[0] + ".png"
     imageio.imwrite(png, np.concatenate(strip, 1))
     steady = times[1:] or times
-    print(f"{cfg.frames} frames -> {cfg.out} and {png} | {g['chunk'] * len(steady) / sum(steady):.1f} frames/s "
+    print(f"{cfg.frames} frames -> {cfg.out} and {png} | {g.chunk * len(steady) / sum(steady):.1f} frames/s "
           f"| first chunk {times[0] * 1000:.1f} ms | device {device}")
 
 
-def evaluate(cfg, device):
-    paths = [p for p in (cfg.ckpts or cfg.ckpt).split(",") if p]
-    gens = [load_generator(p, device) for p in paths]
-    chunk, W = gens[0][1]["chunk"], gens[0][1]["window"]
+# ----------------------------------------------------------------------------- the benchmark
+
+def eval_schedules(cfg, W):
+    """The schedules of an evaluation: --schedule_file's, or the built-in set."""
+    if not cfg.schedule_file:
+        return builtin_schedules(W)
+    try:
+        items = json.load(open(cfg.schedule_file))
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot read --schedule_file {cfg.schedule_file}: {e}") from None
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise BadInput(f"--schedule_file {cfg.schedule_file} must hold a JSON list of schedule strings")
+    return [("file", s, cfg.frames) for s in items]
+
+
+def check_eval(cfg, gens, schedules):
+    """Every check of an evaluation, before any work."""
     if cfg.seeds <= 0:
         raise BadInput(f"--seeds must be positive, not {cfg.seeds}")
     for flag, path in (("json", cfg.json), ("md", cfg.md)):
         try:
-            open(path, "a").close() if path else None           # fail now, not after the evaluation
+            open(path, "a").close() if path else None            # fail now, not after the evaluation
         except OSError as e:
             raise BadInput(f"cannot write --{flag}={path}: {e.strerror or e}") from None
-    if cfg.schedule_file:
-        try:
-            items = json.load(open(cfg.schedule_file))
-        except (OSError, ValueError) as e:
-            raise BadInput(f"cannot read --schedule_file {cfg.schedule_file}: {e}") from None
-        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-            raise BadInput(f"--schedule_file {cfg.schedule_file} must hold a JSON list of schedule strings")
-        check_frames(cfg.frames, chunk)
-        schedules = [("file", s, cfg.frames) for s in items]
-    else:
-        schedules = builtin_schedules(W)
     for _, s, n in schedules:
-        parse_schedule(s, n)                                     # every schedule is checked before any work
-    seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
-    result, pooled = {}, {}
-    for path, (model, g) in zip(paths, gens):
-        row = re.sub(r"_s\d+(\.pt)$", r"\1", path) if cfg.pool else path   # NAME_s1.pt -> NAME.pt
-        per = {}                                                 # (group, metric) -> (seeds, schedules) values
-        for j, (group, text, n) in enumerate(schedules):
-            ev = schedule_tensor(text, n, g["chunk"], len(seeds), device)
-            x, _ = generate(model, g, ev, [1000 * j + s for s in seeds], cfg.switch_cache)
-            m = batch_metrics(x, ev.cpu(), g["world"], first=g["chunk"])
-            for k in METRICS:
-                for grp in (group, "all"):
-                    per.setdefault((grp, k), []).append(m[k])
-        for key, vals in per.items():                            # rows: (schedules, seeds x training seeds)
-            pooled.setdefault(row, {}).setdefault(key, []).append(np.array(vals, dtype=float))
-    for row, per in pooled.items():
-        result[row] = {}
-        for (grp, k), vals in per.items():
-            vals = np.concatenate(vals, axis=1)
-            with warnings.catch_warnings():                      # a metric that applies to none of a seed's videos is nan
-                warnings.simplefilter("ignore", RuntimeWarning)
-                v = np.nanmean(np.array(vals, dtype=float), axis=0)  # per seed, mean over the group's schedules
-            v = v[~np.isnan(v)]
-            half = 1.96 * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
-            result[row].setdefault(grp, {})[k] = dict(mean=float(v.mean()) if len(v) else float("nan"), ci95=float(half))
-    lines = []                                                   # markdown tables, printed and, with --md, saved
+        check_frames(n, gens[0].chunk)
+        parse_schedule(s, n)
+
+
+def score(g, schedules, seeds, switch):
+    """Every schedule x seed through one generator -> {(group, metric): (schedules, seeds) values}."""
+    per = {}
+    for j, (group, text, n) in enumerate(schedules):
+        ev = schedule_tensor(text, n, g.chunk, len(seeds), "cpu")
+        x, _ = generate(g, ev.to(next(g.model.parameters()).device), [1000 * j + s for s in seeds], switch)
+        m = batch_metrics(x, ev, g.world, first=g.chunk, chunk=g.chunk)
+        for k in METRICS + ["n_react"]:
+            for grp in (group, "all"):
+                per.setdefault((grp, k), []).append(m[k])
+    return per
+
+
+def interval(vals):
+    """vals (schedules, seeds): mean over a seed's schedules, then mean +- 95% interval over seeds."""
+    with warnings.catch_warnings():                              # a metric that applies to none of a seed's videos is nan
+        warnings.simplefilter("ignore", RuntimeWarning)
+        v = np.nanmean(np.array(vals, dtype=float), axis=0)
+    v = v[~np.isnan(v)]
+    half = 1.96 * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return dict(mean=float(v.mean()) if len(v) else float("nan"), ci95=float(half))
+
+
+def markdown(result, seeds, switch):
+    lines = []
     for grp in next(iter(result.values())):
-        lines += [f"\n**{grp} schedules** (seeds {seeds[0]}-{seeds[-1]}, switch cache {cfg.switch_cache}; mean +- 95% "
-                  f"interval over seeds, pooled over the training seeds of a row)\n",
-                  "| checkpoint | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
-        lines += [f"| {p} | " + " | ".join(f"{r[grp][k]['mean']:.3f} +- {r[grp][k]['ci95']:.3f}" for k in METRICS) + " |"
-                  for p, r in result.items()]
-    print("\n".join(lines))
+        lines += [f"\n**{grp} schedules** (seeds {seeds[0]}-{seeds[-1]}, switch cache {switch}; mean +- 95% interval "
+                  f"over seeds, pooled over the training seeds of a row; latency over the n switches that reacted)\n",
+                  "| checkpoint | " + " | ".join(METRICS) + " | n |", "|---|" + "---:|" * (len(METRICS) + 1)]
+        lines += [f"| {p} | " + " | ".join(f"{r[grp][k]['mean']:.3f} +- {r[grp][k]['ci95']:.3f}" for k in METRICS)
+                  + f" | {r[grp]['n_react']['total']:.0f} |" for p, r in result.items()]
+    return "\n".join(lines)
+
+
+def evaluate(cfg, device):
+    paths = [p for p in (cfg.ckpts or cfg.ckpt).split(",") if p]
+    gens = [load_generator(p, device, cfg.weights) for p in paths]
+    schedules = eval_schedules(cfg, gens[0].stream["window"])
+    check_eval(cfg, gens, schedules)
+    seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
+    pooled = {}                                                  # row -> (group, metric) -> [(schedules, seeds)]
+    for path, g in zip(paths, gens):
+        row = re.sub(r"_s\d+(\.pt)$", r"\1", path) if cfg.pool else path   # NAME_s1.pt -> NAME.pt
+        for key, vals in score(g, schedules, seeds, cfg.switch_cache).items():
+            pooled.setdefault(row, {}).setdefault(key, []).append(np.array(vals, dtype=float))
+    result = {row: {} for row in pooled}
+    for row, per in pooled.items():
+        for (grp, k), vals in per.items():
+            vals = np.concatenate(vals, axis=1)                  # (schedules, seeds x training seeds)
+            result[row].setdefault(grp, {})[k] = interval(vals) if k != "n_react" else dict(total=float(np.nansum(vals)))
+    text = markdown(result, seeds, cfg.switch_cache)
+    print(text)
     if cfg.md:
         with open(cfg.md, "a") as f:                             # appends: one file can collect several runs
-            f.write("\n".join(lines) + "\n")
+            f.write(text + "\n")
         print(f"appended the tables to {cfg.md}")
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(dict(schedules=schedules, seeds=seeds, results=result), f, indent=1)
         print(f"wrote {cfg.json}")
     return result
+
+
+def check_frames(frames, chunk):
+    if frames <= 0:
+        raise BadInput(f"--frames must be a positive number of frames, not {frames}")
+    if frames % chunk:
+        raise BadInput(f"--frames={frames} must be a multiple of the generator's chunk of {chunk} frames")
 
 
 # ----------------------------------------------------------------------------- live steering in the terminal
@@ -275,20 +317,15 @@ def terminal(fd):
 
 
 @torch.no_grad()
-def live(cfg, model, g, device):
+def live(cfg, g, device):
     """Stream generated frames to the terminal as they are made; the arrow keys switch the
     event (from the next chunk, as a schedule does); q quits and saves the session to --out.
     The session is kept at native resolution (3 KB a frame at 32 x 32) and written at the end."""
-    if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        raise BadInput("--live needs a terminal on stdin and stdout (run it in a terminal, over ssh -t, or in tmux)")
-    if cfg.fps < 0:
-        raise BadInput(f"--fps must be 0 (no cap) or positive, not {cfg.fps}")
     event = parse_schedule(cfg.events, 1 << 30)[0][0]            # start with the schedule's first event
     writer = open_writer(cfg.out)                                # fails now if --out cannot be written
-    S, ch, fd = g["size"], g["chunk"], sys.stdin.fileno()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    cache, session, times, shown = KVCache(g["n_sink"], g["n_window"]), [], [], time.perf_counter()
+    S, ch, fd = g.world.size, g.chunk, sys.stdin.fileno()
+    gen = torch.Generator().manual_seed(cfg.seed)                # every draw of the session: one seed, one session
+    cache, session, times, shown = KVCache(g.stream["n_sink"], g.stream["n_window"]), [], [], time.perf_counter()
     try:
         with terminal(fd):
             try:
@@ -300,8 +337,8 @@ def live(cfg, model, g, device):
                     t = time.perf_counter()
                     ev = torch.full((1, ch), event, device=device)
                     with autocast(device):
-                        x = rollout(model, torch.randn(1, ch, 3, S, S, generator=gen).to(device), ev, g["levels"],
-                                    ch, cache, switch=cfg.switch_cache).float().cpu()   # .cpu() syncs
+                        x = rollout(g.model, torch.randn(1, ch, 3, S, S, generator=gen).to(device), ev, g.stream["sigmas"],
+                                    ch, cache, switch=cfg.switch_cache, gen=gen).float().cpu()   # .cpu() syncs
                     times.append(time.perf_counter() - t)
                     rate = ch * len(times[1:]) / max(sum(times[1:]), 1e-9)
                     for a in to_rgb(x[0], scale=1):                      # (S,S,3) uint8 each
@@ -316,23 +353,40 @@ def live(cfg, model, g, device):
                 pass
     finally:
         for a in session:
-            writer.append_data(a.repeat(4, 0).repeat(4, 1))
+            writer.append_data(a.repeat(8, 0).repeat(8, 1))          # 8x, nearest-neighbour
         writer.close()
     steady = times[1:] or times or [float("nan")]
     print(f"{len(session)} frames -> {cfg.out} | {ch * len(steady) / sum(steady):.1f} frames/s generated "
           f"| first chunk {times[0] * 1000 if times else float('nan'):.1f} ms | device {device}")
 
 
-def main(cfg):
-    device = pick_device(cfg.device)
+def check_sample(cfg):
+    """Every check of sample.py's flags that needs no checkpoint, before any work."""
     if cfg.switch_cache not in ("recache", "keep", "clear"):
         raise BadInput(f"--switch_cache must be recache, keep or clear, not {cfg.switch_cache!r}")
+    if cfg.weights not in ("ema", "model"):
+        raise BadInput(f"--weights must be ema or model, not {cfg.weights!r}")
+    if cfg.live and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise BadInput("--live needs a terminal on stdin and stdout (run it in a terminal, over ssh -t, or in tmux)")
+    if cfg.fps < 0:
+        raise BadInput(f"--fps must be 0 (no cap) or positive, not {cfg.fps}")
+
+
+def main(cfg):
+    check_sample(cfg)
+    device = pick_device(cfg.device)
     if cfg.eval:                                                 # many checkpoints, short videos: eager
         return evaluate(cfg, device)
-    model, g = load_generator(cfg.ckpt, device)
+    if cfg.serve:
+        import serve
+        return serve.main(cfg, device)
+    g = load_generator(cfg.ckpt, device, cfg.weights)
+    if not cfg.live:
+        check_frames(cfg.frames, g.chunk)
+        parse_schedule(cfg.events, cfg.frames)
     # one long stream of static shapes: compiled, it replays as a CUDA graph (mode reduce-overhead)
-    model = maybe_compile(model, cfg.compile and device.type == "cuda", mode="reduce-overhead", dynamic=False)
-    return live(cfg, model, g, device) if cfg.live else sample_one(cfg, model, g, device)
+    compile_(g.model, cfg.compile and device.type == "cuda", mode="reduce-overhead", dynamic=False)
+    return live(cfg, g, device) if cfg.live else sample_one(cfg, g, device)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Train the bidirectional teacher by flow matching with classifier-free guidance, then sample it
-with Euler + CFG and score the samples with the world's exact metrics (DESIGN section 5).
+with Euler + CFG and score the samples with the world's exact metrics.
+
+The teacher sees clips with one event per frame; about half of them switch event once at a chunk
+boundary (world.py says why). It reports follow and valid on one-event clips, react and
+latency on switch clips, and stores the data's natural step (world.natural_step), which Delta
+Forcing uses as its unit of motion.
 
     python teacher.py                       # tiny on CPU, small on a GPU; writes out/teacher.pt
     python teacher.py --preset=tiny --max_steps=200 --resume=True
     torchrun --nproc_per_node=8 teacher.py  # data parallel: the batch is split over 8 GPUs
 """
-import copy
 import math
 import os
 import time
@@ -14,10 +18,10 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from model import (add_noise, average_gradients, build, cfg_mix, check_in_sync, check_writable, cli, ema_update,
-                   load_checkpoint, maybe_compile, per_rank, pick_device, save_checkpoint, setup_distributed,
-                   shift_sigma)
-from world import EVENTS, batch_metrics, save_video, summarize, teacher_batch
+from common import (BadInput, autocast, check_in_sync, cli, compile_, ema_copy, ema_update, init_run, optimizer_step, resume,
+                    save_checkpoint, seed_rank, states)
+from model import ModelConfig, add_noise, build, cfg_mix, shift_sigma
+from world import EVENTS, World, batch_metrics, natural_step, save_video, summarize, teacher_batch
 
 
 @dataclass
@@ -31,9 +35,11 @@ class TeacherConfig:
     # world
     size: int = 16
     sprite: int = 4
-    speed: int = 1
+    speed: int = 2
     rho: float = 0.9
     frames: int = 8               # teacher clip length = the teacher window of later stages
+    chunk: int = 2                # the generator's chunk: switches in teacher clips fall on its boundaries
+    p_switch: float = 0.5         # share of teacher clips that switch event once
     # model
     patch: int = 4
     dim: int = 128
@@ -60,18 +66,28 @@ class TeacherConfig:
 
 PRESETS = {
     "tiny": {},
-    "small": dict(size=32, sprite=6, speed=2, frames=12, dim=256, depth=6, heads=8, batch=64,
+    "small": dict(size=32, sprite=6, speed=2, frames=12, chunk=3, dim=256, depth=6, heads=8, batch=64,
                   lr=5e-4, max_steps=8000, warmup=500, ema=0.999),
 }
 
 
-def fm_loss(model, x0, event, cfg):
-    """Flow matching with one level per clip. Eq. (rectified flow; Liu 2022, Lipman 2023): ||v - (eps - x0)||^2."""
+def world_of(cfg):
+    return World(size=cfg.size, sprite=cfg.sprite, speed=cfg.speed, rho=cfg.rho)
+
+
+def model_args(cfg):
+    return asdict(ModelConfig(size=cfg.size, patch=cfg.patch, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                              n_events=len(EVENTS)))
+
+
+def fm_loss(model, x0, event, sigma_mu):
+    """Flow matching with one level per clip, drawn logit-normal (SD3, Esser et al. 2024).
+    Eq. rectified flow (Liu et al. 2022; Lipman et al. 2023): ||v(x_sigma) - (eps - x0)||^2."""
     B = x0.shape[0]
-    sigma = torch.sigmoid(cfg.sigma_mu + torch.randn(B, device=x0.device))[:, None].expand(-1, x0.shape[1])
+    sigma = torch.sigmoid(sigma_mu + torch.randn(B, device=x0.device))[:, None].expand(-1, x0.shape[1])
     eps = torch.randn_like(x0)
     v = model(add_noise(x0, eps, sigma), sigma, event)
-    return ((v.float() - (eps - x0)) ** 2).mean()                 # Eq. flow-matching velocity loss
+    return ((v.float() - (eps - x0)) ** 2).mean()                 # Rectified flow: velocity loss
 
 
 def euler_grid(steps, shift=1.0):
@@ -80,8 +96,9 @@ def euler_grid(steps, shift=1.0):
 
 @torch.no_grad()
 def sample(model, event, noise, sig, guidance=0.0):
-    """Euler on dx/dsigma = v along the decreasing levels sig (e.g. euler_grid), with CFG.
-    event (B,), noise (B,T,C,H,W) at level sig[0]."""
+    """Euler on dx/dsigma = v along the decreasing levels sig (e.g. euler_grid), with CFG
+    (Ho & Salimans 2022) against the null event for the whole clip. event (B,T) per frame,
+    noise (B,T,C,H,W) at level sig[0]."""
     x, B = noise, noise.shape[0]
     null = torch.full_like(event, model.null_event)
     sig = sig.to(noise.device)
@@ -89,55 +106,38 @@ def sample(model, event, noise, sig, guidance=0.0):
         s = sig[i].expand(B, x.shape[1])
         if guidance:                                                # cond and uncond in one batch
             v_c, v_u = model(x.repeat(2, 1, 1, 1, 1), s.repeat(2, 1), torch.cat([event, null])).chunk(2)
-            v = cfg_mix(v_c, v_u, guidance)
+            v = cfg_mix(v_c, v_u, guidance)                         # CFG (Ho & Salimans 2022): cond + g (cond - uncond)
         else:
             v = model(x, s, event)
-        x = x + (sig[i + 1] - sig[i]) * v
+        x = x + (sig[i + 1] - sig[i]) * v                           # Euler step of the flow ODE
     return x
 
 
+def eval_events(n, T, chunk):
+    """The evaluation clips: n one-event clips (events cycling) and n switch clips (every
+    ordered pair of events cycling, the switch at the chunk boundary nearest the middle)."""
+    one = (torch.arange(n) % len(EVENTS))[:, None].expand(n, T)
+    pairs = [(a, b) for a in range(len(EVENTS)) for b in range(len(EVENTS)) if a != b]
+    mid = round(T / 2 / chunk) * chunk
+    sw = torch.tensor([[pairs[i % len(pairs)][t >= mid] for t in range(T)] for i in range(n)])
+    return one, sw
+
+
 def evaluate(model, cfg, n, device, seed=1234):
-    """Sample n clips (events cycling) with CFG and score them; also returns the samples."""
+    """Sample n one-event clips and n switch clips with CFG and score them. Its own generator:
+    the training stream's RNG is never touched. -> (metrics, one-event samples, switch samples)."""
     gen = torch.Generator().manual_seed(seed)
-    event = torch.arange(n) % len(EVENTS)
-    noise = torch.randn(n, cfg.frames, 3, cfg.size, cfg.size, generator=gen)
+    one, sw = eval_events(n, cfg.frames, cfg.chunk)
+    ev = torch.cat([one, sw])
+    noise = torch.randn(2 * n, cfg.frames, 3, cfg.size, cfg.size, generator=gen)
     with autocast(device):
-        x = sample(model, event.to(device), noise.to(device), euler_grid(cfg.sample_steps, cfg.sample_shift), cfg.guidance)
-    per = batch_metrics(x.float().cpu(), event[:, None].expand(n, cfg.frames), cfg, first=1)
-    return summarize(per), x.float().cpu()
-
-
-def autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def optimizer_step(model, opt, loss, grad_clip, world=1):
-    """backward, gradients averaged over ranks, clip, step; every stage's updates go through it.
-    Returns (gnorm, applied): a non-finite loss or gradient skips the step on every rank alike
-    (they share the averaged gradients) and never poisons the weights."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    average_gradients(model, world)
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if not torch.isfinite(gnorm):                                   # syncs once per step: the price of the skip
-        opt.zero_grad(set_to_none=True)
-        return gnorm, False
-    opt.step()
-    return gnorm, True
-
-
-def train_step(fwd, model, ema, opt, x, event, step, cfg, world=1):
-    """One optimiser step: flow-matching loss, backward, gradients averaged over ranks, clip,
-    AdamW, EMA. fwd is the (maybe compiled) model. Returns (loss, gnorm, applied): a non-finite
-    loss or gradient skips the update, on every rank alike, and never poisons the weights."""
-    for g in opt.param_groups:
-        g["lr"] = lr_at(step, cfg)
-    with autocast(x.device):
-        loss = fm_loss(fwd, x, event, cfg)
-    gnorm, applied = optimizer_step(model, opt, loss, cfg.grad_clip, world)
-    if applied:
-        ema_update(ema, model, cfg.ema if step >= cfg.warmup else 0.0)
-    return loss, gnorm, applied
+        x = sample(model, ev.to(device), noise.to(device), euler_grid(cfg.sample_steps, cfg.sample_shift), cfg.guidance)
+    x, w = x.float().cpu(), world_of(cfg)
+    m1 = summarize(batch_metrics(x[:n], one, w, first=1, chunk=cfg.chunk))
+    m2 = summarize(batch_metrics(x[n:], sw, w, first=1, chunk=cfg.chunk))
+    metrics = {k: m1[k] for k in ("follow", "valid", "jumps", "canon")}
+    metrics.update({k: m2[k] for k in ("react", "latency", "identity", "bias")}, switch_valid=m2["valid"])
+    return metrics, x[:n], x[n:]
 
 
 def lr_at(step, cfg):
@@ -148,67 +148,78 @@ def lr_at(step, cfg):
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def train_step(model, ema, opt, x, event, step, cfg, world=1):
+    """One optimiser step: flow-matching loss, backward, gradients averaged over ranks, clip,
+    AdamW, EMA. Returns (loss, gnorm, applied); a non-finite step is skipped (common.optimizer_step)."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    with autocast(x.device):
+        loss = fm_loss(model, x, event, cfg.sigma_mu)
+    gnorm, applied = optimizer_step(model, opt, loss, cfg.grad_clip, world)
+    if applied:
+        ema_update(ema, model, cfg.ema if step >= cfg.warmup else 0.0)
+    return loss, gnorm, applied
+
+
+def check_teacher(cfg):
+    """Every check of the teacher's configuration, before any work."""
+    if cfg.frames % cfg.chunk:
+        raise BadInput(f"--frames={cfg.frames} must be a multiple of --chunk={cfg.chunk}")
+    if cfg.size % cfg.patch:
+        raise BadInput(f"--size={cfg.size} must be a multiple of --patch={cfg.patch}")
+
+
 def main(cfg):
-    rank, world, local = setup_distributed(cfg.device)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device, local)
-    check_writable(cfg.out_dir)
+    check_teacher(cfg)
+    run = init_run(cfg, cfg.batch)
     path = os.path.join(cfg.out_dir, "teacher.pt")
-    batch = per_rank(cfg.batch, world)
-    model = build(cfg, device=device)                               # the same seed: the same weights on every rank
-    ema = copy.deepcopy(model).requires_grad_(False)
+    model = build(model_args(cfg), device=run.device)              # the same seed: the same weights on every rank
+    ema = ema_copy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)                   # the data stream, saved for resume
-    step, skipped = 0, 0
-    if cfg.resume and os.path.exists(path):
-        ck = load_checkpoint(path, ["teacher"], "python teacher.py")
-        model.load_state_dict(ck["model"]); ema.load_state_dict(ck["ema"]); opt.load_state_dict(ck["optimizer"])
-        step, skipped = ck["step"], ck.get("skipped", 0)
-        gen.set_state(ck["gen"]); torch.set_rng_state(ck["rng"])
-        print(f"resumed {path} at step {step}")
-    if rank:                                                        # other ranks draw their own data and noise
-        gen.manual_seed(cfg.seed + 1000 * rank + step); torch.manual_seed(cfg.seed + 1000 * rank + step)
-    fwd = maybe_compile(model, cfg.compile and device.type == "cuda")
-    n_params = sum(p.numel() for p in model.parameters())
-    if rank == 0:
-        print(f"teacher: {n_params / 1e6:.2f}M params, {cfg.frames}x{cfg.size}x{cfg.size} clips, device {device}"
-              + (f", {world} data-parallel ranks x batch {batch}" if world > 1 else ""))
+    w = world_of(cfg)
+    m_nat = natural_step(w, cfg.frames, cfg.chunk)
+    ck = resume(cfg, path, "teacher", "python teacher.py", gen, model=model, ema=ema, optimizer=opt)
+    step, skipped = (ck["step"], ck["skipped"]) if ck else (0, 0)
+    seed_rank(run, cfg.seed, step, gen)
+    compile_(model, cfg.compile and run.device.type == "cuda")
+    if run.rank == 0:
+        print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg.frames}x{cfg.size}x{cfg.size}"
+              f" clips ({cfg.p_switch:.0%} switching), speed {cfg.speed}, natural step {m_nat:.2f}, device {run.device}"
+              + (f", {run.world} data-parallel ranks x batch {run.batch}" if run.world > 1 else ""))
 
-    def checkpoint(metrics=None):
-        if rank == 0:                                               # one writer; every rank holds the same weights
-            save_checkpoint(path, dict(stage="teacher", model=model.state_dict(), ema=ema.state_dict(),
-                                       optimizer=opt.state_dict(), config=asdict(cfg), step=step, skipped=skipped,
-                                       metrics=metrics or {}, gen=gen.get_state(), rng=torch.get_rng_state()))
+    def checkpoint(next_step, metrics=None):
+        if run.rank == 0:                                           # one writer; every rank holds the same weights
+            save_checkpoint(path, dict(stage="teacher", model_args=model_args(cfg), world=asdict(w), natural_step=m_nat,
+                                       config=asdict(cfg), step=next_step, skipped=skipped, metrics=metrics or {},
+                                       **states(gen, model=model, ema=ema, optimizer=opt)))
 
     t0, t_start = time.time(), time.time()
     for step in tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, desc="teacher", mininterval=5,
-                     disable=rank > 0):
-        x, event = teacher_batch(cfg, batch, cfg.frames, gen)
-        drop = torch.rand(batch, generator=gen) < cfg.p_uncond
-        event = torch.where(drop, model.null_event, event)
-        loss, gnorm, applied = train_step(fwd, model, ema, opt, x.to(device), event.to(device), step, cfg, world)
+                     disable=run.rank > 0):
+        x, event = teacher_batch(w, run.batch, cfg.frames, gen, cfg.chunk, cfg.p_switch)
+        drop = torch.rand(run.batch, generator=gen) < cfg.p_uncond  # CFG: the null event for the whole clip
+        event = torch.where(drop[:, None], model.null_event, event)
+        loss, gnorm, applied = train_step(model, ema, opt, x.to(run.device), event.to(run.device), step, cfg, run.world)
         skipped += not applied                                      # a non-finite step is skipped and counted
-        if (step + 1) % cfg.log_every == 0 and rank == 0:
+        if (step + 1) % cfg.log_every == 0 and run.rank == 0:
             dt = (time.time() - t0) / cfg.log_every                 # loss.item() syncs once per log line only
             tqdm.write(f"step {step + 1} | loss {loss.item():.4f} | gnorm {gnorm:.2f} | lr {lr_at(step, cfg):.2e} | "
                        f"{dt * 1000:.0f} ms/step | {cfg.batch / dt:.0f} clips/s | skipped {skipped}")
             t0 = time.time()
-        if (step + 1) % cfg.ckpt_every == 0 and rank == 0:
-            m, _ = evaluate(ema, cfg, 20, device)                   # a quick look at progress
-            tqdm.write(f"step {step + 1} | ema samples: follow {m['follow']:.3f} valid {m['valid']:.3f} canon {m['canon']:.3f}")
-            step += 1                                               # the checkpoint holds the next step to run
-            checkpoint()
-            step -= 1
-    step = cfg.max_steps
-    check_in_sync(model, rank, world)
-    if rank > 0:
+        if (step + 1) % cfg.ckpt_every == 0 and run.rank == 0:
+            m, _, _ = evaluate(ema, cfg, 20, run.device)            # a quick look at progress
+            tqdm.write(f"step {step + 1} | ema samples: " + " ".join(f"{k} {v:.3f}" for k, v in m.items()))
+            checkpoint(step + 1)                                    # the checkpoint holds the next step to run
+    check_in_sync(model, run)
+    if run.rank > 0:
         return
     train_min = (time.time() - t_start) / 60
-    metrics, samples = evaluate(ema, cfg, cfg.eval_samples, device)
+    metrics, one, sw = evaluate(ema, cfg, min(cfg.eval_samples, max(10, cfg.max_steps)), run.device)
     metrics["train_minutes"] = train_min
     print("teacher samples: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    checkpoint(metrics)
-    save_video(os.path.join(cfg.out_dir, "teacher_samples.gif"), torch.cat(list(samples[:10]), -1))
+    checkpoint(cfg.max_steps, metrics)
+    save_video(os.path.join(cfg.out_dir, "teacher_samples.gif"), torch.cat(list(one[:5]) + list(sw[:5]), -1))
     print(f"wrote {path} and {cfg.out_dir}/teacher_samples.gif")
 
 

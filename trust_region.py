@@ -1,28 +1,36 @@
-"""Delta Forcing: the latent-delta trust region (DESIGN section 8; Wu et al., arXiv 2605.14382).
+"""Delta Forcing: the latent-delta trust region (Wu et al., arXiv 2605.14382), our second reading.
 
-The paper's equations are not public; this is our reading of its abstract, every term switchable.
-For one supervised window y = [c_1..c_K ; z_1..z_F] (committed history, detached; new frames,
-with graph) and the DMD level sigma, with T = the teacher's x0 prediction and G = the critic's
-(the generator's own distribution) over the window, norms per frame, sg = stop-gradient:
+The paper's equations are not public (only its abstract is); this is our reading, every term
+switchable. For one supervised window y = [c_1..c_K ; z_1..z_F] (committed history, detached;
+new frames, with graph), at the DMD level sigma, let T and G be the teacher's (with CFG) and the
+critic's x0 predictions from the same noisy window under the same per-frame events. The critic
+models the generator's own distribution. Norms are per frame; sg = stop-gradient.
 
-  (1) natural step       m = max(floor, median_j ||c_j - c_{j-1}||)               natural_step
-  (2) latent deltas      dT_f = ||T_f - y_{f-1}||,  dG_f = ||G_f - y_{f-1}||        latent_deltas
-  (3) consistency        e_f = relu(dT_f - dG_f) / m                               transition_excess
-  (4) trust region       R = tau m,  w_f = min(1, tau / (e_f + eps))                trust_weights
-  (5) continuity         L_MC,f = relu(||z_f - y_{f-1}|| - R')^2 / R'^2,  R' = r m   monotonic_continuity
-  (6) loss               L = mean_f[sg(w_f) L_DMD,f] + lambda mean_f[(1 - sg(w_f)) L_MC,f]   delta_forcing_loss
+  (1) natural step       m: a constant of the data (world.natural_step), stored by the teacher
+  (2) latent delta       D_j = T_j - G_j                                            latent_delta
+  (3) consistency        k = sqrt(mean_{j<=K} ||D_j||^2) / m, on the committed frames   transition_consistency
+  (4) trust region       w = min(1, tau / (k + eps)), sg; w = 1 when K = 0            trust_weight
+  (5) continuity         L_MC,f = relu(||z_f - z_{f-1}|| - r m)^2 / m^2, z_0 = c_K     monotonic_continuity
+  (6) loss               L = mean_f [w L_DMD,f] + lambda (1 - w) mean_f [L_MC,f]       delta_forcing_loss
 
-With w = 1 everywhere and continuity off, (6) is exactly the baseline's masked DMD mean.
+Why on the committed frames: they already happened. A teacher that follows the trajectory
+agrees with the generator there, and both see the same noisy input, so blur cancels in D. What
+the teacher would still change in frames that happened, it changes for the condition, not the
+trajectory: a recolour toward the new event's canonical colour (the conditional bias) shows up
+there first. A genuine reaction to a new event lives in the new frames and leaves k small.
+Why (5) is monotonic: each new frame may move about one natural step from the one before, in
+any direction, so the deviation from the history grows at most linearly; natural motion costs
+nothing (it never fights a turn), while recolours, teleports and background changes do.
+With w = 1 and the continuity term off, (6) is exactly the baseline's masked DMD mean.
 
-Two changes from DESIGN, both forced by one fact: in pixel space the distance between two
-frames saturates once the sprite no longer overlaps itself, so a teleport of any size costs
-exactly two natural steps.
-- The continuity radius is its own, R' = r m (r = mc_radius = 1), not R = tau m: a teleport's
-  excess is only 1, so tau must sit below 1 to distrust it, while the continuity bound must
-  still admit natural motion of one natural step per frame.
-- (5) bounds every step, not the cumulative distance ||z_f - c_K|| <= f R: that bound reaches
-  the saturated jump distance at f = 2 and would miss any later jump. Bounding each step implies
-  the cumulative bound (triangle inequality), so the allowed deviation still grows monotonically.
+The first reading (natural step measured on the window's own context, trust from the teacher's
+and generator's steps away from the previous frame) collapsed: a static history drove m to its
+floor, and a turn looked like a jump after a few frames. Its figures are in docs/history.md.
+
+In pixel space a frame difference depends on the colours involved: over this palette a natural
+step is 0.87 m to 1.35 m, a teleport 1.22 m to 1.41 m, a recolour 1.18 m to 1.67 m. r = 1.4 admits
+all natural motion, so the low-contrast teleports and one-channel recolours escape (5) and are
+left to the trust weight (4). A latent space with a learned metric would not have this problem.
 """
 import torch
 
@@ -32,53 +40,43 @@ def frame_norm(x):
     return x.float().flatten(2).norm(dim=-1)
 
 
-def natural_step(context, floor):
-    """Eq. (1): the trajectory's own speed, median frame-to-frame distance of the history. (B,K,...) -> (B,)."""
-    if context.shape[1] < 2:
-        return torch.full(context.shape[:1], floor, device=context.device)
-    return frame_norm(context[:, 1:] - context[:, :-1]).median(1).values.clamp(min=floor)
+def latent_delta(teacher_x0, critic_x0):
+    """Eq. (2): D = T - G, where the teacher's and the generator's trajectories part at the same
+    noisy input. (The DMD gradient of Eq. 7 is -D, normalised.)"""
+    return teacher_x0 - critic_x0
 
 
-def latent_deltas(window, teacher_x0, critic_x0, K):
-    """Eq. (2): the step the teacher asks for from where the video actually was (dT), and the
-    step the generator's own distribution takes at the same noise (dG), for each new frame. (B,F) each."""
-    prev = window[:, K - 1:-1].detach()                           # y_{f-1} for every new frame f
-    return frame_norm(teacher_x0[:, K:] - prev), frame_norm(critic_x0[:, K:] - prev)
+def transition_consistency(delta, K, m):
+    """Eq. (3): k = sqrt(mean_{j<=K} ||D_j||^2) / m, how much the teacher would still change the
+    K committed frames, in natural steps. delta (B,K+F,...) -> (B,)."""
+    return frame_norm(delta[:, :K]).pow(2).mean(1).sqrt() / m
 
 
-def transition_excess(d_teacher, d_generator, m):
-    """Eq. (3): how much farther the teacher jumps than the generator would, in natural steps."""
-    return torch.relu(d_teacher - d_generator) / m[:, None]
+def trust_weight(k, tau, eps=1e-6):
+    """Eq. (4): w = min(1, tau / (k + eps)), after TRPO/PPO: how much of the teacher's pull the
+    window accepts. Detached: a weight, never a path for gradient."""
+    return torch.clamp(tau / (k + eps), max=1.0).detach()
 
 
-def trust_weights(excess, tau, eps=1e-6):
-    """Eq. (4): PPO/TRPO-style clipping of the teacher's pull; 1 inside the trust region. Detached."""
-    return torch.clamp(tau / (excess + eps), max=1.0).detach()
+def monotonic_continuity(new, last, m, r):
+    """Eq. (5): L_MC,f = relu(||z_f - z_{f-1}|| - r m)^2 / m^2 with z_0 = c_K.
+    new (B,F,...) with graph, last (B,...) the last committed frame -> (B,F)."""
+    prev = torch.cat([last.detach()[:, None], new[:, :-1]], 1)   # z_{f-1} for every new frame
+    return torch.relu(frame_norm(new - prev) - r * m) ** 2 / m ** 2
 
 
-def monotonic_continuity(new, last, R):
-    """Eq. (5): each new frame may move at most R from the frame before it (the last committed
-    frame c_K for the first), so the video never jumps and its distance from the history grows
-    at most as f R. new (B,F,...) with graph, last (B,...) detached, R (B,) -> (B,F)."""
-    prev = torch.cat([last[:, None], new[:, :-1]], 1)            # y_{f-1} for every new frame
-    return torch.relu(frame_norm(new - prev) - R[:, None]) ** 2 / R[:, None] ** 2
-
-
-def delta_forcing_loss(per_frame, window, aux, K, tau=0.5, lam=1.0, floor=0.5, weights=True, continuity=True,
-                       mc_radius=1.0):
-    """Eq. (6). per_frame (B,K+F) DMD losses, window (B,K+F,...) with graph on the new frames,
-    aux: the DMD predictions ("real" = teacher, "fake" = critic). Returns the loss and log values."""
+def delta_forcing_loss(per_frame, window, aux, *, K, m, tau=1.0, lam=1.0, r=1.4, weights=True, continuity=True):
+    """Eq. (6): L = mean_f [w L_DMD,f] + lambda (1 - w) mean_f [L_MC,f] over the F new frames.
+    per_frame (B,K+F) DMD losses; window (B,K+F,...) with graph on the new frames; aux: the DMD
+    predictions ("real" = T, "fake" = G); m: the natural step (a float).
+    Returns the loss and, for the log, each window's w and k (B,), detached."""
     dmd_new = per_frame[:, K:]
-    if K == 0:                                                   # the first window of a video has no history
+    if K == 0:                                                   # the first window of a video: w = 1
         return dmd_new.mean(), {}
-    m = natural_step(window[:, :K].detach(), floor)
-    d_t, d_g = latent_deltas(window, aux["real"], aux["fake"], K)
-    e = transition_excess(d_t, d_g, m)
-    w = trust_weights(e, tau) if weights else torch.ones_like(e)
-    R = tau * m
-    loss = (w * dmd_new).mean()                                  # Eq. Delta Forcing (6), trust-weighted DMD
+    k = transition_consistency(latent_delta(aux["real"], aux["fake"]), K, m)   # Eq. 2-3, Delta Forcing: latent delta, consistency
+    w = trust_weight(k, tau) if weights else torch.ones_like(k)                 # Eq. 4, Delta Forcing: trust weight
+    loss = (w[:, None] * dmd_new).mean()                         # Eq. 6, Delta Forcing: trust-weighted DMD
     if continuity:
-        mc = monotonic_continuity(window[:, K:], window[:, K - 1].detach(), mc_radius * m)
-        gate = (1 - w) if weights else 1.0                       # the continuity-only ablation applies it everywhere
-        loss = loss + lam * (gate * mc).mean()                   # Eq. Delta Forcing (5)-(6), continuity where trust is low
-    return loss, dict(w=w.mean().item(), e=e.mean().item(), R=R.mean().item())
+        mc = monotonic_continuity(window[:, K:], window[:, K - 1], m, r)       # Eq. 5, Delta Forcing: monotonic continuity
+        loss = loss + lam * ((1 - trust_weight(k, tau))[:, None] * mc).mean()  # Eq. 6, Delta Forcing: continuity term
+    return loss, dict(w=w, k=k.detach())

@@ -1,12 +1,21 @@
 """The toy event world: clips, schedules, rendering, and the ground-truth tracker and metrics.
 
-It stands in for real video plus text prompts (DESIGN section 3). A square sprite of colour `c`
-moves on an `S x S` torus over a background `b`; the active event (the "prompt") sets its
-velocity. `b` and `c` never change, so any change of them is a consistency failure we can
-measure exactly. The knob `rho` plants the paper's conditional bias on purpose: in teacher
-clips the sprite has the event's canonical colour with probability `rho`.
+It stands in for real video plus text prompts. A square sprite of colour `c` moves on an
+`S x S` torus over a background `b`; the active event (the "prompt", or the action of an
+interactive world model) sets its velocity. `b` and `c` never change, so any change of them is a
+consistency failure we can measure exactly.
 
-    python world.py            # writes out/world.gif with example clips and a schedule
+Teacher clips carry one event per frame, and about half of them switch event once, at a chunk
+boundary, as the data of an interactive world model does (game footage whose actions change).
+If every clip held one event, the event would be redundant once one frame of history exists,
+and every model in the chain would learn to continue the motion it sees and ignore the event.
+
+The knob `rho` plants the paper's conditional bias on purpose: the sprite has the canonical
+colour of the clip's *first* event with probability `rho`. A teacher window that lies wholly
+after a switch sees only the new event and expects its colour, whatever colour the sprite had:
+condition-aligned but trajectory-agnostic guidance, the failure Delta Forcing targets.
+
+    python world.py            # writes out/world.gif (example clips) and prints step sizes
 """
 import math
 import os
@@ -15,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import BadInput
+from common import BadInput
 
 EVENTS = ["right", "left", "down", "up", "stay"]              # index = event id; id len(EVENTS) is the null event (CFG)
 DIRS = torch.tensor([[0, 1], [0, -1], [1, 0], [-1, 0], [0, 0]])  # (row, col) step of each event
@@ -29,8 +38,8 @@ BACKGROUNDS = torch.tensor([[-.6, -.6, -.6], [-.6, 0., 0.], [0., -.6, 0.]])  # d
 class World:
     size: int = 16     # S, frame side in pixels
     sprite: int = 4    # s, sprite side in pixels
-    speed: int = 1     # pixels per frame
-    rho: float = 0.9   # P(sprite colour = the event's canonical colour) in teacher clips
+    speed: int = 2     # pixels per frame: at 1 a step is a quarter of a 4-pixel token (python world.py)
+    rho: float = 0.9   # P(sprite colour = the first event's canonical colour) in teacher clips
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -67,11 +76,41 @@ def sample_videos(w, ev, gen, rho=None):
     return render(pos, SPRITE_COLORS[color], BACKGROUNDS[bg], w.size, w.sprite), color, bg
 
 
-def teacher_batch(w, B, T, gen):
-    """Teacher clips carry one event for all their frames. -> x (B,T,3,S,S), event (B,)."""
-    event = torch.randint(len(EVENTS), (B,), generator=gen)
-    x, _, _ = sample_videos(w, event[:, None].expand(B, T), gen, rho=w.rho)
+def random_events(B, T, chunk, gen, p_switch=0.5, max_switches=1, first=None):
+    """Per-frame events (B,T), drawn per video: each starts with a random event and, with
+    probability p_switch, switches 1..max_switches times at distinct chunk boundaries at or
+    after `first` (default: the first chunk boundary); a switch always changes the event."""
+    first = chunk if first is None else first
+    bounds = torch.arange(first, T, chunk)
+    ev = torch.empty(B, T, dtype=torch.long)
+    for b in range(B):
+        cur = int(torch.randint(len(EVENTS), (), generator=gen))
+        n = int(torch.randint(1, max_switches + 1, (), generator=gen)) if len(bounds) else 0
+        n = n if float(torch.rand((), generator=gen)) < p_switch else 0
+        at = bounds[torch.randperm(len(bounds), generator=gen)[:n]].sort().values.tolist()
+        start = 0
+        for a in at + [T]:
+            ev[b, start:a] = cur
+            cur = (cur + int(torch.randint(1, len(EVENTS), (), generator=gen))) % len(EVENTS)
+            start = a
+    return ev
+
+
+def teacher_batch(w, B, T, gen, chunk=2, p_switch=0.5):
+    """Teacher clips: per-frame events, about half switching once at a chunk boundary.
+    -> x (B,T,3,S,S), event (B,T)."""
+    event = random_events(B, T, chunk, gen, p_switch)
+    x, _, _ = sample_videos(w, event, gen, rho=w.rho)
     return x, event
+
+
+def natural_step(w, T, chunk, n=2048):
+    """The median size ||x_t - x_{t-1}|| of a transition in real clips: a constant of the data
+    (drawn from a fixed seed, never from a run's), which Delta Forcing uses as its unit of motion
+    (in a latent model, the median latent frame delta). In pixel space one step's size depends on
+    the sprite/background contrast: moving steps span 0.87 m to 1.35 m over the palette."""
+    x, _ = teacher_batch(w, n, T, torch.Generator().manual_seed(0), chunk)
+    return float((x[:, 1:] - x[:, :-1]).flatten(2).norm(dim=-1).median())
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -157,10 +196,24 @@ def track(video, w):
 
 # ----------------------------------------------------------------------------- metrics
 
-def video_metrics(video, ev, w, first=1, grace=2, tol=0.5):
+def turned(d, old, new, speed):
+    """Did the sprite turn? d (n,2): its displacements over the first chunk after a switch.
+    Their mean must point closer to the new event's velocity than to the old one's (to `stay`:
+    move slower than half the speed). Not the exact speed: "never turns" is not "turns slowly"."""
+    if len(d) == 0:
+        return False
+    mean = d.mean(0)
+    if EVENTS[new] == "stay":
+        return bool(np.linalg.norm(mean) < speed / 2)
+    v_new, v_old = DIRS[new].numpy() * speed, DIRS[old].numpy() * speed
+    return bool(np.linalg.norm(mean - v_new) < np.linalg.norm(mean - v_old))
+
+
+def video_metrics(video, ev, w, first=1, grace=2, tol=0.5, chunk=2):
     """Exact world metrics of one video (T,3,S,S) generated under per-frame events ev (T,).
     `first`: transitions into frames before it are not scored (the first chunk of a stream).
-    Returns floats; nan where a metric does not apply (no switch, no valid pair)."""
+    `react` looks at the first `chunk` frames after each switch; `latency` counts only the
+    switches that reacted (`n_react` of them). Returns floats; nan where a metric does not apply."""
     tr, ev = track(video, w), np.asarray(ev)
     T, S = len(ev), w.size
     d = (np.diff(tr["pos"], axis=0) + S / 2) % S - S / 2             # (T-1,2) torus displacement into frame t
@@ -172,11 +225,14 @@ def video_metrics(video, ev, w, first=1, grace=2, tol=0.5):
     scored = np.arange(1, T) >= first
     for f, _, _ in sw:
         scored &= ~((np.arange(1, T) >= f) & (np.arange(1, T) < f + grace))
-    lat, ident, bias = [], [], []
-    for i, (f, _, new) in enumerate(sw):
+    lat, ident, bias, react = [], [], [], []
+    for i, (f, old, new) in enumerate(sw):
         end = bounds[i + 2]
+        first_chunk = [t - 1 for t in range(f, min(f + chunk, end)) if pair[t - 1]]   # transitions into f..f+chunk-1
+        react.append(float(turned(d[first_chunk], old, new, w.speed)))
         hits = [t for t in range(f, end - 1) if match[t - 1] and match[t]]
-        lat.append(hits[0] - f if hits else end - f)
+        if react[-1]:
+            lat.append(hits[0] - f if hits else end - f)
         before = [t for t in range(bounds[i], f) if tr["valid"][t]]
         after = [t for t in range(f, end) if tr["valid"][t]]
         if not before or not after:
@@ -195,7 +251,9 @@ def video_metrics(video, ev, w, first=1, grace=2, tol=0.5):
     canon = CANON[ev[0]]
     return dict(
         follow=float(match[scored].mean()) if scored.any() else float("nan"),
+        react=float(np.mean(react)) if react else float("nan"),
         latency=float(np.mean(lat)) if lat else float("nan"),
+        n_react=float(sum(react)),
         identity=float(np.mean(ident)) if ident else float("nan"),
         jumps=float((np.abs(d[pair]).max(-1) > w.speed + 1).mean()) if pair.any() else float("nan"),
         valid=float(tr["valid"].mean()),
@@ -216,13 +274,13 @@ def summarize(per_video):
     return {k: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan") for k, v in per_video.items()}
 
 
-def to_rgb(frames, scale=4):
+def to_rgb(frames, scale=8):
     """frames (T,3,H,W) in [-1,1] -> (T,H*scale,W*scale,3) uint8 numpy, nearest-upscaled."""
     a = ((frames.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
     return a.repeat_interleave(scale, -1).repeat_interleave(scale, -2).permute(0, 2, 3, 1).numpy()
 
 
-def save_video(path, frames, fps=8, scale=4):
+def save_video(path, frames, fps=8, scale=8):
     """frames (T,3,S,S) or (T,3,S,W) in [-1,1] -> GIF or MP4 (by suffix), nearest-upscaled."""
     import imageio.v2 as imageio
     a = to_rgb(frames, scale)                                        # (T,H,W,3)
@@ -233,7 +291,7 @@ def save_video(path, frames, fps=8, scale=4):
         imageio.mimwrite(path, list(a), duration=1000 / fps, loop=0)
 
 
-def save_strip(path, videos, scale=4):
+def save_strip(path, videos, scale=8):
     """Videos (N,T,3,S,S) in [-1,1] -> one PNG, a video per row, its frames left to right."""
     import imageio.v2 as imageio
     grid = torch.cat([torch.cat(list(v), -1) for v in videos], -2)   # (3, N*S, T*S)
@@ -242,12 +300,21 @@ def save_strip(path, videos, scale=4):
     imageio.imwrite(path, a)
 
 
+def step_sizes(w):
+    """L2 sizes, in pixel space, of what a model must see: one step of motion at speeds 1 and 2,
+    and a recolour of the sprite (the conditional bias). Printed by `python world.py`."""
+    pos = torch.tensor([[[4, 4], [4, 4 + 1], [4, 4 + 2]]])           # (1,3,2): still, 1 px right, 2 px right
+    red, blue, bg = SPRITE_COLORS[0:1], SPRITE_COLORS[2:3], BACKGROUNDS[0:1]
+    x = render(pos, red, bg, w.size, w.sprite)[0]                     # (3,3,S,S)
+    recolour = render(pos[:, :1], blue, bg, w.size, w.sprite)[0, 0] - x[0]
+    return {"speed 1": float((x[1] - x[0]).norm()), "speed 2": float((x[2] - x[0]).norm()),
+            "recolour": float(recolour.norm())}
+
+
 if __name__ == "__main__":
     w, gen = World(), torch.Generator().manual_seed(0)
-    x, event = teacher_batch(w, 4, 16, gen)                          # four teacher clips, one event each
-    sched = parse_schedule("right@0,up@6,left@11", 16)
-    y, _, _ = sample_videos(w, schedule_events(sched, 16, 2)[None], gen)
-    grid = torch.cat([torch.cat(list(x), -1), y[0]], -1)             # (T,3,S,5*S): clips side by side
-    save_video("out/world.gif", grid)
-    print("events:", [EVENTS[e] for e in event], "+ schedule right@0,up@6,left@11 -> out/world.gif")
-    print("ground-truth metrics of the schedule video:", video_metrics(y[0], schedule_events(sched, 16, 2), w))
+    x, event = teacher_batch(w, 6, 16, gen, chunk=2)                  # six teacher clips, about half switching
+    save_video("out/world.gif", torch.cat(list(x), -1))              # (T,3,S,6*S): clips side by side
+    print("clip events:", [" ".join(EVENTS[e] for e in ev[::2]) for ev in event.tolist()], "-> out/world.gif")
+    print("L2 size of a step and of a recolour:", {k: round(v, 2) for k, v in step_sizes(w).items()})
+    print(f"natural step m (median transition of teacher clips, speed {w.speed}): {natural_step(w, 8, 2):.2f}")

@@ -1,4 +1,5 @@
-"""DMD gradient, the Self Forcing rollout, and distill.py end to end (DESIGN section 6)."""
+"""The DMD gradient, the Self Forcing rollout, ODE pairs, evaluation, and distill.py end to end."""
+import dataclasses
 import os
 
 import pytest
@@ -7,9 +8,10 @@ import torch.nn as nn
 
 import distill
 import teacher
-from model import BadInput, KVCache, VideoDiT, add_noise, load_checkpoint, model_config, pred_x0, rollout
-from test_model import CH, MC, randomized
-from test_teacher import ROOT, TINY, assert_one_line_error, run, tiny_cfg
+from common import BadInput, load_checkpoint
+from conftest import CH, LEVELS, assert_one_line_error, distill_cfg, randomized, run, stream_setup, tiny_cfg
+from model import KVCache, add_noise, build, pred_x0, rollout
+from world import World, switches
 
 
 # ----------------------------------------------------------------------------- the DMD gradient
@@ -36,6 +38,7 @@ def test_dmd_gradient_is_zero_when_fake_equals_real():
     event = torch.randint(5, (2, 4))
     per_frame, aux = distill.dmd_loss(x, event, m, m, guidance=0.0, shift=3.0)
     per_frame.mean().backward()
+    assert per_frame.shape == (2, 4)
     assert aux["grad"].abs().max() == 0 and x.grad.abs().max() == 0
 
 
@@ -65,10 +68,32 @@ def test_critic_loss_is_flow_matching_on_its_input():
     assert loss.item() > 0 and m.final_layer.weight.grad.abs().max() > 0
 
 
+def test_critic_update_steps_the_critic_only():
+    critic, student = randomized(0), randomized(1)
+    opt_critic = torch.optim.SGD(critic.parameters(), lr=0.1)
+    before, s_before = critic.final_layer.weight.clone(), student.final_layer.weight.clone()
+    x = torch.randn(2, 4, 3, 16, 16)
+    loss = distill.critic_update(critic, opt_critic, x, torch.zeros(2, 4, dtype=torch.long), 3.0, 10.0)
+    assert torch.isfinite(loss) and (critic.final_layer.weight - before).abs().max() > 0
+    assert torch.equal(student.final_layer.weight, s_before)
+
+
+def test_dmd_update_steps_the_student_and_the_critic(tmp_path):
+    student, critic, frozen = randomized(0), randomized(1), randomized(2).requires_grad_(False)
+    cfg = distill_cfg(tmp_path, critic_ratio=2)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    opt_critic = torch.optim.SGD(critic.parameters(), lr=0.1)
+    s0, c0, t0 = (m.final_layer.weight.clone() for m in (student, critic, frozen))
+    torch.manual_seed(0)
+    loss, closs, gnorm, applied = distill.dmd_update(
+        student=student, critic=critic, teacher=frozen, opt=opt, opt_critic=opt_critic, cfg=cfg,
+        levels=torch.tensor(stream_setup()["sigmas"]), shape=(2, 4, 16), gen=torch.Generator().manual_seed(0))
+    assert applied and torch.isfinite(loss) and torch.isfinite(closs) and gnorm > 0
+    assert (student.final_layer.weight - s0).abs().max() > 0 and (critic.final_layer.weight - c0).abs().max() > 0
+    assert torch.equal(frozen.final_layer.weight, t0)           # the teacher is never trained
+
+
 # ----------------------------------------------------------------------------- the rollout
-
-LEVELS = torch.tensor([1.0, 0.9, 0.75, 0.5])
-
 
 def roll(m, noise, event, seed=0, **kw):
     torch.manual_seed(seed)                                       # the same re-noising draws
@@ -105,6 +130,18 @@ def test_rollout_equals_recomputing_the_prefix():
     assert torch.allclose(streamed, torch.cat(done, 1), atol=1e-5)
 
 
+def test_rollout_with_a_generator_leaves_the_global_rng_alone():
+    m = randomized()
+    noise, event = torch.randn(2, 4, 3, 16, 16), torch.zeros(2, 4, dtype=torch.long)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        a = rollout(m, noise, event, LEVELS, CH, KVCache(2, 8), gen=torch.Generator().manual_seed(3))
+        b = rollout(m, noise, event, LEVELS, CH, KVCache(2, 8), gen=torch.Generator().manual_seed(3))
+        c = rollout(m, noise, event, LEVELS, CH, KVCache(2, 8), gen=torch.Generator().manual_seed(4))
+    assert torch.equal(state, torch.get_rng_state())
+    assert torch.equal(a, b) and (a - c).abs().max() > 1e-3     # the re-noising draws come from gen
+
+
 def test_gradient_only_from_the_shared_exit_step():
     m = randomized()
     calls = []
@@ -132,37 +169,90 @@ def test_gradient_only_from_the_shared_exit_step():
     assert noise.grad[:, 4:].abs().max() > 0
 
 
+# ----------------------------------------------------------------------------- ODE init
+
+def test_stream_args_hold_the_shifted_levels():
+    cfg = distill.DistillConfig(levels="1,0.5", shift=3.0, chunk=2, n_sink=2, n_window=8)
+    s = distill.stream_args(cfg, 8)
+    assert s == dict(chunk=2, sigmas=pytest.approx([1.0, 0.75]), n_sink=2, n_window=8, window=8, shift=3.0)
+
+
+def test_ode_pairs_follow_per_frame_schedules_and_the_seed(teacher_dir):
+    tck = load_checkpoint(str(teacher_dir / "teacher.pt"), ["teacher"], "")
+    model = build(tck["model_args"], tck["ema"]).eval()
+    levels = torch.tensor(stream_setup()["sigmas"])
+
+    def pairs(seed):
+        return distill.ode_pairs(model, tck, 8, levels, 2, 1.0, "cpu", torch.Generator().manual_seed(seed))
+    xs, x0, event = pairs(0)
+    T = tck["config"]["frames"]
+    assert xs.shape == (8, len(levels), T, 3, 16, 16) and x0.shape == (8, T, 3, 16, 16) and event.shape == (8, T)
+    assert all(len(switches(e)) == 1 for e in event)             # p_switch = 1: every pair switches once
+    again, other = pairs(0), pairs(1)
+    assert all(torch.equal(a, b) for a, b in zip((xs, x0, event), again))
+    assert not torch.equal(xs, other[0])                         # another --seed: other data
+    loss = distill.ode_loss(randomized(), xs, x0, event, levels, 2)
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def test_evaluation_never_touches_the_global_rng():
+    m = randomized()
+    tck = dict(config=dict(frames=8, size=16), world=dataclasses.asdict(World()))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    metrics, one, sw = distill.evaluate(m, stream_setup(), tck, 3, torch.device("cpu"))
+    assert torch.equal(state, torch.get_rng_state())
+    assert one.shape == sw.shape == (3, 8, 3, 16, 16)
+    assert {"follow", "valid", "canon", "react", "latency", "identity", "switch_valid"} <= set(metrics)
+    again = distill.evaluate(m, stream_setup(), tck, 3, torch.device("cpu"))
+    assert torch.equal(one, again[1]) and torch.equal(sw, again[2])      # its own seed: the same clips every time
+
+
+def test_teacher_evaluation_never_touches_the_global_rng(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    m = build(teacher.model_args(cfg))
+    state = torch.get_rng_state()
+    metrics, one, sw = teacher.evaluate(m, cfg, 2, torch.device("cpu"))
+    assert torch.equal(state, torch.get_rng_state())
+    assert one.shape == sw.shape == (2, cfg.frames, 3, cfg.size, cfg.size) and "react" in metrics
+
+
+def test_eval_events_cover_one_event_and_switch_clips():
+    one, sw = teacher.eval_events(20, 8, 2)
+    assert (one == one[:, :1]).all() and set(one[:, 0].tolist()) == set(range(5))
+    assert all(switches(e) and switches(e)[0][0] == 4 and len(switches(e)) == 1 for e in sw)
+    assert len({tuple(e[[0, -1]].tolist()) for e in sw}) == 20  # distinct ordered pairs
+
+
 # ----------------------------------------------------------------------------- end to end
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pipeline")
-    teacher.main(tiny_cfg(d, max_steps=2))
-    return d
-
-
-def distill_cfg(d, **kw):
-    cfg = distill.DistillConfig(out_dir=str(d), ode_pairs=8, ode_steps=2, dmd_steps=2, batch=2,
-                                critic_ratio=2, eval_samples=5, log_every=1)
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
-def test_distill_end_to_end_and_resume(teacher_dir, capsys):
-    distill.main(distill_cfg(teacher_dir, max_steps=2))
-    ck = load_checkpoint(str(teacher_dir / "student.pt"), ["student"], "python distill.py")
-    assert ck["step"] == 2 and ck["phase"] == "dmd" and {"follow", "valid", "canon"} <= set(ck["metrics"])
-    distill.main(distill_cfg(teacher_dir, dmd_steps=3, resume=True))
+def test_distill_end_to_end_and_resume(teacher_dir, tmp_path, capsys):
+    t = str(teacher_dir / "teacher.pt")
+    distill.main(distill_cfg(tmp_path, teacher=t, max_steps=2))
+    ck = load_checkpoint(str(tmp_path / "student.pt"), ["student"], "python distill.py")
+    assert ck["step"] == 2 and ck["phase"] == "dmd" and {"follow", "valid", "canon", "react"} <= set(ck["metrics"])
+    distill.main(distill_cfg(tmp_path, teacher=t, dmd_steps=3, resume=True))
     assert "resumed" in capsys.readouterr().out
-    assert load_checkpoint(str(teacher_dir / "student.pt"), ["student"], "")["step"] == 3
-    assert os.path.exists(teacher_dir / "student_samples.gif")
+    assert load_checkpoint(str(tmp_path / "student.pt"), ["student"], "")["step"] == 3
+    assert os.path.exists(tmp_path / "student_samples.gif") and os.path.exists(tmp_path / "teacher_vs_student.png")
 
 
-def test_missing_or_mismatched_teacher(teacher_dir, tmp_path):
+def test_different_seeds_give_different_data(teacher_dir, tmp_path):
+    t = str(teacher_dir / "teacher.pt")
+    weights = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        distill.main(distill_cfg(tmp_path / name, teacher=t, max_steps=1, seed=seed, eval_samples=4))
+        weights[name] = torch.load(tmp_path / name / "student.pt", weights_only=True)["model"]
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])     # a seed is reproducible
+    assert any(not torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])  # another seed, other data
+
+
+def test_missing_or_mismatched_teacher(teacher_dir, student_dir, tmp_path):
     with pytest.raises(BadInput, match="not found"):
         distill.main(distill_cfg(tmp_path, teacher=str(tmp_path / "none.pt")))
     with pytest.raises(BadInput, match="do not split into chunks"):
-        distill.main(distill_cfg(teacher_dir, chunk=3))
-    r = run("distill.py", f"--out_dir={tmp_path}", f"--teacher={teacher_dir / 'student.pt'}")
+        distill.main(distill_cfg(tmp_path, teacher=str(teacher_dir / "teacher.pt"), chunk=3))
+    r = run("distill.py", f"--out_dir={tmp_path}", f"--teacher={student_dir / 'student.pt'}")
     assert_one_line_error(r, "student checkpoint, not teacher", "python teacher.py")

@@ -7,10 +7,10 @@ import sys
 
 import torch
 
-from model import load_checkpoint
-from test_teacher import ROOT, TINY
+from common import load_checkpoint
+from conftest import ROOT, TEACHER_FLAGS
 
-TEACHER = [f"--{k}={v}" for k, v in TINY.items()] + ["--max_steps=3"]
+TEACHER = TEACHER_FLAGS + ["--max_steps=3"]
 
 
 def torchrun(script, *args):

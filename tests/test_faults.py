@@ -1,5 +1,5 @@
-"""Faults and bad input (DESIGN section 11): kill -9 and resume, non-finite losses, one clear line
-for every bad input, bit-identical samples for a seed, and live steering in a real terminal (tmux)."""
+"""Faults and bad input: kill -9 and resume, non-finite losses, one clear line for every bad
+input, bit-identical samples for a seed, and live steering in a real terminal (tmux)."""
 import os
 import random
 import shutil
@@ -8,29 +8,25 @@ import subprocess
 import sys
 import time
 
-import importlib
-
 import imageio.v2 as imageio
 import pytest
 import torch
 
 import distill
 import teacher
-from model import cli, load_checkpoint
-from test_longtune import student_dir  # noqa: F401  (module fixture)
-from test_distill import distill_cfg, teacher_dir  # noqa: F401
-from test_teacher import ROOT, TINY, assert_one_line_error, run, tiny_cfg
-
-TEACHER = [f"--{k}={v}" for k, v in TINY.items()]
+from common import load_checkpoint
+from conftest import (ROOT, TEACHER_FLAGS, assert_one_line_error, assert_one_line_exit_2, distill_cfg, run, run_cli,
+                      tiny_cfg)
 
 
 # ----------------------------------------------------------------------------- kill -9, resume, non-finite
 
 def test_kill_9_at_random_moments_leaves_a_checkpoint_that_resumes(tmp_path):
     rng = random.Random(0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(3):
-        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "teacher.py"), f"--out_dir={tmp_path}", *TEACHER,
-                              "--max_steps=100000", "--resume=True"], cwd=ROOT, stdout=subprocess.DEVNULL,
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "teacher.py"), f"--out_dir={tmp_path}", *TEACHER_FLAGS,
+                              "--max_steps=100000", "--resume=True"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
         t0 = time.time()
         while not (tmp_path / "teacher.pt").exists() and time.time() - t0 < 60:
@@ -40,13 +36,13 @@ def test_kill_9_at_random_moments_leaves_a_checkpoint_that_resumes(tmp_path):
         p.wait()
         ck = load_checkpoint(str(tmp_path / "teacher.pt"), ["teacher"], "")   # readable after every kill
         assert ck["step"] >= 1
-    r = run("teacher.py", f"--out_dir={tmp_path}", *TEACHER, f"--max_steps={ck['step'] + 2}", "--resume=True")
+    r = run("teacher.py", f"--out_dir={tmp_path}", *TEACHER_FLAGS, f"--max_steps={ck['step'] + 2}", "--resume=True")
     assert r.returncode == 0, r.stderr
     assert f"resumed {tmp_path / 'teacher.pt'} at step {ck['step']}" in r.stdout
     assert load_checkpoint(str(tmp_path / "teacher.pt"), ["teacher"], "")["step"] == ck["step"] + 2
 
 
-def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch, teacher_dir, capsys):  # noqa: F811
+def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch, teacher_dir, capsys):
     real_fm, calls = teacher.fm_loss, []
 
     def nan_on_second(*a):
@@ -66,41 +62,22 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch, teache
         per_frame, aux = real_dmd(x, *a)
         return (per_frame * float("nan") if len(calls) == 1 else per_frame), aux
     monkeypatch.setattr(distill, "dmd_loss", dmd_nan_on_first)
-    distill.main(distill_cfg(teacher_dir, out_dir=str(tmp_path / "d"), teacher=str(teacher_dir / "teacher.pt"),
-                             max_steps=3))
+    distill.main(distill_cfg(tmp_path / "d", teacher=str(teacher_dir / "teacher.pt"), max_steps=3))
     ck = load_checkpoint(str(tmp_path / "d" / "student.pt"), ["student"], "")
     assert ck["skipped"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
 # ----------------------------------------------------------------------------- one line for every bad input
 
-def run_cli(script, args, capsys, monkeypatch):
-    """A script's entry point, in this process (no interpreter start-up): -> (exit code, stderr).
-    Any exception other than the one-line BadInput escapes and fails the test, as a traceback would."""
-    mod = importlib.import_module(script[:-3])
-    cls = next(v for k, v in vars(mod).items() if k.endswith("Config") and v.__module__ == mod.__name__)
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    capsys.readouterr()
-    try:
-        cli(mod.main, cls, mod.PRESETS)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
-def assert_one_line_exit_2(code, err, *words):
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, err
-    assert all(w in lines[0] for w in words), lines[0]
-
-
 @pytest.mark.parametrize("script,args,words", [
     ("teacher.py", ["--out_dir=/proc/nope"], ["cannot write checkpoints", "/proc/nope"]),
     ("teacher.py", ["--lr=fast"], ["--lr", "not a float"]),
     ("teacher.py", ["--compile=maybe"], ["--compile"]),
+    ("teacher.py", ["--frames=5"], ["--frames=5 must be a multiple of --chunk=2"]),
     ("distill.py", ["--out_dir=/proc/nope"], ["cannot write checkpoints"]),
     ("longtune.py", ["--switch_cache=sometimes"], ["recache, keep or clear"]),
+    ("longtune.py", ["--window_events=sometimes"], ["true or current"]),
+    ("longtune.py", ["--context=3"], ["--context=3", "chunks"]),
     ("sample.py", ["--eval", "--seeds=0"], ["--seeds must be positive"]),
     ("sample.py", ["--frames=-8"], ["positive"]),
     ("sample.py", ["--events=right@0,up@8,left@4", "--frames=16"], ["must increase"]),
@@ -108,18 +85,19 @@ def assert_one_line_exit_2(code, err, *words):
     ("sample.py", ["--events=right@-2", "--frames=16"], ["non-negative integer"]),
     ("sample.py", ["--out=out/x.png"], [".gif or .mp4"]),
     ("sample.py", ["--live"], ["needs a terminal"]),
+    ("sample.py", ["--weights=best"], ["ema or model"]),
     ("sample.py", ["--eval", "--json=/proc/nope/e.json"], ["cannot write --json"]),
     ("sample.py", ["--eval", "--schedule_file=/nonexistent.json"], ["cannot read --schedule_file"]),
     ("bench.py", ["--compile=fast"], ["auto, on or off"]),
 ])
-def test_bad_input_is_one_line_and_exit_2(student_dir, script, args, words, capsys, monkeypatch):  # noqa: F811
+def test_bad_input_is_one_line_and_exit_2(student_dir, script, args, words, capsys, monkeypatch):
     ck = [f"--ckpt={student_dir / 'student.pt'}"] if script == "sample.py" else []
     ck += [f"--student={student_dir / 'student.pt'}"] if script == "longtune.py" else []
     ck += [f"--teacher={student_dir / 'teacher.pt'}"] if script == "distill.py" else []
     assert_one_line_exit_2(*run_cli(script, [*ck, *args], capsys, monkeypatch), *words)
 
 
-def test_bad_schedule_file_contents(student_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_bad_schedule_file_contents(student_dir, tmp_path, capsys, monkeypatch):
     args = ["--eval", f"--ckpts={student_dir / 'student.pt'}", f"--schedule_file={tmp_path / 's.json'}", "--frames=8"]
     (tmp_path / "s.json").write_text('["right@0,fly@4"]')
     assert_one_line_exit_2(*run_cli("sample.py", args, capsys, monkeypatch), "unknown event 'fly'")
@@ -135,7 +113,7 @@ def test_bad_schedule_file_contents(student_dir, tmp_path, capsys, monkeypatch):
     ("longtune.py", "--student=teacher.pt", ["teacher checkpoint, not student", "python distill.py"]),
     ("sample.py", "--ckpt=teacher.pt", ["teacher checkpoint", "python distill.py"]),
 ])
-def test_wrong_stage_names_the_command_that_makes_the_right_one(student_dir, tmp_path, script, ckpt_arg, words,  # noqa: F811
+def test_wrong_stage_names_the_command_that_makes_the_right_one(student_dir, tmp_path, script, ckpt_arg, words,
                                                                capsys, monkeypatch):
     if ckpt_arg is None:                                         # --resume finds a student where the teacher should be
         shutil.copy(student_dir / "student.pt", tmp_path / "teacher.pt")
@@ -146,13 +124,13 @@ def test_wrong_stage_names_the_command_that_makes_the_right_one(student_dir, tmp
     assert_one_line_exit_2(*run_cli(script, args, capsys, monkeypatch), *words)
 
 
-def test_truncated_checkpoint_is_one_line(student_dir, tmp_path):  # noqa: F811
+def test_truncated_checkpoint_is_one_line(student_dir, tmp_path):
     data = (student_dir / "student.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
     assert_one_line_error(run("sample.py", f"--ckpt={tmp_path / 'cut.pt'}"), "truncated or corrupt", "python distill.py")
 
 
-def test_same_seed_gives_bit_identical_files(student_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_same_seed_gives_bit_identical_files(student_dir, tmp_path, capsys, monkeypatch):
     for name in ("a", "b", "c"):
         seed = "--seed=3" if name != "c" else "--seed=4"
         args = [f"--ckpt={student_dir / 'student.pt'}", "--frames=8", "--events=right@0,up@4", seed, f"--out={tmp_path / name}.gif"]
@@ -179,10 +157,11 @@ def wait_for(text, timeout=60):
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 @pytest.mark.parametrize("stop", ["q", "C-c", "SIGTERM"])
-def test_live_in_tmux_steers_saves_and_restores_the_terminal(student_dir, tmp_path, stop):  # noqa: F811
+def test_live_in_tmux_steers_saves_and_restores_the_terminal(student_dir, tmp_path, stop):
     gif, pid = tmp_path / "live.gif", tmp_path / "pid"
-    cmd = (f"sh -c 'echo $$ > {pid}; exec {sys.executable} sample.py --live --ckpt={student_dir / 'student.pt'} "
-           f"--events=up@0 --fps=30 --out={gif}'; echo EXIT=$?; stty -a; echo STTY-DONE; sleep 60")
+    cmd = (f"sh -c 'echo $$ > {pid}; exec env OMP_NUM_THREADS=1 {sys.executable} sample.py --live "
+           f"--ckpt={student_dir / 'student.pt'} --events=up@0 --fps=30 --out={gif}'; echo EXIT=$?; stty -a; "
+           f"echo STTY-DONE; sleep 60")
     tmux("kill-server")
     tmux("new-session", "-d", "-s", "live", "-x", "250", "-y", "50", "-c", ROOT, cmd)
     try:

@@ -1,34 +1,25 @@
-"""Long tuning with switches, the shared cache handling, and sample.py (DESIGN sections 7, 9)."""
-import json
-import os
+"""Long tuning with per-stream switches: the persistent Streams, per-frame window events, the
+cache at a switch (recache / keep / clear, per stream), the probe, and longtune.py end to end."""
+import dataclasses
 
 import pytest
 import torch
 
-import distill
 import longtune
-import sample
-from model import KVCache, load_checkpoint, rollout
-from test_distill import LEVELS, distill_cfg, teacher_dir  # noqa: F401  (module fixture)
-from test_model import CH, randomized
-from test_teacher import assert_one_line_error, run
+import trust_region
+from common import BadInput, load_checkpoint
+from conftest import CH, LEVELS, longtune_cfg, randomized, stream_setup
+from model import KVCache, rollout
+from world import World, switches
 
 
-def test_random_schedule_switches_on_chunk_boundaries():
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        ev = longtune.random_schedule(4, 64, 2, 8, 3, gen)
-        changes = (ev[:, 1:] != ev[:, :-1]).any(0).nonzero().flatten() + 1   # frames where some video switches
-        assert 1 <= len(changes) <= 3 and all(c % 2 == 0 and c >= 8 for c in changes.tolist())
-        assert ((ev[:, changes] != ev[:, changes - 1]).all())                # every video really switches
-
-
-def stream_with_switch(m, switch, pieces=(8, 6, 6)):
+def stream_with_switch(m, switch, pieces=(8, 6, 6), ev=None):
     torch.manual_seed(0)
     T = sum(pieces)
     noise = torch.randn(2, T, 3, 16, 16)
-    ev = torch.zeros(2, T, dtype=torch.long)
-    ev[:, 10:] = torch.tensor([3, 1])[:, None]                   # both videos switch at frame 10
+    if ev is None:
+        ev = torch.zeros(2, T, dtype=torch.long)
+        ev[:, 10:] = torch.tensor([3, 1])[:, None]               # both videos switch at frame 10
     cache, outs, i = KVCache(2, 6), [], 0
     torch.manual_seed(1)
     for n in pieces:
@@ -50,7 +41,27 @@ def test_pieces_equal_one_stream_and_switch_modes_differ():
     assert (clear[:, 10:] - keep[:, 10:]).abs().max() > 1e-3
     assert (c_re.ordered()[1] == torch.tensor([3, 1])[:, None]).all()  # the whole cache, sink included, is re-encoded
     assert (c_keep.ordered()[1][:, :2] == 0).all()                     # keep leaves the sink under the old event
-    assert c_clear.n_seen == 20 - 10 and len(c_re) == len(c_keep) == 8   # clear dropped everything before the switch
+    assert len(c_re) == len(c_keep) == len(c_clear) == 8 and c_clear.n_seen == 20
+    for b in range(2):                                           # clear hid everything before the switch
+        assert not c_clear.valid[b, :2].any()                    # the sink (frames 0, 1) included
+        assert (c_clear.born[c_clear.valid[b]] >= 10).all() and c_clear.valid[b].sum() == 6
+
+
+@pytest.mark.parametrize("switch", ["clear", "recache"])
+def test_switch_acts_only_on_the_streams_that_switched(switch):
+    """Stream 0 switches at frame 10, stream 1 never does: stream 1 generates exactly what it
+    generates in a batch where nobody switches, and stream 0 sees its cache changed."""
+    m = randomized()
+    ev = torch.zeros(2, 20, dtype=torch.long)
+    ev[0, 10:] = 3
+    with torch.no_grad():
+        got, _ = stream_with_switch(m, switch, ev=ev)
+        calm, _ = stream_with_switch(m, switch, ev=torch.zeros(2, 20, dtype=torch.long))
+        keep, _ = stream_with_switch(m, "keep", ev=ev)
+    assert torch.allclose(got[1], calm[1], atol=1e-5)            # the stream that did not switch is untouched
+    assert torch.allclose(got[0, :10], calm[0, :10], atol=1e-5)
+    assert (got[0, 10:] - keep[0, 10:]).abs().max() > 1e-3       # the one that switched differs from keep
+    assert torch.allclose(keep[1], calm[1], atol=1e-5)
 
 
 def test_cache_stays_bounded_over_a_10x_window_stream():
@@ -61,13 +72,16 @@ def test_cache_stays_bounded_over_a_10x_window_stream():
     assert cache.n_seen == 60 and len(cache) == 6 and cache.kv.shape[4] == 6
 
 
-def test_streams_use_the_inference_rollout(teacher_dir):  # noqa: F811
+def make_streams(batch=2, windows=3, seed=0, **kw):
+    cfg = longtune.LongtuneConfig(batch=batch, windows=windows, context=2, **kw)
+    return longtune.Streams(cfg, stream_setup(), 16, torch.Generator().manual_seed(seed), "cpu", batch)
+
+
+@pytest.mark.parametrize("window_events", ["true", "current"])
+def test_streams_use_the_inference_rollout(window_events):
     """Longtune's persistent rollout state generates exactly what the shared rollout generates."""
     m = randomized()
-    cfg = longtune.LongtuneConfig(batch=2, windows=3, context=2)
-    cfg.chunk, cfg.n_sink, cfg.n_window = 2, 2, 8
-    tcfg = dict(frames=8, size=16)
-    s = longtune.Streams(cfg, tcfg, torch.Generator().manual_seed(0), "cpu")
+    s = make_streams(window_events=window_events)
     ev = s.events.clone()
     with torch.no_grad():
         torch.manual_seed(5)
@@ -80,60 +94,101 @@ def test_streams_use_the_inference_rollout(teacher_dir):  # noqa: F811
     assert torch.equal(w1, r1) and mask1.all()
     assert torch.equal(w2[:, 2:], r2) and torch.equal(w2[:, :2], r1[:, -2:])   # K context frames + F new
     assert mask2.tolist() == [False, False] + [True] * 6
-    assert torch.equal(e2, ev[:, 13])                            # the window's current event
+    if window_events == "true":
+        assert torch.equal(e1, ev[:, :8]) and torch.equal(e2, ev[:, 6:14])    # each frame's own event
+    else:
+        assert torch.equal(e2, ev[:, 13:14].expand(-1, 8))                      # the window's current event
 
 
-@pytest.fixture(scope="module")
-def student_dir(teacher_dir):  # noqa: F811
-    distill.main(distill_cfg(teacher_dir, max_steps=1))
-    return teacher_dir
+@pytest.mark.parametrize("window_events", ["true", "current"])
+def test_window_events_match_the_events_frames_were_generated_under(window_events, monkeypatch):
+    """Record the event each frame is generated under (the rollout's input), across windows and
+    a reset of the streams: with 'true' the supervised window's events are exactly those, so no
+    frame generated under one event is supervised under another; with 'current' every frame of
+    the window gets the newest frame's event."""
+    m = randomized()
+    made = []
+    real = longtune.rollout
+
+    def spy(model, noise, event, *a, **kw):
+        made.append(event.clone())
+        return real(model, noise, event, *a, **kw)
+    monkeypatch.setattr(longtune, "rollout", spy)
+    s = make_streams(batch=3, windows=3, max_switches=3, window_events=window_events)
+    W, seen_switch = 8, False
+    with torch.no_grad():
+        for _ in range(6):                                       # 26-frame videos: one reset on the way
+            schedule = s.events.clone()
+            window, ev, mask, switched = s.advance(m, LEVELS, exit_step=0)
+            gen_ev = torch.cat(made, 1)[:, -W:]                  # what the window's frames were generated under
+            assert window.shape[:2] == ev.shape == (3, W)
+            assert torch.equal(switched, (gen_ev != gen_ev[:, -1:]).any(1))
+            seen_switch |= bool(switched.any())
+            if window_events == "true":
+                assert torch.equal(ev, gen_ev)
+            else:
+                assert torch.equal(ev, gen_ev[:, -1:].expand(-1, W))
+            assert torch.equal(gen_ev[:, -1], schedule[:, s.t - 1] if s.t else schedule[:, -1])
+            if s.t == 0:                                         # the videos ended: new schedules, new history
+                made.clear()
+    assert seen_switch
 
 
-def test_longtune_end_to_end(student_dir):
-    cfg = longtune.LongtuneConfig(out_dir=str(student_dir), max_steps=2, batch=2, critic_ratio=2, windows=2, log_every=1)
-    longtune.main(cfg)
-    ck = load_checkpoint(str(student_dir / "longtune.pt"), ["longtune"], "")
-    assert ck["step"] == 2
+def test_streams_draw_schedules_per_stream():
+    s = make_streams(batch=6, windows=8)
+    at = [tuple(f for f, _, _ in switches(e)) for e in s.events]
+    assert all(1 <= len(a) <= s.cfg.max_switches for a in at)     # every stream switches, after the first window
+    assert all(f >= s.stream["window"] and f % s.stream["chunk"] == 0 for a in at for f in a)
+    assert len(set(at)) >= 2, at                                 # not one switch pattern shared by the batch
 
 
-def test_sample_eval_json_and_same_seed(student_dir, tmp_path):
-    st = str(student_dir / "student.pt")
-    cfg = sample.SampleConfig(eval=True, ckpts=f"{st},{st}", seeds=2, json=str(tmp_path / "e.json"),
-                              schedule_file=str(tmp_path / "s.json"), frames=8, md=str(tmp_path / "r.md"))
-    (tmp_path / "s.json").write_text(json.dumps(["right@0,up@4", "down@0"]))
-    res = sample.main(cfg)
-    data = json.load(open(tmp_path / "e.json"))
-    for k in sample.METRICS:
-        assert k in data["results"][st]["all"]
-    assert res[st]["all"]["valid"]["mean"] >= 0
-    md = (tmp_path / "r.md").read_text()
-    assert "| checkpoint | follow |" in md and f"| {st} | " in md       # the README's table, written by the run
-    model, g = sample.load_generator(st, "cpu")
-    ev = sample.schedule_tensor("right@0,up@4", 8, 2, 1, "cpu")
-    a, _ = sample.generate(model, g, ev, [7], "recache")
-    b, _ = sample.generate(model, g, ev, [7], "recache")
-    c, _ = sample.generate(model, g, ev, [8], "recache")
-    assert torch.equal(a, b) and not torch.equal(a, c)
+def test_probe_never_touches_the_global_rng():
+    m = randomized()
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    p = longtune.probe(m, stream_setup(), World(), 2, torch.device("cpu"))
+    assert torch.equal(state, torch.get_rng_state())
+    assert {"react", "latency", "n_react", "follow", "identity"} <= set(p)
+    assert p == pytest.approx(longtune.probe(m, stream_setup(), World(), 2, torch.device("cpu")), nan_ok=True)
 
 
-def test_sample_writes_gif_and_png(student_dir, tmp_path, capsys):
-    out = str(tmp_path / "v.gif")
-    sample.main(sample.SampleConfig(ckpt=str(student_dir / "student.pt"), events="right@0,up@4", frames=8, out=out))
-    assert os.path.exists(out) and os.path.exists(tmp_path / "v.png")
-    assert "frames/s" in capsys.readouterr().out
+def test_tune_update_is_keyword_only():
+    with pytest.raises(TypeError):
+        longtune.tune_update(None, None, None, None, None, None, None, None, None, None)
 
 
-@pytest.mark.parametrize("args,words", [
-    (["--events=fly@0"], ["unknown event"]),
-    (["--events=right@0,up"], ["malformed"]),
-    (["--events=right@0,up@40", "--frames=16"], ["past the end"]),
-    (["--frames=0"], ["positive"]),
-    (["--out=/proc/forbidden/x.gif", "--frames=4", "--events=right@0"], ["cannot write"]),
+@pytest.mark.parametrize("kw,name", [
+    (dict(), "longtune.pt"),
+    (dict(trust_region=True), "deltaforcing.pt"),
+    (dict(switch_cache="clear"), "longtune.pt"),
+    (dict(window_events="current"), "longtune.pt"),
+    (dict(trust_region=True, switch_cache="clear", window_events="current", out_name="df_clear.pt"), "df_clear.pt"),
 ])
-def test_sample_bad_input(student_dir, args, words):
-    r = run("sample.py", f"--ckpt={student_dir / 'student.pt'}", *args)
-    assert_one_line_error(r, *words)
+def test_longtune_end_to_end(student_dir, tmp_path, kw, name, capsys):
+    longtune.main(longtune_cfg(tmp_path, student_dir / "student.pt", **kw))
+    ck = load_checkpoint(str(tmp_path / name), ["longtune"], "")
+    assert ck["step"] == 2 and {"react", "latency", "follow"} <= set(ck["metrics"])
+    assert all(ck["config"][k] == v for k, v in kw.items())
+    out = capsys.readouterr().out
+    assert f"switch cache {ck['config']['switch_cache']}" in out and f"window events {ck['config']['window_events']}" in out
+    if kw.get("trust_region"):                                   # Delta Forcing logs its trust weights
+        assert " w " in out and " k " in out
 
 
-def test_sample_wrong_stage(student_dir):
-    assert_one_line_error(run("sample.py", f"--ckpt={student_dir / 'teacher.pt'}"), "teacher checkpoint", "python distill.py")
+@pytest.mark.parametrize("kw,msg", [
+    (dict(switch_cache="sometimes"), "recache, keep or clear"),
+    (dict(window_events="all"), "true or current"),
+    (dict(context=3), "whole number of 2-frame chunks"),
+    (dict(context=8), "--context=8"),
+])
+def test_longtune_bad_input(student_dir, tmp_path, kw, msg):
+    with pytest.raises(BadInput, match=msg):
+        longtune.load_student(longtune_cfg(tmp_path, student_dir / "student.pt", **kw))
+
+
+def test_longtune_config_defaults_match_the_loss_defaults():
+    """The stage and trust_region.delta_forcing_loss agree on tau, lambda and r by default."""
+    import inspect
+    cfg, sig = longtune.LongtuneConfig(), inspect.signature(trust_region.delta_forcing_loss).parameters
+    assert dataclasses.asdict(cfg)["window_events"] == "true"
+    assert (cfg.tau, cfg.lam, cfg.mc_radius) == (sig["tau"].default, sig["lam"].default, sig["r"].default)

@@ -1,22 +1,11 @@
-"""Model invariants (DESIGN section 4): cache = block-causal forward, causality, AdaLN-Zero,
-no gradient through the cache, patchify round trip, bounded cache, recache."""
+"""Model invariants: cache = block-causal forward, causality, AdaLN-Zero, no gradient through
+the cache, patchify round trip, bounded cache, recache, per-stream clear, RoPE, compile."""
 import pytest
 import torch
 
-from model import KVCache, ModelConfig, VideoDiT, add_noise, pred_x0, recache, shift_sigma, stream as stream_step
-
-MC = ModelConfig(size=16, patch=4, dim=32, depth=2, heads=2)
-B, T, CH = 2, 8, 2
-
-
-def randomized(seed=0):
-    """A model with every weight random (AdaLN-Zero would make the output trivially zero)."""
-    torch.manual_seed(seed)
-    m = VideoDiT(MC)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.1)
-    return m.eval()
+from conftest import CH, MC, MODEL_ARGS, B, T, randomized
+from model import (KVCache, ModelConfig, VideoDiT, add_noise, build, pred_x0, randn, recache, rope_angles, rollout,
+                   shift_sigma, stream as stream_step)
 
 
 def inputs(seed=0):
@@ -66,6 +55,17 @@ def test_zero_output_at_init():
     assert torch.equal(m(x, sigma, event), torch.zeros_like(x))
 
 
+def test_build_from_model_args_and_state():
+    torch.manual_seed(0)
+    m = build(MODEL_ARGS)
+    assert isinstance(m, VideoDiT) and m.mc == MC
+    r = randomized()
+    m2 = build(MODEL_ARGS, r.state_dict())
+    x, sigma, event = inputs()
+    with torch.no_grad():
+        assert torch.equal(m2(x, sigma, event), r(x, sigma, event))
+
+
 def test_no_gradient_reaches_the_cache():
     m = randomized()
     x, sigma, event = inputs()
@@ -85,6 +85,36 @@ def test_patchify_round_trip():
     assert torch.equal(m.unpatchify(m.patchify(x)), x)
     p = m.patchify(x)                                            # token (row 1, col 2) of frame 3 holds that patch
     assert torch.equal(p[0, 3, 1 * 4 + 2], x[0, 3, :, 4:8, 8:12].reshape(-1))
+
+
+@pytest.mark.parametrize("grid", [4, 8])
+@pytest.mark.parametrize("head_dim", [16, 32, 64])
+def test_every_spatial_rope_pair_carries_position(grid, head_dim):
+    """At t = 0 the time pairs are 0 everywhere; every other pair is spatial, and the sine of its
+    angle must be non-zero somewhere on the grid. A Nyquist frequency (pi per cell) has sine 0
+    at every integer position: those channels would carry only parity, and at grid 4 would be
+    blind to the difference between positions 1 and 3 for a query at 0 (the old code had it)."""
+    ang = rope_angles(torch.zeros(1, dtype=torch.long), grid, head_dim, "cpu")   # (grid*grid, head_dim/2)
+    assert ang.shape == (grid * grid, head_dim // 2)
+    spatial = ang.abs().amax(0) > 0                              # pairs whose angle depends on the position
+    assert spatial.sum() >= head_dim // 4                        # about three quarters of the pairs are spatial
+    sines = ang[:, spatial].sin().abs().amax(0)                  # per spatial pair: its largest |sin| on the grid
+    assert (sines > 1e-3).all(), sines
+    rows = ang.view(grid, grid, -1)[:, 0, spatial]               # moving down a column: the row pairs turn
+    cols = ang.view(grid, grid, -1)[0, :, spatial]               # moving along a row: the col pairs turn
+    turns_r, turns_c = rows.std(0) > 0, cols.std(0) > 0
+    assert turns_r.any() and turns_c.any() and (turns_r ^ turns_c).all()   # each spatial pair is a row or a col pair
+    rot = torch.polar(torch.ones_like(rows), rows)               # rotation of each row pair at each row
+    for a in range(grid):                                        # relative row positions are told apart by the row pairs
+        for b in range(a + 1, grid):
+            assert (rot[a] - rot[b]).abs().max() > 1e-3
+
+
+def test_rope_time_pairs_follow_the_frame_position():
+    ang = rope_angles(torch.tensor([0, 3]), 4, 32, "cpu").view(2, 16, -1)
+    time_pairs = rope_angles(torch.zeros(1, dtype=torch.long), 4, 32, "cpu").abs().amax(0) == 0
+    assert time_pairs.any() and (ang[0, :, time_pairs] == 0).all() and (ang[1, :, time_pairs] != 0).all()
+    assert torch.equal(ang[0, :, ~time_pairs], ang[1, :, ~time_pairs])   # spatial pairs do not depend on time
 
 
 def test_sink_and_window_keep_memory_bounded():
@@ -123,6 +153,47 @@ def test_recache_changes_cache_only_when_event_changes():
     assert (cache.ordered()[1] == 3).all()
 
 
+def test_recache_touches_only_the_streams_whose_event_changed():
+    m = randomized()
+    x, _, _ = inputs()
+    with torch.no_grad():
+        _, cache = stream(m, x, torch.zeros(B, T), torch.zeros(B, T, dtype=torch.long))
+        before = cache.kv[:, :, :, :, :len(cache)].clone()
+        recache(m, cache, torch.tensor([3, 0]), CH)              # only stream 0 switches
+    after = cache.kv[:, :, :, :, :len(cache)]
+    assert torch.equal(after[:, :, 1], before[:, :, 1])          # stream 1 untouched, bit for bit
+    assert (after[:, :, 0] - before[:, :, 0]).abs().max() > 1e-3
+    assert (cache.ordered()[1][0] == 3).all() and (cache.ordered()[1][1] == 0).all()
+
+
+def test_clear_hides_history_from_the_masked_streams_only():
+    m = randomized()
+    x, sigma, event = inputs()
+    with torch.no_grad():
+        _, cache = stream(m, x[:, :4], torch.zeros(B, 4), event[:, :4], n_window=8)
+        cache.clear(torch.tensor([True, False]))
+        assert cache.valid.shape == (B, 10) and not cache.valid[0].any() and cache.valid[1, :4].all()
+        got = stream_step(m, x[:, 4:6], sigma[:, 4:6], event[:, 4:6], cache)
+        fresh = stream_step(m, x[:1, 4:6], sigma[:1, 4:6], event[:1, 4:6], KVCache(2, 8))   # stream 0 as if new
+        _, kept = stream(m, x[:, :4], torch.zeros(B, 4), event[:, :4], n_window=8)
+        ref = stream_step(m, x[:, 4:6], sigma[:, 4:6], event[:, 4:6], kept)               # nobody cleared
+    assert torch.allclose(got[0], fresh[0], atol=1e-5)           # the cleared stream sees only itself
+    assert torch.allclose(got[1], ref[1], atol=1e-5)             # the other keeps its history
+    assert (got[0] - ref[0]).abs().max() > 1e-3
+    with torch.no_grad():                                        # frames written after the clear are seen again
+        stream_step(m, x[:, 4:6], torch.zeros(B, 2), event[:, 4:6], cache, write=True)
+    assert cache.valid[0].sum() == 2 and cache.valid[1].sum() == 6
+
+
+def test_randn_per_video_generators_do_not_depend_on_the_batch():
+    one = randn((1, 2, 3), [torch.Generator().manual_seed(5)], "cpu")
+    two = randn((2, 2, 3), [torch.Generator().manual_seed(5), torch.Generator().manual_seed(9)], "cpu")
+    assert torch.equal(one[0], two[0]) and not torch.equal(two[0], two[1])
+    state = torch.get_rng_state()
+    randn((2, 3), torch.Generator().manual_seed(1), "cpu")
+    assert torch.equal(state, torch.get_rng_state())             # a generator given: the global RNG is untouched
+
+
 def test_ring_cache_equals_concatenate_and_evict():
     """The in-place ring gives exactly what the obvious cache gives: the sink's and the last
     window's keys/values concatenated in stream order, at positions 0..n-1."""
@@ -151,16 +222,24 @@ def test_compiled_stream_does_not_recompile_as_it_grows():
     with and without keys out, and none new however long the stream runs or how often it restarts."""
     import torch._dynamo
     from torch._dynamo.utils import counters
-    from model import rollout
     torch._dynamo.reset()
     compiled = torch.compile(randomized(), backend="eager", dynamic=False)
     graphs, base = [], counters["stats"]["unique_graphs"]
     with torch.no_grad():
-        for T in (16, 40, 40):
-            rollout(compiled, torch.randn(1, T, 3, 16, 16), torch.zeros(1, T, dtype=torch.long),
+        for n in (16, 40, 40):
+            rollout(compiled, torch.randn(1, n, 3, 16, 16), torch.zeros(1, n, dtype=torch.long),
                     [1.0, 0.5], CH, KVCache(2, 4))
             graphs.append(counters["stats"]["unique_graphs"] - base)
     assert graphs[0] <= 6 and graphs[2] == graphs[1] == graphs[0], graphs
+
+
+def test_compile_in_place_keeps_plain_state_dict_keys():
+    from common import compile_
+    m = randomized()
+    keys = list(m.state_dict())
+    assert compile_(m, True, backend="eager") is m               # nn.Module.compile: the same object
+    assert list(m.state_dict()) == keys and not any("_orig_mod" in k for k in m.state_dict())
+    torch._dynamo.reset()
 
 
 def test_flow_matching_convention():
@@ -182,7 +261,6 @@ def test_flash_kernel_is_taken_where_it_can_be():
     import teacher
     tcfg = teacher.TeacherConfig(**teacher.PRESETS["small"])
     dcfg = distill.DistillConfig(**distill.PRESETS["small"])
-    model = VideoDiT(ModelConfig(size=tcfg.size, patch=tcfg.patch, dim=tcfg.dim, depth=tcfg.depth,
-                                 heads=tcfg.heads)).cuda()
+    model = VideoDiT(ModelConfig(**teacher.model_args(tcfg))).cuda()
     got = {k.split(" (")[0].split(",")[0]: v for k, v in bench.flash_paths(model, dcfg, tcfg.size, torch.device("cuda")).items()}
     assert got == {"bidirectional": "flash", "streaming": "flash", "block-causal": "not flash"}, got

@@ -1,50 +1,27 @@
-"""Teacher training, sampler, and the CLI contract every script shares (DESIGN sections 10, 11)."""
+"""Teacher training and sampler, and the CLI contract every script shares: presets, --key=value,
+--help, one clear line and exit code 2 for every bad flag."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import teacher
-from model import BadInput, build, load_checkpoint, parse_config
-from world import teacher_batch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(dim=32, depth=2, heads=2, batch=4, frames=4, eval_samples=4, sample_steps=2, warmup=2,
-            log_every=1, ckpt_every=1)
-
-
-def tiny_cfg(tmp_path, **kw):
-    cfg = parse_config(teacher.TeacherConfig, teacher.PRESETS, ["--preset=tiny"])
-    for k, v in {**TINY, "out_dir": str(tmp_path), **kw}.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
-def run(script, *args, cwd=ROOT):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
-
-
-def assert_one_line_error(r, *words):
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
+from common import BadInput, load_checkpoint, parse_config
+from conftest import assert_one_line_error, run, tiny_cfg
+from model import build
+from world import BACKGROUNDS, SPRITE_COLORS, World, teacher_batch
 
 
 def test_training_lowers_loss_on_a_fixed_batch(tmp_path):
     cfg = tiny_cfg(tmp_path)
     torch.manual_seed(0)
-    m = build(cfg)
-    x, event = teacher_batch(cfg, 8, 4, torch.Generator().manual_seed(0))
+    m = build(teacher.model_args(cfg))
+    x, event = teacher_batch(teacher.world_of(cfg), 8, 4, torch.Generator().manual_seed(0), cfg.chunk)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
 
     def loss():
         torch.manual_seed(1)                                     # same noise and levels every time
-        return teacher.fm_loss(m, x, event, cfg)
+        return teacher.fm_loss(m, x, event, cfg.sigma_mu)
     first = loss().item()
     for _ in range(15):
         opt.zero_grad()
@@ -53,18 +30,28 @@ def test_training_lowers_loss_on_a_fixed_batch(tmp_path):
     assert loss().item() < 0.8 * first
 
 
+def test_model_args_and_world_come_from_the_config(tmp_path):
+    cfg = tiny_cfg(tmp_path, size=32, sprite=6, speed=1, rho=0.5)
+    assert build(teacher.model_args(cfg)).mc.size == 32 and teacher.model_args(cfg)["dim"] == 32
+    assert teacher.world_of(cfg) == World(size=32, sprite=6, speed=1, rho=0.5)
+
+
 def test_sampler_shapes():
-    m = build(teacher.TeacherConfig(dim=32, depth=2, heads=2))
+    m = build(teacher.model_args(teacher.TeacherConfig(dim=32, depth=2, heads=2)))
     noise = torch.randn(3, 4, 3, 16, 16)
+    per_frame = torch.tensor([[0, 0, 3, 3], [1, 1, 1, 1], [4, 4, 2, 2]])
     for g in (0.0, 1.5):
-        x = teacher.sample(m, torch.tensor([0, 1, 4]), noise, teacher.euler_grid(3), guidance=g)
-        assert x.shape == noise.shape and torch.isfinite(x).all()
+        for event in (torch.tensor([0, 1, 4]), per_frame):      # one event per clip, or per frame
+            x = teacher.sample(m, event, noise, teacher.euler_grid(3), guidance=g)
+            assert x.shape == noise.shape and torch.isfinite(x).all()
 
 
 def test_main_end_to_end_and_resume(tmp_path, capsys):
     teacher.main(tiny_cfg(tmp_path, max_steps=2))
     ck = load_checkpoint(str(tmp_path / "teacher.pt"), ["teacher"], "python teacher.py")
-    assert ck["step"] == 2 and {"follow", "valid", "canon"} <= set(ck["metrics"])
+    assert ck["step"] == 2 and {"follow", "valid", "canon", "react", "latency"} <= set(ck["metrics"])
+    steps = [float((c - b).norm()) * (2 * 4 * 2) ** 0.5 for c in SPRITE_COLORS for b in BACKGROUNDS]
+    assert min(abs(ck["natural_step"] - s) for s in steps) < 1e-4   # the median transition: one 2-pixel step
     teacher.main(tiny_cfg(tmp_path, max_steps=4, resume=True))
     assert "resumed" in capsys.readouterr().out
     ck = load_checkpoint(str(tmp_path / "teacher.pt"), ["teacher"], "python teacher.py")
@@ -85,7 +72,7 @@ def test_load_checkpoint_errors(tmp_path):
 
 def test_config_parsing():
     cfg = parse_config(teacher.TeacherConfig, teacher.PRESETS, ["--preset=small", "--lr=0.1", "--resume"])
-    assert cfg.size == 32 and cfg.lr == 0.1 and cfg.resume is True
+    assert cfg.size == 32 and cfg.lr == 0.1 and cfg.resume is True and cfg.preset == "small"
     with pytest.raises(BadInput, match="unknown option --lrr"):
         parse_config(teacher.TeacherConfig, teacher.PRESETS, ["--lrr=1"])
     with pytest.raises(BadInput, match="not an int"):

@@ -1,18 +1,29 @@
-"""The tracker and metrics are exact on ground truth, and catch planted failures."""
+"""The world: teacher clips and schedules, and the tracker and metrics, which are exact on ground
+truth and catch planted failures (recolour, background change, teleport, no reaction)."""
+import math
+
+import numpy as np
 import pytest
 import torch
 
-from model import BadInput
-from world import (BACKGROUNDS, CANON, EVENTS, SPRITE_COLORS, World, parse_schedule, sample_videos,
-                   schedule_events, teacher_batch, track, video_metrics)
+from common import BadInput
+from world import (BACKGROUNDS, CANON, DIRS, EVENTS, SPRITE_COLORS, World, natural_step, parse_schedule, random_events,
+                   sample_videos, schedule_events, step_sizes, switches, teacher_batch, track, video_metrics)
 
 W = World()
 
 
-def schedule_video(text, frames=24, chunk=2, seed=0):
+def schedule_video(text, frames=24, chunk=2, seed=0, w=W):
     ev = schedule_events(parse_schedule(text, frames), frames, chunk)
-    x, color, bg = sample_videos(W, ev[None], torch.Generator().manual_seed(seed))
+    x, color, bg = sample_videos(w, ev[None], torch.Generator().manual_seed(seed))
     return x[0], ev
+
+
+def test_world_moves_two_pixels_a_frame():
+    assert W.speed == 2
+    x, ev = schedule_video("right@0", frames=4)
+    pos = track(x, W)["pos"]
+    assert np.allclose((np.diff(pos[:, 1]) + 8) % 16 - 8, 2) and np.allclose(np.diff(pos[:, 0]), 0)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -21,15 +32,81 @@ def test_ground_truth_is_perfect(seed):
     m = video_metrics(x, ev, W, first=2)
     assert m["follow"] == 1 and m["identity"] == 1 and m["jumps"] == 0 and m["valid"] == 1
     assert m["latency"] == 0 and m["drift"] < 1e-6
+    assert m["react"] == 1 and m["n_react"] == 4                 # every switch, `stay` included, reacted
 
 
 def test_teacher_clips_are_perfect_and_biased():
     w = World(rho=0.9)
     x, event = teacher_batch(w, 400, 8, torch.Generator().manual_seed(1))
-    ms = [video_metrics(v, e.repeat(8), w) for v, e in zip(x, event)]
+    ms = [video_metrics(v, e, w) for v, e in zip(x, event)]
     assert all(m["follow"] == 1 and m["valid"] == 1 and m["jumps"] == 0 for m in ms)
-    canon = torch.tensor([m["canon"] for m, e in zip(ms, event) if CANON[e] >= 0])
+    canon = torch.tensor([m["canon"] for m, e in zip(ms, event) if CANON[e[0]] >= 0])
     assert abs(canon.mean().item() - (0.9 + 0.1 / 4)) < 0.05    # rho plus the uniform draws that hit canon
+
+
+def test_teacher_batch_has_per_frame_events_and_about_half_switch_once():
+    B, T, chunk = 2000, 8, 2
+    x, event = teacher_batch(W, B, T, torch.Generator().manual_seed(0), chunk=chunk, p_switch=0.5)
+    assert x.shape == (B, T, 3, W.size, W.size) and event.shape == (B, T) and event.dtype == torch.long
+    assert event.min() >= 0 and event.max() < len(EVENTS)
+    sw = [switches(e) for e in event]
+    assert all(len(s) <= 1 for s in sw)                          # at most one switch per clip
+    frac = sum(len(s) == 1 for s in sw) / B
+    assert 0.4 < frac < 0.6, frac                                # about half switch
+    for s in sw:
+        for f, old, new in s:
+            assert f % chunk == 0 and 0 < f < T and old != new  # at a chunk boundary, to a different event
+    frames = {s[0][0] for s in sw if s}
+    assert frames == set(range(chunk, T, chunk))                 # every boundary is used by some clip
+    _, never = teacher_batch(W, 50, T, torch.Generator().manual_seed(0), chunk=chunk, p_switch=0.0)
+    assert (never == never[:, :1]).all()
+    _, always = teacher_batch(W, 50, T, torch.Generator().manual_seed(0), chunk=chunk, p_switch=1.0)
+    assert all(len(switches(e)) == 1 for e in always)
+
+
+def test_teacher_clip_colour_is_the_first_events_canonical_colour():
+    w = World(rho=1.0)
+    x, event = teacher_batch(w, 300, 8, torch.Generator().manual_seed(2), chunk=2, p_switch=1.0)
+    checked = 0
+    for v, e in zip(x, event):
+        first, last = CANON[e[0]], CANON[e[-1]]
+        colour = track(v, w)["color_id"]
+        assert (colour == colour[0]).all()                       # the colour never changes within a clip
+        if first >= 0:
+            assert colour[0] == first
+            checked += last >= 0 and last != first              # clips where the last event would say otherwise
+    assert checked > 50
+
+
+def test_random_events_switch_per_video_on_chunk_boundaries():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ev = random_events(4, 64, 2, gen, p_switch=1.0, max_switches=3, first=8)
+        assert ev.shape == (4, 64)
+        for e in ev:                                             # each video: 1..3 switches, on the grid, after `first`
+            changes = (e[1:] != e[:-1]).nonzero().flatten() + 1
+            assert 1 <= len(changes) <= 3 and all(c % 2 == 0 and c >= 8 for c in changes.tolist())
+            assert (e[changes] != e[changes - 1]).all()          # every switch really changes the event
+
+
+def test_random_events_draw_switch_frames_per_video():
+    ev = random_events(8, 32, 2, torch.Generator().manual_seed(0), p_switch=1.0, max_switches=1)
+    at = [(e[1:] != e[:-1]).nonzero().flatten().tolist()[0] + 1 for e in ev]
+    assert len(set(at)) >= 2, at                                 # not one switch frame shared by the batch
+    assert len({int(e[0]) for e in ev}) >= 2                     # nor one starting event
+    default = random_events(200, 8, 2, torch.Generator().manual_seed(0), p_switch=1.0)
+    assert all(switches(e)[0][0] >= 2 for e in default)          # by default never inside the first chunk
+
+
+def test_natural_step_is_a_constant_of_the_data():
+    """Drawn from a fixed seed, not a run's: the same for every run, clip length and sample count."""
+    m = natural_step(W, 8, 2)
+    assert m == pytest.approx(step_sizes(W)["speed 2"]) and m == pytest.approx(6.79, abs=0.01)
+    assert natural_step(W, 4, 2) == m and natural_step(W, 8, 2, n=512) == m
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    natural_step(W, 8, 2)
+    assert torch.equal(state, torch.get_rng_state())             # and it never moves a run's RNG
 
 
 def test_switches_snap_to_chunk_boundaries():
@@ -38,6 +115,53 @@ def test_switches_snap_to_chunk_boundaries():
     ev = schedule_events(parse_schedule("right@0,up@3", 8), 8, 2)
     assert ev.tolist() == [0] * 4 + [3] * 4
 
+
+# ----------------------------------------------------------------------------- react and latency
+
+def test_react_on_ground_truth_switch():
+    x, ev = schedule_video("right@0,up@12")
+    m = video_metrics(x, ev, W, first=2, chunk=2)
+    assert m["react"] == 1 and m["latency"] == 0 and m["n_react"] == 1
+
+
+def test_no_reaction_when_the_sprite_keeps_its_old_direction():
+    x, _ = schedule_video("right@0")                             # keeps going right ...
+    _, ev = schedule_video("right@0,up@12")                      # ... although the event says up from frame 12
+    m = video_metrics(x, ev, W, first=2, chunk=2)
+    assert m["react"] == 0 and m["n_react"] == 0
+    assert math.isnan(m["latency"])                              # latency counts only switches that reacted
+    assert m["follow"] < 1
+
+
+def test_latency_averages_only_the_switches_that_reacted():
+    _, ev = schedule_video("right@0,up@8,left@16")
+    x_up, _ = schedule_video("right@0,up@8")                     # reacts to up, then ignores left
+    m = video_metrics(x_up, ev, W, first=2, chunk=2)
+    assert m["react"] == 0.5 and m["n_react"] == 1 and m["latency"] == 0
+
+
+def test_switch_to_stay_reacts_when_the_sprite_stops():
+    x, ev = schedule_video("left@0,stay@10")
+    m = video_metrics(x, ev, W, first=2, chunk=2)
+    assert m["react"] == 1 and m["latency"] == 0
+    moving, _ = schedule_video("left@0")
+    m = video_metrics(moving, ev, W, first=2, chunk=2)
+    assert m["react"] == 0 and math.isnan(m["latency"])
+
+
+def test_turn_is_judged_on_the_first_chunk_after_the_switch():
+    """A sprite that turns one chunk late did not react (react looks at the first chunk only);
+    one that turns at once did, even if it moves slower than the event's speed."""
+    _, ev = schedule_video("right@0,up@12")
+    late, _ = schedule_video("right@0,up@14")
+    assert video_metrics(late, ev, W, first=2, chunk=2)["react"] == 0
+    slow = World(speed=1)
+    xs, _ = schedule_video("right@0,up@12", w=slow)
+    assert DIRS[EVENTS.index("up")].tolist() == [-1, 0]
+    assert video_metrics(xs, ev, W, first=2, chunk=2)["react"] == 1
+
+
+# ----------------------------------------------------------------------------- planted failures
 
 def test_planted_recolour_lowers_identity():
     x, ev = schedule_video("right@0,up@12")

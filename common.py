@@ -1,0 +1,262 @@
+"""Run plumbing that is in no paper: the config CLI, devices and autocast, torchrun data parallel,
+the optimizer step and EMA, and checkpoints. Every stage imports it; model.py never does.
+
+    cfg = parse_config(TeacherConfig, PRESETS, sys.argv[1:])   # --preset=tiny|small, --key=value, --help
+    run = init_run(cfg)                                         # rank, world size, device, seed, out_dir checked
+    ck = resume(cfg, path, "teacher", hint, gen, model=model, ema=ema, optimizer=opt)
+    save_checkpoint(path, dict(stage=..., model_args=..., world=..., config=..., model=..., ...))
+
+One checkpoint schema for every stage: {stage, model_args, world, stream?, config, model, ema,
+optimizer, critic?, critic_optimizer?, step, metrics, rng, gen?, ...}. `model_args` rebuilds the
+network (model.build), `world` the toy world, `stream` the generator's streaming setup (student
+and later), `config` is the stage's own dataclass as a dict: a config is a dataclass in code and
+a dict only on disk. Modules are compiled in place (`module.compile()`), so their state_dicts
+carry no `_orig_mod.` prefix and a checkpoint loads compiled or not.
+"""
+import copy
+import dataclasses
+import hashlib
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+
+class BadInput(ValueError):
+    """A user error. Scripts print it as one line on stderr and exit with code 2."""
+
+
+# ----------------------------------------------------------------------------- config and CLI
+
+def parse_config(cls, presets, argv):
+    """--preset=tiny|small first, then --key=value overrides typed by the dataclass fields."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: python {os.path.basename(sys.argv[0])} [--preset=tiny|small] [--key=value ...]")
+        for name, f in fields.items():
+            print(f"  --{name}={presets['tiny'].get(name, f.default)!s:<10} (small: {presets['small'].get(name, f.default)})")
+        sys.exit(0)
+    pairs = []
+    for a in argv:
+        key, eq, val = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+        if not key:
+            raise BadInput(f"cannot read argument {a!r}; use --key=value")
+        pairs.append((key, val if eq else "True"))
+    preset = dict(pairs).get("preset", "small" if torch.cuda.is_available() else "tiny")
+    if preset not in presets:
+        raise BadInput(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+    cfg = cls(**presets[preset])
+    for key, val in pairs:
+        if key not in fields:
+            raise BadInput(f"unknown option --{key}; valid options: {', '.join('--' + k for k in fields)}")
+        setattr(cfg, key, convert(key, val, type(getattr(cfg, key))))
+    cfg.preset = preset
+    return cfg
+
+
+def convert(key, val, typ):
+    try:
+        if typ is bool:
+            if val.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return val.lower() in ("true", "1")
+        return typ(val)
+    except ValueError:
+        article = "an" if typ.__name__[0] in "aeiou" else "a"
+        raise BadInput(f"bad value for --{key}: {val!r} is not {article} {typ.__name__}") from None
+
+
+def cli(main, cls, presets):
+    """The entry point of every script: parse, run, and turn BadInput into one line and exit code 2."""
+    try:
+        main(parse_config(cls, presets, sys.argv[1:]))
+    except BadInput as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if "RANK" in os.environ and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- device, precision, compile
+
+def pick_device(name, local_rank=0):
+    """cuda (this process's GPU under torchrun), else mps, else cpu. TF32 matmuls on CUDA."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.set_device(device)
+    return device
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (no GradScaler needed), full precision elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def compile_(module, enabled, **kw):
+    """Compile in place (nn.Module.compile): no second `*_fwd` object, no `_orig_mod.` keys.
+    A stage traces a handful of graphs (bidirectional, block-causal, and the streaming step with
+    an empty, filling or full cache, keys/values out or not, grad or not), more than dynamo's
+    default limit of 8, after which it would silently fall back to eager."""
+    if enabled:
+        torch._dynamo.config.recompile_limit = 64
+        module.compile(**kw)
+    return module
+
+
+# ----------------------------------------------------------------------------- the run: torchrun, device, seed
+# `torchrun --nproc_per_node=N teacher.py|distill.py|longtune.py` runs N data-parallel processes;
+# plain `python` is rank 0 of 1 and never touches torch.distributed (optional, as in nanoGPT).
+# Every rank holds the same weights and draws its own data; after each backward the gradients
+# are averaged over ranks, so every rank takes the same step. This is what DDP's hooks do; we
+# call all_reduce by hand because the Self Forcing rollout runs the generator several times
+# before one backward, which DDP's one-forward-one-backward bookkeeping does not allow.
+
+@dataclass
+class Run:
+    rank: int
+    world: int
+    device: torch.device
+    batch: int            # this rank's share of the global batch
+
+
+def init_run(cfg, batch=None):
+    """torchrun (if any), device, the seed, and a writable out_dir: everything a stage does first
+    (nanochat's compute_init). Every rank starts from the same seed, so models are built with the
+    same weights; call seed_rank() once they are built so each rank then draws its own data."""
+    rank, world, local = 0, 1, 0
+    if "RANK" in os.environ:
+        import torch.distributed as dist
+        gpu = torch.cuda.is_available() and (cfg.device == "auto" or cfg.device.startswith("cuda"))
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if gpu else "gloo")   # NCCL for GPUs, gloo for CPUs
+        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    if batch is not None and batch % world:
+        raise BadInput(f"--batch={batch} does not split over {world} processes; use a multiple of {world}")
+    if hasattr(cfg, "out_dir"):
+        check_writable(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+    return Run(rank, world, pick_device(cfg.device, local), (batch or world) // world)
+
+
+def seed_rank(run, seed, step, gen=None):
+    """Ranks other than 0 draw their own data and noise from here on."""
+    if run.rank:
+        torch.manual_seed(seed + 1000 * run.rank + step)
+        if gen is not None:
+            gen.manual_seed(seed + 1000 * run.rank + step)
+
+
+def check_writable(out_dir):
+    """Fail before training, not at the first checkpoint: out_dir must be a writable directory."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise BadInput(f"cannot write checkpoints to --out_dir={out_dir}: {e.strerror or e}") from None
+
+
+def average_gradients(model, world):
+    """All-reduce the gradients (one flat buffer, one call) and divide by the number of ranks."""
+    if world == 1:
+        return
+    params = [p for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([p.grad.flatten() for p in params])
+    torch.distributed.all_reduce(flat)
+    for p, g in zip(params, flat.div_(world).split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+def check_in_sync(model, run):
+    """After training under torchrun: each rank prints a digest of its weights; rank 0 compares them."""
+    if run.world == 1:
+        return
+    digest = hashlib.sha256(b"".join(v.float().cpu().numpy().tobytes() for v in model.state_dict().values()))
+    digests = [None] * run.world
+    torch.distributed.all_gather_object(digests, digest.hexdigest()[:16])
+    print(f"rank {run.rank}/{run.world}: weights sha256 {digests[run.rank]}", flush=True)
+    if run.rank == 0:
+        print(f"data parallel: weights {'identical' if len(set(digests)) == 1 else 'DIFFERENT'} on all {run.world} ranks")
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def optimizer_step(model, opt, loss, grad_clip, world=1):
+    """backward, gradients averaged over ranks, clip, step; every update of every stage goes
+    through it. Returns (gnorm, applied): a non-finite loss or gradient skips the step on every
+    rank alike (they share the averaged gradients) and never poisons the weights."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(model, world)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not torch.isfinite(gnorm):                                   # syncs once per step: the price of the skip
+        opt.zero_grad(set_to_none=True)
+        return gnorm, False
+    opt.step()
+    return gnorm, True
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach(), 1 - decay)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, ckpt):
+    """Atomic: write a temp file, then rename, so a kill at any moment leaves the last good one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, stages, hint):
+    """Load and check a checkpoint; every failure is one clear line naming the command that fixes it."""
+    if not os.path.exists(path):
+        raise BadInput(f"checkpoint {path} not found; make it with `{hint}`")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BadInput(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); remake it with `{hint}`") from None
+    stage = ck.get("stage") if isinstance(ck, dict) else None
+    if stage not in stages:
+        raise BadInput(f"{path} is a {stage or 'unknown'} checkpoint, not {' or '.join(stages)}; make one with `{hint}`")
+    if "model_args" not in ck:
+        raise BadInput(f"{path} was written by an older version of this code; remake it with `{hint}`")
+    return ck
+
+
+def states(gen=None, **objs):
+    """The resumable part of a checkpoint: each named module's or optimizer's state, and the RNGs."""
+    out = {k: v.state_dict() for k, v in objs.items()}
+    out["rng"] = torch.get_rng_state()
+    if gen is not None:
+        out["gen"] = gen.get_state()
+    return out
+
+
+def resume(cfg, path, stage, hint, gen=None, **objs):
+    """With --resume=True and a checkpoint at path: restore every named state (model=, ema=,
+    optimizer=, ...) and the RNGs, and return the checkpoint; otherwise None (a fresh start)."""
+    if not (cfg.resume and os.path.exists(path)):
+        return None
+    ck = load_checkpoint(path, [stage], hint)
+    for key, obj in objs.items():
+        obj.load_state_dict(ck[key])
+    torch.set_rng_state(ck["rng"])
+    if gen is not None:
+        gen.set_state(ck["gen"])
+    print(f"resumed {path} at step {ck['step']}" + (f" ({ck['phase']})" if "phase" in ck else ""))
+    return ck
+
+
+def ema_copy(model):
+    """A frozen copy of model, to hold the exponential moving average of its weights."""
+    return copy.deepcopy(model).requires_grad_(False)
