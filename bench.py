@@ -134,7 +134,7 @@ def train_step_fn(what, tcfg, dcfg, lcfg, device, compiled):
     streams = longtune.Streams(lcfg, stream_, tcfg.size, gen, device, lcfg.batch)
     df = copy.copy(lcfg)
     df.trust_region = True
-    return {TRAIN_STEPS[0]: lambda: teacher.train_step(t_model, t_ema, t_opt, x, ev, 0, tcfg),
+    return {TRAIN_STEPS[0]: lambda: teacher.train_step(t_model, t_ema, t_opt, x, ev, step=0, cfg=tcfg),
             TRAIN_STEPS[1]: lambda: distill.dmd_update(**nets, cfg=dcfg, levels=levels, gen=gen,
                                                        shape=(dcfg.batch, tcfg.frames, tcfg.size)),
             TRAIN_STEPS[2]: lambda: longtune.tune_update(streams, **nets, cfg=lcfg, levels=levels, shift=dcfg.shift, m=m),

@@ -77,7 +77,7 @@ def stream_args(cfg, window):
 # ----------------------------------------------------------------------------- phase 1: ODE init
 
 @torch.no_grad()
-def ode_pairs(teacher, tck, n, levels, chunk, p_switch, device, gen):
+def ode_pairs(teacher, tck, n, *, levels, chunk, p_switch, device, gen):
     """Teacher Euler + CFG trajectories, kept at the student's levels (CausVid).
     -> xs (n,K,T,C,H,W) noisy states, x0 (n,T,C,H,W), event (n,T) per frame."""
     tc, xs, x0s, evs = tck["config"], [], [], []
@@ -116,7 +116,7 @@ def dmd_sigma(B, shift, device):
     return shift_sigma(torch.rand(B, device=device), shift).clamp(0.02, 0.98)
 
 
-def dmd_loss(x, event, teacher, critic, guidance, shift):
+def dmd_loss(x, event, *, teacher, critic, guidance, shift):
     """Distribution matching distillation (DMD, Yin et al. 2024; Self Forcing sec. 3.3).
     x (B,T,...) generator samples with graph; event (B,T). Returns the per-frame loss (B,T),
     whose gradient w.r.t. x is (fake - real) / mean|x - real|, and the predictions it used."""
@@ -145,7 +145,7 @@ def critic_loss(critic, x, event, shift):
     return ((v.float() - (eps - x)) ** 2).mean()                 # DMD2: fake score, flow matching
 
 
-def critic_update(critic, opt_critic, x, event, shift, grad_clip, world=1):
+def critic_update(critic, opt_critic, x, event, *, shift, grad_clip, world=1):
     """One fake-score step on detached generator samples (distill.py and longtune.py)."""
     with autocast(x.device):
         loss = critic_loss(critic, x, event, shift)
@@ -169,10 +169,11 @@ def dmd_update(*, student, critic, teacher, opt, opt_critic, cfg, levels, shape,
     for _ in range(cfg.critic_ratio):                            # DMD2: 5 critic updates per generator update
         with torch.no_grad(), autocast(device):                  # samples are data for the critic, not a graph
             x, event = fresh_rollout()
-        closs = critic_update(critic, opt_critic, x.float(), event, cfg.shift, cfg.grad_clip, world)
+        closs = critic_update(critic, opt_critic, x.float(), event, shift=cfg.shift, grad_clip=cfg.grad_clip, world=world)
     with autocast(device):                                       # the generator: Self Forcing rollout + DMD
         x, event = fresh_rollout()
-        per_frame, _ = dmd_loss(x.float(), event, teacher, critic, cfg.guidance, cfg.shift)
+        per_frame, _ = dmd_loss(x.float(), event, teacher=teacher, critic=critic, guidance=cfg.guidance,
+                                shift=cfg.shift)
         loss = per_frame.mean()
     gnorm, applied = optimizer_step(student, opt, loss, cfg.grad_clip, world)
     return loss, closs, gnorm, applied
@@ -261,8 +262,8 @@ def main(cfg):
     t_start = time.time()
     if phase == "ode":                                            # ---- phase 1: ODE init (CausVid)
         with autocast(device):                                    # each rank makes its share of the pairs
-            xs, x0, event = ode_pairs(teacher, tck, capped(cfg.ode_pairs, cfg, 8) // run.world, levels, cfg.chunk,
-                                      cfg.p_switch, device, gen)
+            xs, x0, event = ode_pairs(teacher, tck, capped(cfg.ode_pairs, cfg, 8) // run.world, levels=levels,
+                                      chunk=cfg.chunk, p_switch=cfg.p_switch, device=device, gen=gen)
         if run.rank == 0:
             print(f"ode init: {len(x0)} teacher trajectories per rank at levels {[round(v, 3) for v in levels.tolist()]}"
                   f" ({time.time() - t_start:.0f}s)")

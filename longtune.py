@@ -94,7 +94,8 @@ class Streams:
         n = W if self.t == 0 else W - K
         noise = torch.randn(self.batch, n, 3, self.size, self.size, device=self.device)
         ev = self.events[:, self.t:self.t + n]
-        new = rollout(model, noise, ev, levels, self.stream["chunk"], self.cache, exit_step, self.cfg.switch_cache)
+        new = rollout(model, noise, ev, levels, self.stream["chunk"], self.cache, exit_step=exit_step,
+                      switch=self.cfg.switch_cache)
         window = new if self.context is None else torch.cat([self.context, new], 1)   # (B,W,C,H,W)
         win_ev = self.events[:, self.t + n - W:self.t + n]           # (B,W) each frame's own event
         if self.cfg.window_events == "current":
@@ -124,10 +125,12 @@ def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, leve
     for _ in range(cfg.critic_ratio):                            # DMD2: 5 critic updates, each on fresh samples
         with torch.no_grad(), autocast(device):
             window, ev, _, _ = streams.advance(student, levels, int(torch.randint(len(levels), ())))
-        closs = distill.critic_update(critic, opt_critic, window.float(), ev, shift, cfg.grad_clip, world)
+        closs = distill.critic_update(critic, opt_critic, window.float(), ev, shift=shift, grad_clip=cfg.grad_clip,
+                                      world=world)
     with autocast(device):
         window, ev, mask, switched = streams.advance(student, levels, int(torch.randint(len(levels), ())))
-        per_frame, aux = distill.dmd_loss(window.float(), ev, teacher, critic, cfg.guidance, shift)
+        per_frame, aux = distill.dmd_loss(window.float(), ev, teacher=teacher, critic=critic,
+                                           guidance=cfg.guidance, shift=shift)
         loss, logs = window_loss(per_frame, window.float(), aux, mask, m, cfg)
     gnorm, applied = optimizer_step(student, opt, loss, cfg.grad_clip, world)
     return loss, closs, gnorm, applied, logs, switched

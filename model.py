@@ -338,7 +338,7 @@ def recache(model, cache, event, chunk):
     cache.events[:, :n] = torch.where(changed[:, None], event[:, None], cache.events[:, :n])
 
 
-def rollout(model, noise, event, levels, chunk, cache, exit_step=None, switch="recache", gen=None):
+def rollout(model, noise, event, levels, chunk, cache, *, exit_step=None, switch="recache", gen=None):
     """The causal few-step generator, run chunk by chunk through the KV cache (Self Forcing
     sec. 3.2, Algorithm 1). Training and inference both call this one function, so they cannot
     drift apart. noise (B,T,C,H,W), event (B,T), levels: the denoising sigmas, e.g.

@@ -97,10 +97,11 @@ def main(cfg):
     tck = load_checkpoint(cfg.teacher, ["teacher"], "python teacher.py")
     gck = load_checkpoint(cfg.student, ["student", "longtune"], "python distill.py")
     n = len(PAIRS) * cfg.seeds
-    print(f"teacher probe ({cfg.teacher}): turned in {teacher_probe(tck, cfg, device):.3f} of {n} clips")
+    r = teacher_probe(tck, cfg, device)
+    print(f"teacher probe ({cfg.teacher}): turned in {round(r * n)}/{n} clips ({r:.2f})")
     for switch in ("recache", "keep", "clear"):
-        print(f"generator probe ({cfg.student}, cache {switch}): turned within one chunk in "
-              f"{generator_probe(gck, cfg, device, switch):.3f} of {n} clips")
+        r = generator_probe(gck, cfg, device, switch)
+        print(f"generator probe ({cfg.student}, cache {switch}): turned within one chunk in {round(r * n)}/{n} clips ({r:.2f})")
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def lr_at(step, cfg):
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def train_step(model, ema, opt, x, event, step, cfg, world=1):
+def train_step(model, ema, opt, x, event, *, step, cfg, world=1):
     """One optimiser step: flow-matching loss, backward, gradients averaged over ranks, clip,
     AdamW, EMA. Returns (loss, gnorm, applied); a non-finite step is skipped (common.optimizer_step)."""
     for g in opt.param_groups:
@@ -200,7 +200,8 @@ def main(cfg):
         x, event = teacher_batch(w, run.batch, cfg.frames, gen, cfg.chunk, cfg.p_switch)
         drop = torch.rand(run.batch, generator=gen) < cfg.p_uncond  # CFG: the null event for the whole clip
         event = torch.where(drop[:, None], model.null_event, event)
-        loss, gnorm, applied = train_step(model, ema, opt, x.to(run.device), event.to(run.device), step, cfg, run.world)
+        loss, gnorm, applied = train_step(model, ema, opt, x.to(run.device), event.to(run.device), step=step, cfg=cfg,
+                                           world=run.world)
         skipped += not applied                                      # a non-finite step is skipped and counted
         if (step + 1) % cfg.log_every == 0 and run.rank == 0:
             dt = (time.time() - t0) / cfg.log_every                 # loss.item() syncs once per log line only

@@ -36,7 +36,7 @@ def test_dmd_gradient_is_zero_when_fake_equals_real():
     m = randomized()
     x = torch.randn(2, 4, 3, 16, 16, requires_grad=True)
     event = torch.randint(5, (2, 4))
-    per_frame, aux = distill.dmd_loss(x, event, m, m, guidance=0.0, shift=3.0)
+    per_frame, aux = distill.dmd_loss(x, event, teacher=m, critic=m, guidance=0.0, shift=3.0)
     per_frame.mean().backward()
     assert per_frame.shape == (2, 4)
     assert aux["grad"].abs().max() == 0 and x.grad.abs().max() == 0
@@ -51,8 +51,8 @@ def test_dmd_step_moves_generator_mean_toward_teacher(shift):
     start = (mu_gen - mu_real).norm().item()
     for _ in range(20):
         x = mu_gen + torch.randn(256, 1, 1, 1, 2)
-        per_frame, _ = distill.dmd_loss(x, torch.zeros(256, 1, dtype=torch.long), GaussianScore(mu_real),
-                                        GaussianScore(mu_gen), guidance=0.0, shift=shift)
+        per_frame, _ = distill.dmd_loss(x, torch.zeros(256, 1, dtype=torch.long), teacher=GaussianScore(mu_real),
+                                        critic=GaussianScore(mu_gen), guidance=0.0, shift=shift)
         opt.zero_grad()
         per_frame.mean().backward()
         assert (mu_gen.grad.view(2) * (mu_gen - mu_real).view(2)).sum() > 0   # descent points toward the teacher
@@ -73,7 +73,7 @@ def test_critic_update_steps_the_critic_only():
     opt_critic = torch.optim.SGD(critic.parameters(), lr=0.1)
     before, s_before = critic.final_layer.weight.clone(), student.final_layer.weight.clone()
     x = torch.randn(2, 4, 3, 16, 16)
-    loss = distill.critic_update(critic, opt_critic, x, torch.zeros(2, 4, dtype=torch.long), 3.0, 10.0)
+    loss = distill.critic_update(critic, opt_critic, x, torch.zeros(2, 4, dtype=torch.long), shift=3.0, grad_clip=10.0)
     assert torch.isfinite(loss) and (critic.final_layer.weight - before).abs().max() > 0
     assert torch.equal(student.final_layer.weight, s_before)
 
@@ -183,7 +183,8 @@ def test_ode_pairs_follow_per_frame_schedules_and_the_seed(teacher_dir):
     levels = torch.tensor(stream_setup()["sigmas"])
 
     def pairs(seed):
-        return distill.ode_pairs(model, tck, 8, levels, 2, 1.0, "cpu", torch.Generator().manual_seed(seed))
+        return distill.ode_pairs(model, tck, 8, levels=levels, chunk=2, p_switch=1.0, device="cpu",
+                                 gen=torch.Generator().manual_seed(seed))
     xs, x0, event = pairs(0)
     T = tck["config"]["frames"]
     assert xs.shape == (8, len(levels), T, 3, 16, 16) and x0.shape == (8, T, 3, 16, 16) and event.shape == (8, T)

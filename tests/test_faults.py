@@ -57,9 +57,9 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch, teache
 
     real_dmd, calls = distill.dmd_loss, []
 
-    def dmd_nan_on_first(x, *a):
+    def dmd_nan_on_first(x, *a, **kw):
         calls.append(1)
-        per_frame, aux = real_dmd(x, *a)
+        per_frame, aux = real_dmd(x, *a, **kw)
         return (per_frame * float("nan") if len(calls) == 1 else per_frame), aux
     monkeypatch.setattr(distill, "dmd_loss", dmd_nan_on_first)
     distill.main(distill_cfg(tmp_path / "d", teacher=str(teacher_dir / "teacher.pt"), max_steps=3))
