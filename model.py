@@ -355,8 +355,8 @@ def rollout(model, noise, event, levels, chunk, cache, *, exit_step=None, switch
         x, ev = noise[:, i:i + chunk], event[:, i:i + chunk]     # (B,chunk,C,H,W), (B,chunk)
         if len(cache):
             changed = cache.newest_events() != ev[:, 0]          # (B,) the streams that switch here
-            if switch == "recache":
-                recache(model, cache, ev[:, 0], chunk)           # touches the changed streams only
+            if switch == "recache" and changed.any():            # one check per chunk; none of recache's work
+                recache(model, cache, ev[:, 0], chunk)           # unless a stream switched (changed ones only)
             elif switch == "clear":
                 cache.clear(changed)
         for k in range(exit_step + 1):                           # Self Forcing sec. 3.2: few-step denoising
