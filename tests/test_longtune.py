@@ -192,3 +192,4 @@ def test_longtune_config_defaults_match_the_loss_defaults():
     cfg, sig = longtune.LongtuneConfig(), inspect.signature(trust_region.delta_forcing_loss).parameters
     assert dataclasses.asdict(cfg)["window_events"] == "true"
     assert (cfg.tau, cfg.lam, cfg.mc_radius) == (sig["tau"].default, sig["lam"].default, sig["r"].default)
+    assert (cfg.tr_appearance, cfg.ac_radius) == (sig["appearance"].default, sig["r_a"].default)
