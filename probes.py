@@ -10,15 +10,23 @@ generator probe: the causal generator gets a real clip moving one way written in
   within that chunk, and with which cache handling at the switch?
 Both count "turned" as world.turned does for the `react` metric, over every ordered pair of the
 four moving events and --seeds seeds.
+identity failures (--failures=CKPTS): how a generator loses the sprite after a switch, over the
+  evaluation's built-in schedules and seeds (as `sample.py --eval` draws them): kept; no sprite
+  (no valid frame before or after); a new colour or background straight away; or one after a
+  dissolve (two or more frames without a valid sprite first).
+
+    python probes.py --failures=out/longtune_s0.pt,out/deltaforcing_s0.pt --first_seed=100 --seeds=16
 """
+from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import teacher as teacher_stage
 from common import BadInput, cli, load_checkpoint, pick_device
 from model import KVCache, add_noise, build, cfg_mix, rollout, stream
-from world import EVENTS, World, sample_videos, track, turned
+from world import EVENTS, World, sample_videos, switches, track, turned
 
 
 @dataclass
@@ -29,6 +37,8 @@ class ProbeConfig:
     student: str = "out/student.pt"   # any generator checkpoint (student or long-tuned)
     seeds: int = 4
     seed: int = 0
+    failures: str = ""                # comma-separated generators: count how identity fails after switches instead
+    first_seed: int = 100             # --failures: evaluation seeds first_seed .. first_seed + seeds - 1
 
 
 PRESETS = {"tiny": {}, "small": {}}
@@ -90,10 +100,44 @@ def generator_probe(gck, cfg, device, switch):
     return turn_rate(torch.cat([x_real[:, :K], out], 1), pairs, K, ch, w)
 
 
+def failure_kind(tr, before, after):
+    """One switch: 'kept', or how the first frame unlike the segment before it came about."""
+    ref = np.bincount(tr["color_id"][before]).argmax(), np.bincount(tr["bg_id"][before]).argmax()
+    bad = [t for t in after if (tr["color_id"][t], tr["bg_id"][t]) != ref]
+    if not bad:
+        return "kept"
+    last_ok = max([t for t in range(before[0], bad[0]) if tr["valid"][t]], default=before[-1])
+    what = "background" if tr["bg_id"][bad[0]] != ref[1] else "colour"
+    return f"{what} after a dissolve" if bad[0] - last_ok - 1 >= 2 else f"{what} at once"
+
+
+def identity_failures(path, cfg, device):
+    import sample                                                 # the evaluation's schedules and per-video seeds
+    g, c = sample.load_generator(path, device), Counter()
+    seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
+    for j, (_, text, n) in enumerate(sample.builtin_schedules(g.stream["window"])):
+        ev = sample.schedule_tensor(text, n, g.chunk, len(seeds), device)
+        x, _ = sample.generate(g, ev, [1000 * j + s for s in seeds], "recache")
+        for v, e in zip(x.cpu(), ev.cpu().numpy()):
+            tr, sw = track(v, g.world), switches(e)
+            bounds = [0] + [f for f, _, _ in sw] + [len(e)]
+            for i, (f, _, _) in enumerate(sw):
+                before = [t for t in range(bounds[i], f) if tr["valid"][t]]
+                after = [t for t in range(f, bounds[i + 2]) if tr["valid"][t]]
+                c[failure_kind(tr, before, after) if before and after else "no sprite"] += 1
+    return c
+
+
 def main(cfg):
     if cfg.seeds <= 0:
         raise BadInput(f"--seeds must be positive, not {cfg.seeds}")
     device = pick_device(cfg.device)
+    if cfg.failures:
+        for path in cfg.failures.split(","):
+            c = identity_failures(path, cfg, device)
+            n = sum(c.values())
+            print(f"{path}: {n} switches | " + " | ".join(f"{k} {v} ({v / n:.2f})" for k, v in sorted(c.items())))
+        return
     tck = load_checkpoint(cfg.teacher, ["teacher"], "python teacher.py")
     gck = load_checkpoint(cfg.student, ["student", "longtune"], "python distill.py")
     n = len(PAIRS) * cfg.seeds
