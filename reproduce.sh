@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The whole pipeline for one preset, and the results tables made from it.
-#   bash reproduce.sh tiny            # CPU: about 6-7 h on 2 cores (the rho = 0 chain and 3 seeds included)
+#   bash reproduce.sh tiny            # CPU: about 6-7 h on 2 cores (3 seeds, ablations, rho = 0 chain included)
 #   bash reproduce.sh small           # one GPU
 #   STAGES=main bash reproduce.sh tiny   # only teacher, distill, probes, baseline and Delta Forcing (seed 0): ~1 h
 # Steps: teacher + distillation (python distill.py) and the two probes; for training seeds 0-2
-# the long-tuning baseline, Delta Forcing and its two ablations from the same student; the tau
-# sweep (seed 0); the rho = 0 control chain (teacher, student, baseline, Delta Forcing); the
-# benchmark on fresh evaluation seeds 100-115 (tau is tuned on seeds 0-7); the cache-at-switch table.
+# the long-tuning baseline, Delta Forcing and its three ablations (weights only, continuity only,
+# no appearance term) from the same student; the tau sweep (seed 0); LongLive's one-event windows
+# (seed 0); how identity fails; a strip; the rho = 0 control chain (teacher, student, baseline,
+# Delta Forcing); the benchmark on fresh evaluation seeds 100-115 (tau is tuned on seeds 0-7); the
+# cache-at-switch table.
 # Writes $OUT_DIR/results.md (every table, with date, device and commands) and JSON beside it.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -44,6 +46,7 @@ for s in $SEEDS; do
   if [ "$STAGES" = all ]; then
     t python longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --tr_continuity=False --out_name=df_weights_s$s.pt
     t python longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --tr_weights=False --out_name=df_continuity_s$s.pt
+    t python longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --tr_appearance=False --out_name=df_second_s$s.pt
   fi
 done
 cp "$O/longtune_s0.pt" "$O/longtune.pt"
@@ -52,19 +55,42 @@ ck() { for s in $SEEDS; do printf "%s/%s_s%d.pt," "$O" "$1" $s; done; }
 EVAL="python sample.py --preset=$P --eval --seeds=16 --first_seed=100"
 printf "\n## Long tuning and Delta Forcing (evaluation seeds 100-115)\n" >> "$MD"
 ROWS="$O/student.pt,$(ck longtune)$(ck deltaforcing)"
-[ "$STAGES" = all ] && ROWS="$ROWS$(ck df_weights)$(ck df_continuity)"
+[ "$STAGES" = all ] && ROWS="$ROWS$(ck df_weights)$(ck df_continuity)$(ck df_second)"
 t $EVAL --json="$O/results.json" --md="$MD" --ckpts="$ROWS"
 [ "$STAGES" = main ] && { echo "wrote $MD"; exit 0; }
 
 printf "\n## The tau frontier (seed 0; tuned on evaluation seeds 0-7, reported on 100-115)\n" >> "$MD"
 TAUS=""
-for tau in 0.5 2 4; do
+for tau in 0.125 0.25 1; do
   t python longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tau=$tau --out_name=df_tau$tau.pt
   TAUS="$TAUS$O/df_tau$tau.pt,"
 done
 python sample.py --preset="$P" --eval --seeds=8 --first_seed=0 --pool=False --json="$O/tau_tuning.json" \
   --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt,$TAUS"
 t $EVAL --pool=False --json="$O/tau.json" --md="$MD" --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt,$TAUS"
+
+printf "\n## LongLive's one-event windows (--window_events=current, seed 0)\n" >> "$MD"
+t python longtune.py --preset="$P" --out_dir="$O" --window_events=current --out_name=longtune_current.pt
+t python longtune.py --preset="$P" --out_dir="$O" --window_events=current --trust_region=True --out_name=deltaforcing_current.pt
+t $EVAL --pool=False --json="$O/current.json" --md="$MD" --ckpts="$O/longtune_current.pt,$O/deltaforcing_current.pt"
+
+printf "\n## How identity fails after a switch (seed 0)\n\n\`\`\`\n" >> "$MD"
+python probes.py --preset="$P" --failures="$O/longtune_s0.pt,$O/deltaforcing_s0.pt" --first_seed=100 --seeds=16 | tee -a "$MD"
+printf "\`\`\`\n" >> "$MD"
+python - "$O" <<'PY'
+import sys, torch
+import sample
+from world import save_strip
+o, text, seed, j = sys.argv[1], "right@0,down@12,left@24,up@36", 114, 4   # the README's strip: schedule 4, seed 114
+rows = []
+for name in ("longtune_s0", "deltaforcing_s0"):
+    g = sample.load_generator(f"{o}/{name}.pt", torch.device("cpu"))
+    n = 6 * g.stream["window"]
+    x, _ = sample.generate(g, sample.schedule_tensor(text, n, g.chunk, 1, "cpu"), [1000 * j + seed], "recache")
+    rows.append(x[0, 18::2][:16])
+save_strip(f"{o}/strip_multi_{seed}.png", torch.stack(rows))
+print(f"wrote {o}/strip_multi_{seed}.png")
+PY
 
 printf "\n## The rho = 0 control (no colour prior per event)\n" >> "$MD"
 R="$O/rho0"
