@@ -1,4 +1,5 @@
-"""Delta Forcing: the latent-delta trust region (Wu et al., arXiv 2605.14382), our second reading.
+"""Delta Forcing: the latent-delta trust region (Wu et al., arXiv 2605.14382), our second reading
+plus one term of ours (5').
 
 The paper's equations are not public (only its abstract is); this is our reading, every term
 switchable. For one supervised window y = [c_1..c_K ; z_1..z_F] (committed history, detached;
@@ -20,6 +21,8 @@ agrees with the generator there, and both see the same noisy input, so blur canc
 the teacher would still change in frames that happened, it changes for the condition, not the
 trajectory: a recolour toward the new event's canonical colour (the conditional bias) shows up
 there first. A genuine reaction to a new event lives in the new frames and leaves k small.
+(Measured on this toy, k at the DMD's random level tracks the level more than the window, so w
+acts as a near-uniform knob on the teacher's pull and on the continuity gate: docs/results.md.)
 Why (5) is monotonic: each new frame may move about one natural step from the one before, in
 any direction, so the deviation from the history grows at most linearly; natural motion costs
 nothing (it never fights a turn), while recolours, teleports and background changes do.
@@ -35,8 +38,8 @@ all natural motion, so the low-contrast teleports and one-channel recolours esca
 left to the trust weight (4). A latent space with a learned metric would not have this problem.
 
 (5') is our addition, from what the evaluation showed: a sprite that loses its identity after a
-switch mostly dissolves over a few frames and re-forms in the new event's colour, and every step
-of a dissolve is smaller than a natural step, so (5) cannot see it. Motion conserves each
+switch mostly vanishes or dissolves over a few frames (sometimes to re-form in the new event's
+colour), and every step of a dissolve is smaller than a natural step, so (5) cannot see it. Motion conserves each
 channel's spatial mean exactly (on this torus; in a latent model, approximately: pooled latents
 are translation invariant), while a recolour, a fade or a background change moves it. So the
 pooled colour of every new frame is held to the history's, c_K, not stepwise: a slow fade
