@@ -20,13 +20,13 @@ identity failures (--failures=CKPTS): how a generator loses the sprite after a s
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+import sample                                                     # the benchmark's schedules and per-video seeds
 import teacher as teacher_stage
 from common import BadInput, cli, load_checkpoint, pick_device
 from model import KVCache, add_noise, build, cfg_mix, rollout, stream
-from world import EVENTS, World, sample_videos, switches, track, turned
+from world import EVENTS, World, look, sample_videos, segments, switches, track, turned
 
 
 @dataclass
@@ -102,7 +102,7 @@ def generator_probe(gck, cfg, device, switch):
 
 def failure_kind(tr, before, after):
     """One switch: 'kept', or how the first frame unlike the segment before it came about."""
-    ref = np.bincount(tr["color_id"][before]).argmax(), np.bincount(tr["bg_id"][before]).argmax()
+    ref = look(tr, before)
     bad = [t for t in after if (tr["color_id"][t], tr["bg_id"][t]) != ref]
     if not bad:
         return "kept"
@@ -112,18 +112,12 @@ def failure_kind(tr, before, after):
 
 
 def identity_failures(path, cfg, device):
-    import sample                                                 # the evaluation's schedules and per-video seeds
     g, c = sample.load_generator(path, device), Counter()
     seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
-    for j, (_, text, n) in enumerate(sample.builtin_schedules(g.stream["window"])):
-        ev = sample.schedule_tensor(text, n, g.chunk, len(seeds), device)
-        x, _ = sample.generate(g, ev, [1000 * j + s for s in seeds], "recache")
-        for v, e in zip(x.cpu(), ev.cpu().numpy()):
+    for _, ev, x in sample.schedule_videos(g, sample.builtin_schedules(g.stream["window"]), seeds, "recache"):
+        for v, e in zip(x.cpu(), ev.numpy()):
             tr, sw = track(v, g.world), switches(e)
-            bounds = [0] + [f for f, _, _ in sw] + [len(e)]
-            for i, (f, _, _) in enumerate(sw):
-                before = [t for t in range(bounds[i], f) if tr["valid"][t]]
-                after = [t for t in range(f, bounds[i + 2]) if tr["valid"][t]]
+            for before, after in segments(tr["valid"], sw, len(e)):
                 c[failure_kind(tr, before, after) if before and after else "no sprite"] += 1
     return c
 

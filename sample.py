@@ -187,12 +187,19 @@ def check_eval(cfg, gens, schedules):
         parse_schedule(s, n)
 
 
-def score(g, schedules, seeds, switch):
-    """Every schedule x seed through one generator -> {(group, metric): (schedules, seeds) values}."""
-    per = {}
+def schedule_videos(g, schedules, seeds, switch):
+    """Every schedule x seed through one generator, as the benchmark draws them (video seed
+    1000 j + s for schedule j) -> yields (group, events (B,T) on the CPU, videos (B,T,...))."""
     for j, (group, text, n) in enumerate(schedules):
         ev = schedule_tensor(text, n, g.chunk, len(seeds), "cpu")
         x, _ = generate(g, ev.to(next(g.model.parameters()).device), [1000 * j + s for s in seeds], switch)
+        yield group, ev, x
+
+
+def score(g, schedules, seeds, switch):
+    """Every schedule x seed through one generator -> {(group, metric): (schedules, seeds) values}."""
+    per = {}
+    for group, ev, x in schedule_videos(g, schedules, seeds, switch):
         m = batch_metrics(x, ev, g.world, first=g.chunk, chunk=g.chunk)
         for k in METRICS + ["n_react"]:
             for grp in (group, "all"):

@@ -98,10 +98,11 @@ def delta_forcing_loss(per_frame, window, aux, *, K, m, tau=0.5, lam=1.0, r=1.4,
     k = transition_consistency(latent_delta(aux["real"], aux["fake"]), K, m)   # Eq. 2-3, Delta Forcing: latent delta, consistency
     w = trust_weight(k, tau) if weights else torch.ones_like(k)                 # Eq. 4, Delta Forcing: trust weight
     loss = (w[:, None] * dmd_new).mean()                         # Eq. 6, Delta Forcing: trust-weighted DMD
+    logs = dict(w=w, k=k.detach())
     if continuity:
         mc = monotonic_continuity(window[:, K:], window[:, K - 1], m, r)       # Eq. 5, Delta Forcing: monotonic continuity
         if appearance:
             mc = mc + appearance_conservation(window[:, K:], window[:, K - 1], m, r_a)   # Eq. 5', Delta Forcing (ours): appearance
         loss = loss + lam * ((1 - trust_weight(k, tau))[:, None] * mc).mean()  # Eq. 6, Delta Forcing: continuity term
-        return loss, dict(w=w, k=k.detach(), mc=mc.detach().mean(1))
-    return loss, dict(w=w, k=k.detach())
+        logs["mc"] = mc.detach().mean(1)
+    return loss, logs

@@ -209,6 +209,19 @@ def turned(d, old, new, speed):
     return bool(np.linalg.norm(mean - v_new) < np.linalg.norm(mean - v_old))
 
 
+def segments(valid, sw, T):
+    """Per switch (f, old, new) of a T-frame video: the valid frames of the segment before it and
+    of the segment it starts -> [(before, after)]."""
+    b = [0] + [f for f, _, _ in sw] + [T]
+    return [([t for t in range(b[i], b[i + 1]) if valid[t]], [t for t in range(b[i + 1], b[i + 2]) if valid[t]])
+            for i in range(len(sw))]
+
+
+def look(tr, frames):
+    """A segment's appearance: its most frequent (sprite colour id, background id) over frames."""
+    return np.bincount(tr["color_id"][frames]).argmax(), np.bincount(tr["bg_id"][frames]).argmax()
+
+
 def video_metrics(video, ev, w, first=1, grace=2, tol=0.5, chunk=2):
     """Exact world metrics of one video (T,3,S,S) generated under per-frame events ev (T,).
     `first`: transitions into frames before it are not scored (the first chunk of a stream).
@@ -233,12 +246,11 @@ def video_metrics(video, ev, w, first=1, grace=2, tol=0.5, chunk=2):
         hits = [t for t in range(f, end - 1) if match[t - 1] and match[t]]
         if react[-1]:
             lat.append(hits[0] - f if hits else end - f)
-        before = [t for t in range(bounds[i], f) if tr["valid"][t]]
-        after = [t for t in range(f, end) if tr["valid"][t]]
+        before, after = segments(tr["valid"], sw, T)[i]
         if not before or not after:
             ident.append(0.0)
             continue
-        ref = (np.bincount(tr["color_id"][before]).argmax(), np.bincount(tr["bg_id"][before]).argmax())
+        ref = look(tr, before)
         ident.append(float(all((tr["color_id"][t], tr["bg_id"][t]) == ref for t in after)))
         if CANON[new] >= 0 and ref[0] != CANON[new]:              # could the teacher's bias show here?
             bias.append(float(np.bincount(tr["color_id"][after]).argmax() == CANON[new]))
