@@ -1,5 +1,5 @@
 """Run plumbing that is in no paper: the config CLI, devices and autocast, torchrun data parallel,
-the optimizer step and EMA, and checkpoints. Every stage imports it; model.py never does.
+the optimizer (fused AdamW) and its step, EMA, and checkpoints. Every stage imports it; model.py never does.
 
     cfg = parse_config(TeacherConfig, PRESETS, sys.argv[1:])   # --preset=tiny|small, --key=value, --help
     run = init_run(cfg)                                         # rank, world size, device, seed, out_dir checked
@@ -186,19 +186,29 @@ def check_in_sync(model, run):
 
 # ----------------------------------------------------------------------------- optimisation
 
+def adamw(params, **kw):
+    """AdamW, fused: one kernel per update, and it can skip an update on the device (optimizer_step)."""
+    return torch.optim.AdamW(params, fused=True, **kw)
+
+
 def optimizer_step(model, opt, loss, grad_clip, world=1):
     """backward, gradients averaged over ranks, clip, step; every update of every stage goes
-    through it. Returns (gnorm, applied): a non-finite loss or gradient skips the step on every
-    rank alike (they share the averaged gradients) and never poisons the weights."""
+    through it. Returns (gnorm, applied), `applied` a bool tensor: a non-finite loss or gradient
+    skips the update on every rank alike (they share the averaged gradients) and never poisons the
+    weights. With a fused optimizer (adamw) the skip happens on the device, as GradScaler does it
+    (found_inf: weights, moments and step count untouched), so the host never waits for the GPU
+    here and can prepare the next step meanwhile; read `applied` only at a log line."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     average_gradients(model, world)
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if not torch.isfinite(gnorm):                                   # syncs once per step: the price of the skip
-        opt.zero_grad(set_to_none=True)
-        return gnorm, False
-    opt.step()
-    return gnorm, True
+    applied = torch.isfinite(gnorm)
+    if all(g.get("fused") for g in opt.param_groups):
+        opt.found_inf = (~applied).float()                          # 1: the fused kernel leaves everything as it was
+        opt.step()
+    elif applied:                                                   # any other optimizer: one host sync per step
+        opt.step()
+    return gnorm, applied
 
 
 @torch.no_grad()

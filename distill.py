@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 import teacher as teacher_stage
-from common import (BadInput, autocast, check_in_sync, cli, compile_, ema_copy, ema_update, init_run, load_checkpoint,
+from common import (BadInput, adamw, autocast, check_in_sync, cli, compile_, ema_copy, ema_update, init_run, load_checkpoint,
                     optimizer_step, resume, save_checkpoint, seed_rank, states)
 from model import KVCache, add_noise, build, cfg_mix, pred_x0, rollout, shift_sigma
 from world import World, batch_metrics, random_events, save_strip, save_video, summarize
@@ -62,7 +62,10 @@ class DistillConfig:
     log_every: int = 10
 
 
-PRESETS = {"tiny": {}, "small": dict(ode_pairs=2048, ode_steps=2000, dmd_steps=600, ema_start=200, batch=32, chunk=3,
+# small: sized for about 6 min of the whole pipeline on one H100 (teacher.py): a DMD update is 16.7 TFLOP
+# (bench.py), about 0.2 s at an expected 8% MFU (its rollouts run 3-frame chunks: small kernels), 200 updates 42 s;
+# the ODE pairs and regression about 10 s.
+PRESETS = {"tiny": {}, "small": dict(ode_pairs=1024, ode_steps=1000, dmd_steps=200, ema_start=70, batch=32, chunk=3,
                                      n_sink=3, n_window=12)}
 
 
@@ -161,7 +164,7 @@ def dmd_update(*, student, critic, teacher, opt, opt_critic, cfg, levels, shape,
     (B, T, S), K, device = shape, len(levels), levels.device
 
     def fresh_rollout():
-        event = random_events(B, T, cfg.chunk, gen, cfg.p_switch).to(device)
+        event = random_events(B, T, cfg.chunk, gen, cfg.p_switch).to(device, non_blocking=True)   # no host sync
         x = rollout(student, torch.randn(B, T, 3, S, S, device=device), event, levels, cfg.chunk,
                     KVCache(cfg.n_sink, cfg.n_window), exit_step=int(torch.randint(K, ())))   # Self Forcing sec. 3.2: rollout
         return x, event
@@ -239,8 +242,8 @@ def main(cfg):
     student = build(tck["model_args"], tck["ema"], device)       # the student starts from the teacher's weights
     critic = build(tck["model_args"], tck["ema"], device)        # and so does the fake score
     ema = ema_copy(student)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.0, 0.999), weight_decay=0.01)
-    opt_critic = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=(0.0, 0.999), weight_decay=0.01)
+    opt = adamw(student.parameters(), lr=cfg.lr, betas=(0.0, 0.999), weight_decay=0.01)
+    opt_critic = adamw(critic.parameters(), lr=cfg.critic_lr, betas=(0.0, 0.999), weight_decay=0.01)
     levels = torch.tensor(stream["sigmas"], device=device)
     gen = torch.Generator().manual_seed(cfg.seed)                # schedules and ODE pairs: --seed moves every draw
     ck = resume(cfg, path, "student", "python distill.py", gen, model=student, ema=ema, critic=critic, optimizer=opt,
@@ -255,7 +258,7 @@ def main(cfg):
         if run.rank == 0:                                         # one writer; every rank holds the same weights
             save_checkpoint(path, dict(
                 stage="student", model_args=tck["model_args"], world=tck["world"], natural_step=tck["natural_step"],
-                stream=stream, config=asdict(cfg), teacher=teacher_path, phase=phase, step=next_step, skipped=skipped,
+                stream=stream, config=asdict(cfg), teacher=teacher_path, phase=phase, step=next_step, skipped=int(skipped),
                 metrics=metrics or {}, **states(gen, model=student, ema=ema, critic=critic, optimizer=opt,
                                                 critic_optimizer=opt_critic)))
 
@@ -267,12 +270,12 @@ def main(cfg):
         if run.rank == 0:
             print(f"ode init: {len(x0)} teacher trajectories per rank at levels {[round(v, 3) for v in levels.tolist()]}"
                   f" ({time.time() - t_start:.0f}s)")
-        opt_ode = torch.optim.AdamW(student.parameters(), lr=cfg.ode_lr, weight_decay=0.01)
+        opt_ode = adamw(student.parameters(), lr=cfg.ode_lr, weight_decay=0.01)
         for i in tqdm(range(capped(cfg.ode_steps, cfg)), desc="ode init", mininterval=5, disable=run.rank > 0):
             idx = torch.randint(len(x0), (run.batch,), generator=gen)
             with autocast(device):
-                loss = ode_loss(student, xs[idx].to(device), x0[idx].to(device), event[idx].to(device), levels, cfg.chunk)
-            skipped += not optimizer_step(student, opt_ode, loss, 1.0, run.world)[1]
+                loss = ode_loss(student, *(a[idx].to(device, non_blocking=True) for a in (xs, x0, event)), levels, cfg.chunk)
+            skipped = skipped + ~optimizer_step(student, opt_ode, loss, 1.0, run.world)[1]   # on the device: no sync
             if (i + 1) % (cfg.log_every * 10) == 0 and run.rank == 0:
                 tqdm.write(f"ode {i + 1} | loss {loss.item():.4f}")
         ema.load_state_dict(student.state_dict())
@@ -289,15 +292,13 @@ def main(cfg):
         loss, closs, gnorm, applied = dmd_update(student=student, critic=critic, teacher=teacher, opt=opt,
                                                  opt_critic=opt_critic, cfg=cfg, levels=levels, gen=gen,
                                                  shape=(run.batch, tc["frames"], tc["size"]), world=run.world)
-        if not applied:                                           # a non-finite step is skipped and counted
-            skipped += 1
-            continue
-        ema_update(ema, student, cfg.ema if step >= cfg.ema_start else 0.0)
+        skipped = skipped + ~applied                              # a skipped step is counted on the device
+        ema_update(ema, student, cfg.ema if step >= cfg.ema_start else 0.0)   # (a skipped step left the weights as they were)
         if (step + 1) % cfg.log_every == 0 or step + 1 == n_updates:
             dt = (time.time() - t0) / cfg.log_every               # .item() syncs once per log line only
             if run.rank == 0:
                 tqdm.write(f"dmd {step + 1} | dmd loss {loss.item():.4f} | critic loss {closs.item():.4f} | "
-                           f"gnorm {gnorm:.3f} | {dt:.2f} s/update | skipped {skipped}")
+                           f"gnorm {gnorm:.3f} | {dt:.2f} s/update | skipped {int(skipped)}")
             t0 = time.time()
             checkpoint(step + 1)                                  # the checkpoint holds the next update to run
     check_in_sync(student, run)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import distill
 import trust_region
-from common import (BadInput, autocast, check_in_sync, cli, compile_, ema_copy, ema_update, init_run, load_checkpoint,
+from common import (BadInput, adamw, autocast, check_in_sync, cli, compile_, ema_copy, ema_update, init_run, load_checkpoint,
                     optimizer_step, resume, save_checkpoint, seed_rank, states)
 from model import KVCache, build, rollout
 from world import World, batch_metrics, random_events, summarize
@@ -68,7 +68,9 @@ class LongtuneConfig:
     ac_radius: float = 0.1         # r_a: pooled-colour change a new frame may show, in natural steps
 
 
-PRESETS = {"tiny": {}, "small": dict(steps=1000, batch=16, ema_start=300)}
+# small: sized for about 6 min of the whole pipeline on one H100 (teacher.py): an update is 8.1 TFLOP (bench.py),
+# about 0.1 s at an expected 8% MFU, 250 updates 26 s, for each of the baseline and Delta Forcing.
+PRESETS = {"tiny": {}, "small": dict(steps=250, batch=16, ema_start=80, context=3)}   # context: one 3-frame chunk
 
 
 class Streams:
@@ -85,7 +87,8 @@ class Streams:
         W, s = self.stream["window"], self.stream
         self.cache = KVCache(s["n_sink"], s["n_window"])
         self.events = random_events(self.batch, self.L, s["chunk"], self.gen, p_switch=1.0,
-                                    max_switches=self.cfg.max_switches, first=W).to(self.device)   # (B,L), per stream
+                                    max_switches=self.cfg.max_switches, first=W)   # (B,L), per stream
+        self.events = self.events.to(self.device, non_blocking=True)
         self.t, self.context = 0, None
 
     def advance(self, model, levels, exit_step):
@@ -169,6 +172,16 @@ def load_student(cfg):
     return ck, tck
 
 
+def by_window_kind(seen):
+    """' | switch windows w .. k .. | plain windows ..': the trust-region logs pooled over the windows
+    of each kind since the last log line. seen[kind, name] = (sum, count) on the device."""
+    out = ""
+    for kind in ("switch", "plain"):
+        parts = [f"{k} {s[0] / s[1]:.3f}" for (c, k), s in seen.items() if c == kind and s[1] > 0]
+        out += f" | {kind} windows " + " ".join(parts) if parts else ""
+    return out
+
+
 def main(cfg):
     sck, tck = load_student(cfg)
     run = init_run(cfg, cfg.batch)
@@ -179,8 +192,8 @@ def main(cfg):
     student = build(sck["model_args"], sck["ema"], device)       # start from the distilled student
     critic = build(sck["model_args"], sck["critic"], device)
     ema = ema_copy(student)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.0, 0.999), weight_decay=0.01)
-    opt_critic = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=(0.0, 0.999), weight_decay=0.01)
+    opt = adamw(student.parameters(), lr=cfg.lr, betas=(0.0, 0.999), weight_decay=0.01)
+    opt_critic = adamw(critic.parameters(), lr=cfg.critic_lr, betas=(0.0, 0.999), weight_decay=0.01)
     levels = torch.tensor(stream["sigmas"], device=device)
     gen = torch.Generator().manual_seed(cfg.seed)                 # schedules: the same data for every run of a seed
     ck = resume(cfg, path, "longtune", f"python longtune.py --out_name={name}", gen, model=student, ema=ema,
@@ -202,30 +215,26 @@ def main(cfg):
             save_checkpoint(path, dict(
                 stage="longtune", model_args=sck["model_args"], world=sck["world"], natural_step=sck["natural_step"],
                 stream=stream, config=asdict(cfg), teacher=sck["teacher"], student=cfg.student or "student.pt",
-                step=next_step, skipped=skipped, metrics=metrics or {},
+                step=next_step, skipped=int(skipped), metrics=metrics or {},
                 **states(gen, model=student, ema=ema, critic=critic, optimizer=opt, critic_optimizer=opt_critic)))
 
-    t0, t_start, seen = time.time(), time.time(), {"switch": [], "plain": []}   # trust-region logs by window kind
+    t0, t_start, seen = time.time(), time.time(), {}            # trust-region logs by window kind
     for step in tqdm(range(step, n_updates), initial=step, total=n_updates, desc="longtune", mininterval=5,
                      disable=run.rank > 0):
         loss, closs, gnorm, applied, logs, switched = tune_update(
             streams, student=student, critic=critic, teacher=teacher, opt=opt, opt_critic=opt_critic, cfg=cfg,
             levels=levels, shift=stream["shift"], m=sck["natural_step"], world=run.world)
-        if not applied:                                           # a non-finite step is skipped and counted
-            skipped += 1
-            continue
-        ema_update(ema, student, cfg.ema if step >= cfg.ema_start else 0.0)
-        for kind, sel in (("switch", switched), ("plain", ~switched)):
-            if logs and sel.any():
-                seen[kind].append({k: float(v[sel].mean()) for k, v in logs.items()})
+        skipped = skipped + ~applied                              # a skipped step is counted on the device
+        ema_update(ema, student, cfg.ema if step >= cfg.ema_start else 0.0)   # (a skipped step left the weights as they were)
+        for kind, sel in (("switch", switched), ("plain", ~switched)):   # summed on the device: no sync per step
+            for k, v in logs.items():
+                seen[kind, k] = seen.get((kind, k), 0) + torch.stack([(v.float() * sel).sum(), sel.sum()])
         if (step + 1) % cfg.log_every == 0 or step + 1 == n_updates:
             dt = (time.time() - t0) / cfg.log_every
-            extra = "".join(f" | {kind} windows " + " ".join(f"{k} {sum(d[k] for d in v) / len(v):.3f}" for k in v[0])
-                            for kind, v in seen.items() if v)
-            seen = {"switch": [], "plain": []}
+            extra, seen = by_window_kind(seen), {}
             if run.rank == 0:
                 tqdm.write(f"longtune {step + 1} | dmd loss {loss.item():.4f} | critic loss {closs.item():.4f} | "
-                           f"gnorm {gnorm:.3f}{extra} | {dt:.2f} s/update | skipped {skipped}")
+                           f"gnorm {gnorm:.3f}{extra} | {dt:.2f} s/update | skipped {int(skipped)}")
             t0 = time.time()
             checkpoint(step + 1)                                  # the checkpoint holds the next update to run
         if run.rank == 0 and (step + 1) % cfg.probe_every == 0 and step + 1 < n_updates:

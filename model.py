@@ -298,8 +298,9 @@ def randn(shape, gen, device):
     if gen is None:
         return torch.randn(shape, device=device)
     if isinstance(gen, torch.Generator):
-        return torch.randn(shape, generator=gen).to(device)
-    return torch.stack([torch.randn(shape[1:], generator=g) for g in gen]).to(device)   # (B, ...)
+        return torch.randn(shape, generator=gen).to(device, non_blocking=True)   # a host-to-device copy
+        # that does not wait for the GPU (a pageable source is staged at once)
+    return torch.stack([torch.randn(shape[1:], generator=g) for g in gen]).to(device, non_blocking=True)   # (B, ...)
 
 
 def stream(model, x, sigma, event, cache, write=False):
@@ -349,6 +350,8 @@ def rollout(model, noise, event, levels, chunk, cache, *, exit_step=None, switch
     `switch` says what happens to that stream's cache: "recache" (under the new event,
     LongLive), "keep", or "clear". gen: the re-noising draws (see randn)."""
     B, T = noise.shape[:2]
+    levels = [float(v) for v in (levels.tolist() if torch.is_tensor(levels) else levels)]   # host floats: one copy per
+    # rollout, where float(levels[k]) of a CUDA tensor would sync at every denoising step
     exit_step = len(levels) - 1 if exit_step is None else exit_step
     outs = []
     for i in range(0, T, chunk):
@@ -360,11 +363,11 @@ def rollout(model, noise, event, levels, chunk, cache, *, exit_step=None, switch
             elif switch == "clear":
                 cache.clear(changed)
         for k in range(exit_step + 1):                           # Self Forcing sec. 3.2: few-step denoising
-            sig = torch.full(ev.shape, float(levels[k]), device=x.device)
+            sig = torch.full(ev.shape, levels[k], device=x.device)
             with torch.set_grad_enabled(torch.is_grad_enabled() and k == exit_step):   # graph at the exit step only
                 x0 = pred_x0(x, stream(model, x, sig, ev, cache), sig)
             if k < exit_step:                                    # re-noise with fresh noise, not an Euler step
-                x = add_noise(x0, randn(x0.shape, gen, x0.device), torch.full_like(sig, float(levels[k + 1])))
+                x = add_noise(x0, randn(x0.shape, gen, x0.device), torch.full_like(sig, levels[k + 1]))
         outs.append(x0)
         with torch.no_grad():                                    # the cache write carries no gradient
             stream(model, x0, torch.zeros_like(sig), ev, cache, write=True)   # Self Forcing sec. 3.2: clean KV

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from common import (BadInput, autocast, check_in_sync, cli, compile_, ema_copy, ema_update, init_run, optimizer_step, resume,
-                    save_checkpoint, seed_rank, states)
+from common import (BadInput, adamw, autocast, check_in_sync, cli, compile_, ema_copy, ema_update, init_run,
+                    optimizer_step, resume, save_checkpoint, seed_rank, states)
 from model import ModelConfig, add_noise, build, cfg_mix, shift_sigma
 from world import EVENTS, World, batch_metrics, natural_step, save_video, summarize, teacher_batch
 
@@ -64,10 +64,12 @@ class TeacherConfig:
     ckpt_every: int = 500
 
 
+# small: one GPU. Its steps are sized so that `reproduce.sh small` (every stage) ends in about 6 min on one
+# H100: 2.1 TFLOP per step (bench.py counts it) at an expected 25% MFU is 8.5 ms, 6000 steps 51 s.
 PRESETS = {
     "tiny": {},
     "small": dict(size=32, sprite=6, speed=2, frames=12, chunk=3, dim=256, depth=6, heads=8, batch=64,
-                  lr=5e-4, max_steps=8000, warmup=500, ema=0.999),
+                  lr=5e-4, max_steps=6000, warmup=300, ema=0.999, ckpt_every=1000),
 }
 
 
@@ -150,14 +152,14 @@ def lr_at(step, cfg):
 
 def train_step(model, ema, opt, x, event, *, step, cfg, world=1):
     """One optimiser step: flow-matching loss, backward, gradients averaged over ranks, clip,
-    AdamW, EMA. Returns (loss, gnorm, applied); a non-finite step is skipped (common.optimizer_step)."""
+    AdamW, EMA. Returns (loss, gnorm, applied); a non-finite step is skipped on the device
+    (common.optimizer_step)."""
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg)
     with autocast(x.device):
         loss = fm_loss(model, x, event, cfg.sigma_mu)
     gnorm, applied = optimizer_step(model, opt, loss, cfg.grad_clip, world)
-    if applied:
-        ema_update(ema, model, cfg.ema if step >= cfg.warmup else 0.0)
+    ema_update(ema, model, cfg.ema if step >= cfg.warmup else 0.0)    # after a skipped step the weights are unchanged
     return loss, gnorm, applied
 
 
@@ -175,7 +177,7 @@ def main(cfg):
     path = os.path.join(cfg.out_dir, "teacher.pt")
     model = build(model_args(cfg), device=run.device)              # the same seed: the same weights on every rank
     ema = ema_copy(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    opt = adamw(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)                   # the data stream, saved for resume
     w = world_of(cfg)
     m_nat = natural_step(w, cfg.frames, cfg.chunk)
@@ -191,7 +193,7 @@ def main(cfg):
     def checkpoint(next_step, metrics=None):
         if run.rank == 0:                                           # one writer; every rank holds the same weights
             save_checkpoint(path, dict(stage="teacher", model_args=model_args(cfg), world=asdict(w), natural_step=m_nat,
-                                       config=asdict(cfg), step=next_step, skipped=skipped, metrics=metrics or {},
+                                       config=asdict(cfg), step=next_step, skipped=int(skipped), metrics=metrics or {},
                                        **states(gen, model=model, ema=ema, optimizer=opt)))
 
     t0, t_start = time.time(), time.time()
@@ -200,13 +202,13 @@ def main(cfg):
         x, event = teacher_batch(w, run.batch, cfg.frames, gen, cfg.chunk, cfg.p_switch)
         drop = torch.rand(run.batch, generator=gen) < cfg.p_uncond  # CFG: the null event for the whole clip
         event = torch.where(drop[:, None], model.null_event, event)
-        loss, gnorm, applied = train_step(model, ema, opt, x.to(run.device), event.to(run.device), step=step, cfg=cfg,
-                                           world=run.world)
-        skipped += not applied                                      # a non-finite step is skipped and counted
+        x, event = (a.to(run.device, non_blocking=True) for a in (x, event))   # non_blocking: the host does not wait
+        loss, gnorm, applied = train_step(model, ema, opt, x, event, step=step, cfg=cfg, world=run.world)
+        skipped = skipped + ~applied                                # counted on the device: no sync per step
         if (step + 1) % cfg.log_every == 0 and run.rank == 0:
             dt = (time.time() - t0) / cfg.log_every                 # loss.item() syncs once per log line only
             tqdm.write(f"step {step + 1} | loss {loss.item():.4f} | gnorm {gnorm:.2f} | lr {lr_at(step, cfg):.2e} | "
-                       f"{dt * 1000:.0f} ms/step | {cfg.batch / dt:.0f} clips/s | skipped {skipped}")
+                       f"{dt * 1000:.0f} ms/step | {cfg.batch / dt:.0f} clips/s | skipped {int(skipped)}")
             t0 = time.time()
         if (step + 1) % cfg.ckpt_every == 0 and run.rank == 0:
             m, _, _ = evaluate(ema, cfg, 20, run.device)            # a quick look at progress

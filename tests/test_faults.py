@@ -14,7 +14,7 @@ import torch
 
 import distill
 import teacher
-from common import load_checkpoint
+from common import load_checkpoint, optimizer_step
 from conftest import (ROOT, TEACHER_FLAGS, assert_one_line_error, assert_one_line_exit_2, distill_cfg, run, run_cli,
                       tiny_cfg)
 
@@ -42,6 +42,23 @@ def test_kill_9_at_random_moments_leaves_a_checkpoint_that_resumes(tmp_path):
     assert load_checkpoint(str(tmp_path / "teacher.pt"), ["teacher"], "")["step"] == ck["step"] + 2
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_non_finite_step_leaves_weights_moments_and_count_alone(fused):
+    """Fused AdamW skips on the device (found_inf, no host sync); any other optimizer on the host."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1, fused=fused)
+    optimizer_step(m, opt, m(torch.ones(1, 3)).sum(), 1.0)
+    weights = {k: v.clone() for k, v in m.state_dict().items()}
+    moments = [{k: v.clone() for k, v in s.items()} for s in opt.state.values()]
+    _, applied = optimizer_step(m, opt, m(torch.ones(1, 3)).sum() * float("nan"), 1.0)
+    assert not applied
+    assert all(torch.equal(v, weights[k]) for k, v in m.state_dict().items())
+    assert all(torch.equal(v, old[k]) for s, old in zip(opt.state.values(), moments) for k, v in s.items())
+    _, applied = optimizer_step(m, opt, m(torch.ones(1, 3)).sum(), 1.0)
+    assert applied and all(int(s["step"]) == 2 for s in opt.state.values())
+
+
 def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch, teacher_dir, capsys):
     real_fm, calls = teacher.fm_loss, []
 
@@ -54,6 +71,8 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch, teache
     ck = load_checkpoint(str(tmp_path / "teacher.pt"), ["teacher"], "")
     assert ck["step"] == 4 and ck["skipped"] == 1 and "skipped 1" in capsys.readouterr().out
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    adam = ck["optimizer"]["state"][0]                           # skipped on the device: AdamW took 3 steps, not 4
+    assert int(adam["step"]) == 3 and torch.isfinite(adam["exp_avg"]).all() and torch.isfinite(adam["exp_avg_sq"]).all()
 
     real_dmd, calls = distill.dmd_loss, []
 
