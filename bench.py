@@ -2,6 +2,8 @@
 
     python bench.py                       # tiny on CPU, small on a GPU
     python bench.py --compile=on          # also compile on the CPU (slow to compile; checks the code path)
+    python bench.py --json=out/bench.json # the rows also as JSON (device, torch, date, one object per row)
+    python bench.py --profile=True        # and where the time goes: torch.profiler's top ops per step
 
 Streaming: frames/s in steady state and first-chunk latency at batch 1 and at a large batch,
 eager and compiled (on CUDA the compiled streaming step replays as a CUDA graph), the graphs
@@ -14,6 +16,8 @@ Weights do not change speed, so untrained models of the preset's shape are used.
 """
 import contextlib
 import copy
+import datetime
+import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +31,7 @@ import distill
 import longtune
 import sample
 import teacher
-from common import BadInput, autocast, cli, compile_, pick_device
+from common import BadInput, adamw, autocast, cli, compile_, pick_device
 from model import KVCache, build, pred_x0, rollout, stream
 from world import World, natural_step, teacher_batch
 
@@ -46,9 +50,36 @@ class BenchConfig:
     repeats: int = 3            # best of n for whole-call timings
     steps: int = 3              # timed training steps per stage, after two warm-up steps
     threads: int = 0            # torch CPU threads; 0 = torch's default
+    json: str = ""              # also write the rows here, as JSON
+    profile: bool = False       # also print torch.profiler's top ops: a streaming chunk and each training step
 
 
 PRESETS = {"tiny": {}, "small": dict(big_batch=64)}
+
+
+def fmt(val):
+    return val if isinstance(val, str) else f"{val:,.2f}"
+
+
+class Rows(list):
+    """The measured rows (what, value, unit). Each is printed the moment it is measured, and with a
+    path the JSON is rewritten too, so a run cut short (a GPU slot's time limit) keeps every row so far."""
+
+    def __init__(self, path, header):
+        super().__init__()
+        self.path, self.header = path, header
+
+    def append(self, row):
+        super().append(row)
+        print(f"  {row[0]}: {fmt(row[1])} {row[2]}", flush=True)
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(dict(self.header, rows=[dict(what=w, value=v, unit=u) for w, v, u in self]), f, indent=1)
+
+    def __iadd__(self, rows):
+        for row in rows:
+            self.append(row)
+        return self
 
 
 def sync(device):
@@ -67,6 +98,44 @@ def timed(fn, device, repeats):
         sync(device)
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def profile(fn, device, label, top=12):
+    """torch.profiler's top ops of one more call of fn (already warm): GPU time against the CPU's
+    time launching it tells a launch-bound step (small kernels, host syncs) from a compute-bound one."""
+    from torch.profiler import ProfilerActivity
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    try:
+        with torch.profiler.profile(activities=acts) as p:
+            fn()
+            sync(device)
+        print(f"\nprofile: {label}, top ops by {key}\n" + p.key_averages().table(sort_by=key, row_limit=top), flush=True)
+    except Exception as e:                                          # a profile is a bonus: never lose the rows for it
+        print(f"profile: {label}: failed ({type(e).__name__}: {e})", flush=True)
+
+
+def warmed(make):
+    """A fresh training step closure from make(), run twice (compiled, and past the first step's
+    lazy state such as AdamW's moments), as step_cost runs it."""
+    torch.manual_seed(0)
+    fn = make()
+    fn(), fn()
+    return fn
+
+
+def host_syncs(fn):
+    """How often one call of fn makes the host wait for the GPU (.item(), a data-dependent branch, a
+    blocking copy): CUDA's sync debug mode warns once per synchronizing call."""
+    import warnings
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def stream_times(g, B, n, device):
@@ -121,12 +190,12 @@ def train_step_fn(what, tcfg, dcfg, lcfg, device, compiled):
     on fresh models of the preset's shape: teacher, DMD (5 critic + 1 generator), long tune."""
     args = teacher.model_args(tcfg)
     t_model = compile_(build(args, device=device), compiled)
-    t_ema, t_opt = copy.deepcopy(t_model), torch.optim.AdamW(t_model.parameters(), lr=1e-4)
+    t_ema, t_opt = copy.deepcopy(t_model), adamw(t_model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     x, ev = (a.to(device) for a in teacher_batch(teacher.world_of(tcfg), tcfg.batch, tcfg.frames, gen, tcfg.chunk))
     student, critic, frozen = (compile_(build(args, device=device), compiled) for _ in range(3))
     frozen.requires_grad_(False)
-    opt, opt_critic = (torch.optim.AdamW(m.parameters(), lr=1e-5, betas=(0.0, 0.999)) for m in (student, critic))
+    opt, opt_critic = (adamw(m.parameters(), lr=1e-5, betas=(0.0, 0.999)) for m in (student, critic))
     stream_ = distill.stream_args(dcfg, tcfg.frames)
     levels = torch.tensor(stream_["sigmas"], device=device)
     nets = dict(student=student, critic=critic, teacher=frozen, opt=opt, opt_critic=opt_critic)
@@ -155,9 +224,7 @@ def step_cost(make, device, steps, count):
     as in every MFU figure). On the CPU attention runs on the math kernel while counting, since
     the counter does not see the CPU flash kernel."""
     def run(timing):
-        torch.manual_seed(0)
-        fn = make()
-        fn(), fn()
+        fn = warmed(make)
         sync(device)
         g0, t = counters["stats"]["unique_graphs"], time.perf_counter()
         mode = FlopCounterMode(display=False) if not timing else contextlib.nullcontext()
@@ -192,7 +259,8 @@ def main(cfg):
     print(f"device {name}, torch {torch.__version__}, preset {cfg.preset}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {T}-frame teacher clips, chunk {ch}, "
           f"cache {dcfg.n_sink} sink + {dcfg.n_window} window frames, compile {'on' if compiled else 'off'}")
-    rows = []
+    rows = Rows(cfg.json, dict(device=name, torch=torch.__version__, preset=cfg.preset, compile=compiled,
+                               date=datetime.date.today().isoformat(), config=asdict(cfg)))
     warm = (dcfg.n_sink + dcfg.n_window) // ch + 1                  # chunks until the cache is full
 
     def streaming(g, label):
@@ -215,9 +283,17 @@ def main(cfg):
         twin = compile_(copy.deepcopy(model), True, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
         gens["compiled"] = sample.Generator(twin, stream_, teacher.world_of(tcfg))
     rates = {label: streaming(g, label) for label, g in gens.items()}
+    if cfg.profile:
+        g = gens.get("compiled", gens["eager"])
+        profile(lambda: stream_times(g, 1, ch * (warm + 2), device), device, f"a stream of {warm + 2} chunks, batch 1")
     rows += [(f"compiled / eager streaming, batch {B}", rates["compiled"][B] / rates["eager"][B], "x")
              for B in rates.get("compiled", {})]
+    if device.type == "cuda":                                       # cheap, so early: a slot cut short keeps them
+        rows += [(f"SDPA flash kernel: {k}", v, "") for k, v in flash_paths(model, dcfg, tcfg.size, device).items()]
 
+    # Like for like: the teacher evaluates each frame 2 x sample_steps times (CFG doubles the batch),
+    # the student len(levels) + 1 times (its levels, then the clean cache write).
+    ceiling = tcfg.sample_steps * (2 if tcfg.guidance else 1) / (len(levels) + 1)
     for label, g in gens.items():                                   # the teacher under the same compile and dtype
         def teacher_clip():
             with autocast(device):
@@ -225,8 +301,10 @@ def main(cfg):
                                torch.randn(1, T, 3, tcfg.size, tcfg.size, device=device),
                                teacher.euler_grid(tcfg.sample_steps), tcfg.guidance)
         t_teacher = timed(teacher_clip, device, cfg.repeats)
+        speedup = rates[label][1] / (T / t_teacher)
         rows += [(f"{label}: teacher Euler {tcfg.sample_steps} steps + CFG, batch 1", T / t_teacher, "frames/s"),
-                 (f"{label}: student stream / teacher sampler, batch 1", rates[label][1] / (T / t_teacher), "x")]
+                 (f"{label}: student stream / teacher sampler, batch 1", speedup, "x"),
+                 (f"{label}: share of the evaluation-count ceiling, {ceiling:.1f}x", 100 * speedup / ceiling, "%")]
 
     times = stream_times(gens["eager"], 1, cfg.late + 50, device)  # one long stream, eager
     early, late = (statistics.median(times[f // ch:(f + 50) // ch]) for f in (50, cfg.late))   # 50 frames each
@@ -256,15 +334,16 @@ def main(cfg):
                          dt * 1000, "ms"))
             rows.append((f"{label}: {what}: {flops[what] / 1e9:.2f} GFLOP/step, achieved / MFU",
                          f"{flops[what] / dt / 1e9:,.1f} GFLOP/s / {mfu}", ""))
+            if device.type == "cuda" and not on:                    # eager: each sync is one op, not a graph
+                rows.append((f"host syncs per step (the host waits for the GPU): {what}", host_syncs(warmed(make)), ""))
+            if cfg.profile and on == compiled:                      # the faster setting's steps
+                profile(warmed(make), device, f"{label} {what}")
     rows += [(f"compiled / eager train step speed-up: {what}", v[0] / v[1], "x") for what, v in speed.items() if len(v) == 2]
-    if device.type == "cuda":
-        rows += [(f"SDPA flash kernel: {k}", v, "") for k, v in flash_paths(model, dcfg, tcfg.size, device).items()]
 
     w = max(len(r[0]) for r in rows)
     print(f"| {'what':<{w}} | value | unit |\n|{'-' * (w + 2)}|---:|---|")
     for what, val, unit in rows:
-        print(f"| {what:<{w}} | {val if isinstance(val, str) else f'{val:,.2f}'} | {unit} |")
-
+        print(f"| {what:<{w}} | {fmt(val)} | {unit} |")
 
 if __name__ == "__main__":
     cli(main, BenchConfig, PRESETS)

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The whole pipeline for one preset, and the results tables made from it.
 #   bash reproduce.sh tiny            # CPU: about 6-7 h on 2 cores (3 seeds, ablations, rho = 0 chain included)
-#   bash reproduce.sh small           # one GPU
+#   bash reproduce.sh small           # one GPU: teacher, distill, probes, baseline and Delta Forcing (seed 0), the
+#                                     # evaluation; the small preset's steps are sized for about 6 min on one H100
 #   STAGES=main bash reproduce.sh tiny   # only teacher, distill, probes, baseline and Delta Forcing (seed 0): ~1 h
-# Steps: teacher + distillation (python distill.py) and the two probes; for training seeds 0-2
+#   bash reproduce.sh gpu-check DIR   # one GPU slot (9 min): the CUDA tests, bench.py, `reproduce.sh small`, a GIF,
+#                                     # each under its own time limit, going on past a failure; 8 files in DIR
+#   REHEARSE=1 bash reproduce.sh gpu-check DIR   # the same on the CPU: 2 steps of batch 4 per loop, bench tiny
+# Steps: teacher, distillation and the two probes; for training seeds 0-2
 # the long-tuning baseline, Delta Forcing and its three ablations (weights only, continuity only,
 # no appearance term) from the same student; the tau sweep (seed 0); LongLive's one-event windows
 # (seed 0); how identity fails; a strip; the rho = 0 control chain (teacher, student, baseline,
@@ -12,20 +16,87 @@
 # Writes $OUT_DIR/results.md (every table, with date, device and commands) and JSON beside it.
 set -euo pipefail
 cd "$(dirname "$0")"
+PY=${PYTHON:-$(command -v python || command -v python3)}     # the GPU machines have python3 only
 P=${1:-tiny}
 O=${OUT_DIR:-out}
-STAGES=${STAGES:-all}
-case "$P" in tiny|small) ;; *) echo "reproduce.sh: error: preset must be tiny or small, not '$P'" >&2; exit 2;; esac
+
+if [ "$P" = gpu-check ]; then
+  D=${2:?usage: bash reproduce.sh gpu-check DIR}
+  mkdir -p "$D" "$O"
+  D=$(cd "$D" && pwd)
+  STEPS="$O/gpu_check_steps.tsv"
+  : > "$STEPS"
+  # each step: a name, a time limit in seconds, a command; its output goes to log.txt, its exit code and time to STEPS
+  step() {
+    local name=$1 limit=$2 t0=$SECONDS rc=0
+    shift 2
+    echo "=== $name (limit $limit s): $*" >> "$D/log.txt"
+    timeout "$limit" "$@" >> "$D/log.txt" 2>&1 || rc=$?
+    printf "%s\t%s\t%s\t%s\n" "$name" "$rc" "$(( SECONDS - t0 ))" "$*" >> "$STEPS"
+  }
+  : > "$D/log.txt"
+  if [ -n "${REHEARSE:-}" ]; then                              # the CPU, tiny sizes: proves the script, not CUDA
+    export CUDA_TESTS_ON_CPU=1
+    step cuda-tests 300 "$PY" -m pytest -q tests/test_cuda.py
+    step bench 300 "$PY" bench.py --preset=tiny --json="$D/bench.json" --late=100 --frames=32 --steps=1 --repeats=1
+    step pipeline 900 env OUT_DIR="$O/gpu_check" REHEARSE=1 bash reproduce.sh small
+  else
+    step cuda-tests 80 "$PY" -m pytest -q tests/test_cuda.py
+    step bench 150 "$PY" bench.py --preset=small --json="$D/bench.json" --profile=True   # its compiles warm the caches
+    step pipeline 300 env OUT_DIR="$O/gpu_check" bash reproduce.sh small                  # that the pipeline then reuses
+  fi
+  step sample 10 "$PY" sample.py --ckpt="$O/gpu_check/deltaforcing.pt" --out="$D/sample.gif" --frames=72 \
+    --events="right@0,down@18,left@36,up@54" --seed=114 --compile=False
+  cp "$O/gpu_check/results.md" "$O/gpu_check/results.json" "$D/" 2>/dev/null || true
+  "$PY" - "$D" "$STEPS" "$O/gpu_check" <<'PY'
+import json, os, sys, datetime, torch
+d, steps, run = sys.argv[1:]
+rows = [dict(zip(("step", "exit", "seconds", "command"), l.rstrip("\n").split("\t"))) for l in open(steps)]
+summary = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
+               device=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (rehearsal)", steps=rows)
+for name in ("bench", "results"):
+    p = os.path.join(d, f"{name}.json")
+    summary[name] = json.load(open(p)) if os.path.exists(p) else None
+for name in ("teacher", "student", "longtune", "deltaforcing"):
+    p = os.path.join(run, f"{name}.pt")
+    if os.path.exists(p):
+        summary[name] = {k: v for k, v in torch.load(p, map_location="cpu", weights_only=True)["metrics"].items()}
+p = os.path.join(run, "times.log")
+summary["stage_times"] = open(p).read().splitlines() if os.path.exists(p) else []
+json.dump(summary, open(os.path.join(d, "summary.json"), "w"), indent=1)
+with open(os.path.join(d, "summary.md"), "w") as f:
+    f.write(f"# GPU check, {summary['device']}, {summary['date']}, torch {summary['torch']}\n\n")
+    f.write("| step | exit | seconds |\n|---|---:|---:|\n")
+    f.writelines(f"| {r['step']} | {r['exit']} | {r['seconds']} |\n" for r in rows)
+    f.write("\n## Pipeline stages\n\n" + "".join(f"    {t}\n" for t in summary["stage_times"]))
+    for name in ("teacher", "student", "longtune", "deltaforcing"):
+        if summary.get(name):
+            f.write(f"\n{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[name].items() if isinstance(v, float)) + "\n")
+    if summary["bench"]:
+        f.write("\n## bench.py\n\n| what | value | unit |\n|---|---:|---|\n")
+        for r in summary["bench"]["rows"]:
+            v = r["value"] if isinstance(r["value"], str) else f"{r['value']:,.2f}"
+            f.write(f"| {r['what']} | {v} | {r['unit']} |\n")
+print(open(os.path.join(d, "summary.md")).read())
+PY
+  exit 0
+fi
+
+STAGES=${STAGES:-$([ "$P" = small ] && echo main || echo all)}
+case "$P" in tiny|small) ;; *) echo "reproduce.sh: error: preset must be tiny, small or gpu-check, not '$P'" >&2; exit 2;; esac
 case "$STAGES" in all|main) ;; *) echo "reproduce.sh: error: STAGES must be all or main, not '$STAGES'" >&2; exit 2;; esac
 mkdir -p "$O"
+X=""; NS=16; PS=""                                              # REHEARSE: 2 steps per loop of batch 4, 1 seed
+[ -n "${REHEARSE:-}" ] && { X="--max_steps=2 --batch=4"; NS=1; PS="--seeds=1"; }
 MD="$O/results.md"
-dev=$(python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU, %d threads' % torch.get_num_threads())")
+dev=$($PY -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU, %d threads' % torch.get_num_threads())")
 printf "# Results, preset %s\n\n%s, %s, torch %s. Made by \`STAGES=%s bash reproduce.sh %s\`.\n" "$P" "$(date -u +%Y-%m-%d)" \
-  "$dev" "$(python -c 'import torch; print(torch.__version__)')" "$STAGES" "$P" > "$MD"
-t() { local t0=$SECONDS; "$@"; echo "  ($(( SECONDS - t0 )) s: $*)" | tee -a "$O/times.log"; }
+  "$dev" "$($PY -c 'import torch; print(torch.__version__)')" "$STAGES" "$P" > "$MD"
+t() { local t0=$SECONDS; echo "=== $*"; "$@"; echo "  ($(( SECONDS - t0 )) s: $*)" | tee -a "$O/times.log"; }
 
-t python distill.py --preset="$P" --out_dir="$O"
-python - "$O" >> "$MD" <<'PY'
+t $PY teacher.py --preset="$P" --out_dir="$O" $X
+t $PY distill.py --preset="$P" --out_dir="$O" $X
+$PY - "$O" >> "$MD" <<'PY'
 import sys, torch
 o = sys.argv[1]
 print("\n## Teacher and student (the teacher's evaluation clips: one-event and switch clips of its length)\n")
@@ -36,23 +107,23 @@ for name, pre in (("teacher", ""), ("student (EMA)", ""), ("student (raw)", "raw
     print(f"| {name} | " + " | ".join(f"{m.get(pre + k, m.get(k, float('nan'))):.3f}" for k in keys) + " |")
 PY
 printf "\n## Probes\n\n\`\`\`\n" >> "$MD"
-python probes.py --preset="$P" --teacher="$O/teacher.pt" --student="$O/student.pt" | tee -a "$MD"
+$PY probes.py --preset="$P" --teacher="$O/teacher.pt" --student="$O/student.pt" $PS | tee -a "$MD"
 printf "\`\`\`\n" >> "$MD"
 
 SEEDS="0 1 2"; [ "$STAGES" = main ] && SEEDS="0"
 for s in $SEEDS; do
-  t python longtune.py --preset="$P" --out_dir="$O" --seed=$s --out_name=longtune_s$s.pt
-  t python longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --out_name=deltaforcing_s$s.pt
+  t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --out_name=longtune_s$s.pt $X
+  t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --out_name=deltaforcing_s$s.pt $X
   if [ "$STAGES" = all ]; then
-    t python longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --tr_continuity=False --out_name=df_weights_s$s.pt
-    t python longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --tr_weights=False --out_name=df_continuity_s$s.pt
-    t python longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --tr_appearance=False --out_name=df_second_s$s.pt
+    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --tr_continuity=False --out_name=df_weights_s$s.pt
+    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --tr_weights=False --out_name=df_continuity_s$s.pt
+    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --tr_appearance=False --out_name=df_second_s$s.pt
   fi
 done
 cp "$O/longtune_s0.pt" "$O/longtune.pt"
 cp "$O/deltaforcing_s0.pt" "$O/deltaforcing.pt"
 ck() { for s in $SEEDS; do printf "%s/%s_s%d.pt," "$O" "$1" $s; done; }
-EVAL="python sample.py --preset=$P --eval --seeds=16 --first_seed=100"
+EVAL="$PY sample.py --preset=$P --eval --seeds=$NS --first_seed=100"
 printf "\n## Long tuning and Delta Forcing (evaluation seeds 100-115)\n" >> "$MD"
 ROWS="$O/student.pt,$(ck longtune)$(ck deltaforcing)"
 [ "$STAGES" = all ] && ROWS="$ROWS$(ck df_weights)$(ck df_continuity)$(ck df_second)"
@@ -62,22 +133,22 @@ t $EVAL --json="$O/results.json" --md="$MD" --ckpts="$ROWS"
 printf "\n## The tau frontier (seed 0; tuned on evaluation seeds 0-7, reported on 100-115)\n" >> "$MD"
 TAUS=""
 for tau in 0.125 0.25 1; do
-  t python longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tau=$tau --out_name=df_tau$tau.pt
+  t $PY longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tau=$tau --out_name=df_tau$tau.pt
   TAUS="$TAUS$O/df_tau$tau.pt,"
 done
-python sample.py --preset="$P" --eval --seeds=8 --first_seed=0 --pool=False --json="$O/tau_tuning.json" \
+$PY sample.py --preset="$P" --eval --seeds=8 --first_seed=0 --pool=False --json="$O/tau_tuning.json" \
   --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt,$TAUS"
 t $EVAL --pool=False --json="$O/tau.json" --md="$MD" --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt,$TAUS"
 
 printf "\n## LongLive's one-event windows (--window_events=current, seed 0)\n" >> "$MD"
-t python longtune.py --preset="$P" --out_dir="$O" --window_events=current --out_name=longtune_current.pt
-t python longtune.py --preset="$P" --out_dir="$O" --window_events=current --trust_region=True --out_name=deltaforcing_current.pt
+t $PY longtune.py --preset="$P" --out_dir="$O" --window_events=current --out_name=longtune_current.pt
+t $PY longtune.py --preset="$P" --out_dir="$O" --window_events=current --trust_region=True --out_name=deltaforcing_current.pt
 t $EVAL --pool=False --json="$O/current.json" --md="$MD" --ckpts="$O/longtune_current.pt,$O/deltaforcing_current.pt"
 
 printf "\n## How identity fails after a switch (seed 0)\n\n\`\`\`\n" >> "$MD"
-python probes.py --preset="$P" --failures="$O/longtune_s0.pt,$O/deltaforcing_s0.pt" --first_seed=100 --seeds=16 | tee -a "$MD"
+$PY probes.py --preset="$P" --failures="$O/longtune_s0.pt,$O/deltaforcing_s0.pt" --first_seed=100 --seeds=16 | tee -a "$MD"
 printf "\`\`\`\n" >> "$MD"
-python - "$O" <<'PY'
+$PY - "$O" <<'PY'
 import sys, torch
 import sample
 from world import save_strip
@@ -95,10 +166,10 @@ PY
 printf "\n## The rho = 0 control (no colour prior per event)\n" >> "$MD"
 R="$O/rho0"
 mkdir -p "$R"
-t python teacher.py --preset="$P" --out_dir="$R" --rho=0
-t python distill.py --preset="$P" --out_dir="$R"
-t python longtune.py --preset="$P" --out_dir="$R"
-t python longtune.py --preset="$P" --out_dir="$R" --trust_region=True
+t $PY teacher.py --preset="$P" --out_dir="$R" --rho=0
+t $PY distill.py --preset="$P" --out_dir="$R"
+t $PY longtune.py --preset="$P" --out_dir="$R"
+t $PY longtune.py --preset="$P" --out_dir="$R" --trust_region=True
 t $EVAL --pool=False --json="$O/rho0.json" --md="$MD" --ckpts="$R/student.pt,$R/longtune.pt,$R/deltaforcing.pt"
 
 for m in keep recache clear; do
