@@ -18,6 +18,7 @@ import contextlib
 import copy
 import datetime
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -72,9 +73,10 @@ class Rows(list):
     def append(self, row):
         super().append(row)
         print(f"  {row[0]}: {fmt(row[1])} {row[2]}", flush=True)
-        if self.path:
-            with open(self.path, "w") as f:
+        if self.path:                                               # write, then rename: a kill never leaves half a file
+            with open(self.path + ".tmp", "w") as f:
                 json.dump(dict(self.header, rows=[dict(what=w, value=v, unit=u) for w, v, u in self]), f, indent=1)
+            os.replace(self.path + ".tmp", self.path)
 
     def __iadd__(self, rows):
         for row in rows:
@@ -279,32 +281,11 @@ def main(cfg):
                              f"{g0} / {counters['stats']['unique_graphs'] - g0}", ""))
         return res
 
-    if compiled:                                                    # static shapes: replay as a CUDA graph
-        twin = compile_(copy.deepcopy(model), True, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
-        gens["compiled"] = sample.Generator(twin, stream_, teacher.world_of(tcfg))
-    rates = {label: streaming(g, label) for label, g in gens.items()}
-    if cfg.profile:
-        g = gens.get("compiled", gens["eager"])
-        profile(lambda: stream_times(g, 1, ch * (warm + 2), device), device, f"a stream of {warm + 2} chunks, batch 1")
-    rows += [(f"compiled / eager streaming, batch {B}", rates["compiled"][B] / rates["eager"][B], "x")
-             for B in rates.get("compiled", {})]
-    if device.type == "cuda":                                       # cheap, so early: a slot cut short keeps them
+    # Order: what is cheap and wanted most first (eager rows, MFU, syncs), compiles and profiles last,
+    # so that a run cut short by a GPU slot's time limit keeps the most (each row is saved as it comes).
+    rates = {"eager": streaming(gens["eager"], "eager")}
+    if device.type == "cuda":
         rows += [(f"SDPA flash kernel: {k}", v, "") for k, v in flash_paths(model, dcfg, tcfg.size, device).items()]
-
-    # Like for like: the teacher evaluates each frame 2 x sample_steps times (CFG doubles the batch),
-    # the student len(levels) + 1 times (its levels, then the clean cache write).
-    ceiling = tcfg.sample_steps * (2 if tcfg.guidance else 1) / (len(levels) + 1)
-    for label, g in gens.items():                                   # the teacher under the same compile and dtype
-        def teacher_clip():
-            with autocast(device):
-                teacher.sample(g.model, torch.zeros(1, T, dtype=torch.long, device=device),
-                               torch.randn(1, T, 3, tcfg.size, tcfg.size, device=device),
-                               teacher.euler_grid(tcfg.sample_steps), tcfg.guidance)
-        t_teacher = timed(teacher_clip, device, cfg.repeats)
-        speedup = rates[label][1] / (T / t_teacher)
-        rows += [(f"{label}: teacher Euler {tcfg.sample_steps} steps + CFG, batch 1", T / t_teacher, "frames/s"),
-                 (f"{label}: student stream / teacher sampler, batch 1", speedup, "x"),
-                 (f"{label}: share of the evaluation-count ceiling, {ceiling:.1f}x", 100 * speedup / ceiling, "%")]
 
     times = stream_times(gens["eager"], 1, cfg.late + 50, device)  # one long stream, eager
     early, late = (statistics.median(times[f // ch:(f + 50) // ch]) for f in (50, cfg.late))   # 50 frames each
@@ -322,7 +303,8 @@ def main(cfg):
              ("cache / recompute", t_recompute / t_cache, "x")]
 
     flops, speed = {}, {}
-    for label, on in (("eager", False),) + ((("compiled", True),) if compiled else ()):
+
+    def train_rows(label, on):
         for what in TRAIN_STEPS:
             make = lambda: train_step_fn(what, tcfg, dcfg, lcfg, device, on)   # noqa: E731
             dt, f, graphs = step_cost(make, device, cfg.steps, count=not on)   # FLOPs counted on the eager steps
@@ -336,9 +318,37 @@ def main(cfg):
                          f"{flops[what] / dt / 1e9:,.1f} GFLOP/s / {mfu}", ""))
             if device.type == "cuda" and not on:                    # eager: each sync is one op, not a graph
                 rows.append((f"host syncs per step (the host waits for the GPU): {what}", host_syncs(warmed(make)), ""))
-            if cfg.profile and on == compiled:                      # the faster setting's steps
-                profile(warmed(make), device, f"{label} {what}")
-    rows += [(f"compiled / eager train step speed-up: {what}", v[0] / v[1], "x") for what, v in speed.items() if len(v) == 2]
+
+    train_rows("eager", False)
+    if compiled:                                                    # static shapes: replay as a CUDA graph
+        twin = compile_(copy.deepcopy(model), True, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
+        gens["compiled"] = sample.Generator(twin, stream_, teacher.world_of(tcfg))
+        rates["compiled"] = streaming(gens["compiled"], "compiled")
+        rows += [(f"compiled / eager streaming, batch {B}", rates["compiled"][B] / rates["eager"][B], "x") for B in rates["eager"]]
+
+    # Like for like: the teacher evaluates each frame 2 x sample_steps times (CFG doubles the batch),
+    # the student len(levels) + 1 times (its levels, then the clean cache write).
+    ceiling = tcfg.sample_steps * (2 if tcfg.guidance else 1) / (len(levels) + 1)
+    for label, g in gens.items():                                   # the teacher under the same compile and dtype
+        def teacher_clip():
+            with autocast(device):
+                teacher.sample(g.model, torch.zeros(1, T, dtype=torch.long, device=device),
+                               torch.randn(1, T, 3, tcfg.size, tcfg.size, device=device),
+                               teacher.euler_grid(tcfg.sample_steps), tcfg.guidance)
+        t_teacher = timed(teacher_clip, device, cfg.repeats)
+        speedup = rates[label][1] / (T / t_teacher)
+        rows += [(f"{label}: teacher Euler {tcfg.sample_steps} steps + CFG, batch 1", T / t_teacher, "frames/s"),
+                 (f"{label}: student stream / teacher sampler, batch 1", speedup, "x"),
+                 (f"{label}: share of the evaluation-count ceiling, {ceiling:.1f}x", 100 * speedup / ceiling, "%")]
+
+    if compiled:
+        train_rows("compiled", True)
+        rows += [(f"compiled / eager train step speed-up: {what}", v[0] / v[1], "x") for what, v in speed.items()]
+    if cfg.profile:                                                 # the faster setting of each
+        g = gens.get("compiled", gens["eager"])
+        profile(lambda: stream_times(g, 1, ch * (warm + 2), device), device, f"a stream of {warm + 2} chunks, batch 1")
+        for what in TRAIN_STEPS:
+            profile(warmed(lambda: train_step_fn(what, tcfg, dcfg, lcfg, device, compiled)), device, what)
 
     w = max(len(r[0]) for r in rows)
     print(f"| {'what':<{w}} | value | unit |\n|{'-' * (w + 2)}|---:|---|")

@@ -4,7 +4,7 @@
 #   bash reproduce.sh small           # one GPU: teacher, distill, probes, baseline and Delta Forcing (seed 0), the
 #                                     # evaluation; the small preset's steps are sized for about 6 min on one H100
 #   STAGES=main bash reproduce.sh tiny   # only teacher, distill, probes, baseline and Delta Forcing (seed 0): ~1 h
-#   bash reproduce.sh gpu-check DIR   # one GPU slot (9 min): the CUDA tests, bench.py, `reproduce.sh small`, a GIF,
+#   bash reproduce.sh gpu-check DIR   # one GPU slot (580 s): the CUDA tests, `reproduce.sh small`, a GIF, bench.py,
 #                                     # each under its own time limit, going on past a failure; 8 files in DIR
 #   REHEARSE=1 bash reproduce.sh gpu-check DIR   # the same on the CPU: 2 steps of batch 4 per loop, bench tiny
 # Steps: teacher, distillation and the two probes; for training seeds 0-2
@@ -16,12 +16,13 @@
 # Writes $OUT_DIR/results.md (every table, with date, device and commands) and JSON beside it.
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=${PYTHON:-$(command -v python || command -v python3)}     # the GPU machines have python3 only
+PY=${PYTHON:-$(command -v python3 || command -v python)}     # the GPU machines have python3 only
 P=${1:-tiny}
 O=${OUT_DIR:-out}
 
 if [ "$P" = gpu-check ]; then
   D=${2:?usage: bash reproduce.sh gpu-check DIR}
+  rm -rf "$O/gpu_check"                                        # never report an earlier run's models as this one's
   mkdir -p "$D" "$O"
   D=$(cd "$D" && pwd)
   STEPS="$O/gpu_check_steps.tsv"
@@ -31,22 +32,28 @@ if [ "$P" = gpu-check ]; then
     local name=$1 limit=$2 t0=$SECONDS rc=0
     shift 2
     echo "=== $name (limit $limit s): $*" >> "$D/log.txt"
-    timeout "$limit" "$@" >> "$D/log.txt" 2>&1 || rc=$?
+    timeout -k 10 "$limit" "$@" >> "$D/log.txt" 2>&1 || rc=$?
     printf "%s\t%s\t%s\t%s\n" "$name" "$rc" "$(( SECONDS - t0 ))" "$*" >> "$STEPS"
   }
   : > "$D/log.txt"
+  step env 20 "$PY" -c "import torch, einops, numpy, tqdm, imageio, pytest; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
+  # The pipeline before bench: it matters most, and its compiles (same shapes) fill the caches bench then reuses.
+  # bench last: every row is saved as it is measured, so a cut keeps the rows so far.
   if [ -n "${REHEARSE:-}" ]; then                              # the CPU, tiny sizes: proves the script, not CUDA
     export CUDA_TESTS_ON_CPU=1
     step cuda-tests 300 "$PY" -m pytest -q tests/test_cuda.py
-    step bench 300 "$PY" bench.py --preset=tiny --json="$D/bench.json" --late=100 --frames=32 --steps=1 --repeats=1
     step pipeline 900 env OUT_DIR="$O/gpu_check" REHEARSE=1 bash reproduce.sh small
-  else
-    step cuda-tests 80 "$PY" -m pytest -q tests/test_cuda.py
-    step bench 150 "$PY" bench.py --preset=small --json="$D/bench.json" --profile=True   # its compiles warm the caches
-    step pipeline 300 env OUT_DIR="$O/gpu_check" bash reproduce.sh small                  # that the pipeline then reuses
+    step sample 30 "$PY" sample.py --ckpt="$O/gpu_check/deltaforcing.pt" --out="$D/sample.gif" --frames=72 \
+      --events="right@0,down@18,left@36,up@54" --seed=114 --compile=False
+    step bench 300 "$PY" bench.py --preset=tiny --json="$D/bench.json" --late=100 --frames=32 --steps=1 --repeats=1
+  else                                                          # 580 s at most, for a 600 s slot
+    step cuda-tests 100 "$PY" -m pytest -q tests/test_cuda.py
+    step pipeline 310 env OUT_DIR="$O/gpu_check" bash reproduce.sh small
+    step sample 30 "$PY" sample.py --ckpt="$O/gpu_check/deltaforcing.pt" --out="$D/sample.gif" --frames=72 \
+      --events="right@0,down@18,left@36,up@54" --seed=114 --compile=False
+    step bench 120 "$PY" bench.py --preset=small --json="$D/bench.json" --frames=96 --profile=True
   fi
-  step sample 10 "$PY" sample.py --ckpt="$O/gpu_check/deltaforcing.pt" --out="$D/sample.gif" --frames=72 \
-    --events="right@0,down@18,left@36,up@54" --seed=114 --compile=False
+  rm -f "$D"/*.tmp
   cp "$O/gpu_check/results.md" "$O/gpu_check/results.json" "$D/" 2>/dev/null || true
   "$PY" - "$D" "$STEPS" "$O/gpu_check" <<'PY'
 import json, os, sys, datetime, torch
@@ -54,13 +61,15 @@ d, steps, run = sys.argv[1:]
 rows = [dict(zip(("step", "exit", "seconds", "command"), l.rstrip("\n").split("\t"))) for l in open(steps)]
 summary = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
                device=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (rehearsal)", steps=rows)
+def read(load, p):                                            # whatever a killed step left: read it if it reads
+    try:
+        return load(p) if os.path.exists(p) else None
+    except Exception as e:
+        return f"unreadable: {type(e).__name__}"
 for name in ("bench", "results"):
-    p = os.path.join(d, f"{name}.json")
-    summary[name] = json.load(open(p)) if os.path.exists(p) else None
+    summary[name] = read(lambda p: json.load(open(p)), os.path.join(d, f"{name}.json"))
 for name in ("teacher", "student", "longtune", "deltaforcing"):
-    p = os.path.join(run, f"{name}.pt")
-    if os.path.exists(p):
-        summary[name] = {k: v for k, v in torch.load(p, map_location="cpu", weights_only=True)["metrics"].items()}
+    summary[name] = read(lambda p: torch.load(p, map_location="cpu", weights_only=True)["metrics"], os.path.join(run, f"{name}.pt"))
 p = os.path.join(run, "times.log")
 summary["stage_times"] = open(p).read().splitlines() if os.path.exists(p) else []
 json.dump(summary, open(os.path.join(d, "summary.json"), "w"), indent=1)
@@ -70,9 +79,9 @@ with open(os.path.join(d, "summary.md"), "w") as f:
     f.writelines(f"| {r['step']} | {r['exit']} | {r['seconds']} |\n" for r in rows)
     f.write("\n## Pipeline stages\n\n" + "".join(f"    {t}\n" for t in summary["stage_times"]))
     for name in ("teacher", "student", "longtune", "deltaforcing"):
-        if summary.get(name):
+        if isinstance(summary.get(name), dict):
             f.write(f"\n{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[name].items() if isinstance(v, float)) + "\n")
-    if summary["bench"]:
+    if isinstance(summary["bench"], dict):
         f.write("\n## bench.py\n\n| what | value | unit |\n|---|---:|---|\n")
         for r in summary["bench"]["rows"]:
             v = r["value"] if isinstance(r["value"], str) else f"{r['value']:,.2f}"
