@@ -63,10 +63,10 @@ class DistillConfig:
 
 
 # small: sized for about 6 min of the whole pipeline on one H100 (teacher.py): a DMD update is 16.7 TFLOP
-# (bench.py), about 0.2 s at an expected 8% MFU (its rollouts run 3-frame chunks: small kernels), 200 updates 42 s;
-# the ODE pairs and regression about 10 s.
-PRESETS = {"tiny": {}, "small": dict(ode_pairs=1024, ode_steps=1000, dmd_steps=200, ema_start=70, batch=32, chunk=3,
-                                     n_sink=3, n_window=12)}
+# (bench.py), about 0.2 s at an expected 8% MFU (its rollouts run 3-frame chunks: small kernels), 160 updates 34 s;
+# the ODE pairs and regression about 10 s. A checkpoint (about 200 MB) every 40 updates.
+PRESETS = {"tiny": {}, "small": dict(ode_pairs=1024, ode_steps=1000, dmd_steps=160, ema_start=50, batch=32, chunk=3,
+                                     n_sink=3, n_window=12, log_every=40)}
 
 
 def stream_args(cfg, window):
@@ -164,7 +164,7 @@ def dmd_update(*, student, critic, teacher, opt, opt_critic, cfg, levels, shape,
     (B, T, S), K, device = shape, len(levels), levels.device
 
     def fresh_rollout():
-        event = random_events(B, T, cfg.chunk, gen, cfg.p_switch).to(device, non_blocking=True)   # no host sync
+        event = random_events(B, T, cfg.chunk, gen, cfg.p_switch).to(device, non_blocking=True)   # no stream sync
         x = rollout(student, torch.randn(B, T, 3, S, S, device=device), event, levels, cfg.chunk,
                     KVCache(cfg.n_sink, cfg.n_window), exit_step=int(torch.randint(K, ())))   # Self Forcing sec. 3.2: rollout
         return x, event

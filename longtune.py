@@ -69,8 +69,9 @@ class LongtuneConfig:
 
 
 # small: sized for about 6 min of the whole pipeline on one H100 (teacher.py): an update is 8.1 TFLOP (bench.py),
-# about 0.1 s at an expected 8% MFU, 250 updates 26 s, for each of the baseline and Delta Forcing.
-PRESETS = {"tiny": {}, "small": dict(steps=250, batch=16, ema_start=80, context=3)}   # context: one 3-frame chunk
+# about 0.1 s at an expected 8% MFU, 200 updates 20 s, for each of the baseline and Delta Forcing. A checkpoint
+# every 50 updates; context = one 3-frame chunk, as tiny's 2 frames are one of its chunks.
+PRESETS = {"tiny": {}, "small": dict(steps=200, batch=16, ema_start=70, context=3, log_every=50)}
 
 
 class Streams:
@@ -228,7 +229,7 @@ def main(cfg):
         ema_update(ema, student, cfg.ema if step >= cfg.ema_start else 0.0)   # (a skipped step left the weights as they were)
         for kind, sel in (("switch", switched), ("plain", ~switched)):   # summed on the device: no sync per step
             for k, v in logs.items():
-                seen[kind, k] = seen.get((kind, k), 0) + torch.stack([(v.float() * sel).sum(), sel.sum()])
+                seen[kind, k] = seen.get((kind, k), 0) + torch.stack([torch.where(sel, v.float(), 0).sum(), sel.sum()])
         if (step + 1) % cfg.log_every == 0 or step + 1 == n_updates:
             dt = (time.time() - t0) / cfg.log_every
             extra, seen = by_window_kind(seen), {}

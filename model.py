@@ -298,8 +298,8 @@ def randn(shape, gen, device):
     if gen is None:
         return torch.randn(shape, device=device)
     if isinstance(gen, torch.Generator):
-        return torch.randn(shape, generator=gen).to(device, non_blocking=True)   # a host-to-device copy
-        # that does not wait for the GPU (a pageable source is staged at once)
+        return torch.randn(shape, generator=gen).to(device, non_blocking=True)   # non_blocking: PyTorch does not
+        # synchronize the stream after the copy (from pageable memory CUDA may still stage it through the host)
     return torch.stack([torch.randn(shape[1:], generator=g) for g in gen]).to(device, non_blocking=True)   # (B, ...)
 
 

@@ -65,11 +65,11 @@ class TeacherConfig:
 
 
 # small: one GPU. Its steps are sized so that `reproduce.sh small` (every stage) ends in about 6 min on one
-# H100: 2.1 TFLOP per step (bench.py counts it) at an expected 25% MFU is 8.5 ms, 6000 steps 51 s.
+# H100: 2.1 TFLOP per step (bench.py counts it) at an expected 25% MFU is 8.5 ms, 5000 steps 43 s.
 PRESETS = {
     "tiny": {},
     "small": dict(size=32, sprite=6, speed=2, frames=12, chunk=3, dim=256, depth=6, heads=8, batch=64,
-                  lr=5e-4, max_steps=6000, warmup=300, ema=0.999, ckpt_every=1000),
+                  lr=5e-4, max_steps=5000, warmup=300, ema=0.999, ckpt_every=1000),
 }
 
 
@@ -202,7 +202,7 @@ def main(cfg):
         x, event = teacher_batch(w, run.batch, cfg.frames, gen, cfg.chunk, cfg.p_switch)
         drop = torch.rand(run.batch, generator=gen) < cfg.p_uncond  # CFG: the null event for the whole clip
         event = torch.where(drop[:, None], model.null_event, event)
-        x, event = (a.to(run.device, non_blocking=True) for a in (x, event))   # non_blocking: the host does not wait
+        x, event = (a.to(run.device, non_blocking=True) for a in (x, event))   # no stream synchronize after the copy
         loss, gnorm, applied = train_step(model, ema, opt, x, event, step=step, cfg=cfg, world=run.world)
         skipped = skipped + ~applied                                # counted on the device: no sync per step
         if (step + 1) % cfg.log_every == 0 and run.rank == 0:
