@@ -339,6 +339,16 @@ def recache(model, cache, event, chunk):
     cache.events[:, :n] = torch.where(changed[:, None], event[:, None], cache.events[:, :n])
 
 
+def chunk_switches(event, chunk, cache):
+    """The chunks (indices) where some stream's event differs from the frame before it: the
+    cache's newest frame for chunk 0, the previous chunk's last frame after that. Read to the
+    host once per rollout: one wait for the GPU, where a check per chunk waited at every chunk."""
+    starts = event[:, ::chunk]                                   # (B,n_chunks) each chunk's first event
+    first = cache.newest_events() if len(cache) else starts[:, 0]    # an empty cache: nothing to switch from
+    before = torch.cat([first[:, None], event[:, chunk - 1:-1:chunk]], 1)   # (B,n_chunks) the frame before each
+    return [i for i, s in enumerate((starts != before).any(0).tolist()) if s]
+
+
 def rollout(model, noise, event, levels, chunk, cache, *, exit_step=None, switch="recache", gen=None):
     """The causal few-step generator, run chunk by chunk through the KV cache (Self Forcing
     sec. 3.2, Algorithm 1). Training and inference both call this one function, so they cannot
@@ -353,15 +363,15 @@ def rollout(model, noise, event, levels, chunk, cache, *, exit_step=None, switch
     levels = [float(v) for v in (levels.tolist() if torch.is_tensor(levels) else levels)]   # host floats: one copy per
     # rollout, where float(levels[k]) of a CUDA tensor would sync at every denoising step
     exit_step = len(levels) - 1 if exit_step is None else exit_step
+    switches = chunk_switches(event, chunk, cache) if switch != "keep" else []
     outs = []
     for i in range(0, T, chunk):
         x, ev = noise[:, i:i + chunk], event[:, i:i + chunk]     # (B,chunk,C,H,W), (B,chunk)
-        if len(cache):
-            changed = cache.newest_events() != ev[:, 0]          # (B,) the streams that switch here
-            if switch == "recache" and changed.any():            # one check per chunk; none of recache's work
-                recache(model, cache, ev[:, 0], chunk)           # unless a stream switched (changed ones only)
-            elif switch == "clear":
-                cache.clear(changed)
+        if i // chunk in switches:                               # none of recache's work unless a stream switched
+            if switch == "recache":
+                recache(model, cache, ev[:, 0], chunk)           # (the changed streams only)
+            else:
+                cache.clear(cache.newest_events() != ev[:, 0])
         for k in range(exit_step + 1):                           # Self Forcing sec. 3.2: few-step denoising
             sig = torch.full(ev.shape, levels[k], device=x.device)
             with torch.set_grad_enabled(torch.is_grad_enabled() and k == exit_step):   # graph at the exit step only

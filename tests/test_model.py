@@ -3,8 +3,10 @@ the cache, patchify round trip, bounded cache, recache, per-stream clear, RoPE, 
 import pytest
 import torch
 
-from conftest import CH, MC, MODEL_ARGS, B, T, randomized
-from model import (KVCache, ModelConfig, VideoDiT, add_noise, build, pred_x0, randn, recache, rope_angles, rollout,
+from conftest import CH, LEVELS, MC, MODEL_ARGS, B, T, randomized
+import model as model_module
+from model import (KVCache, ModelConfig, VideoDiT, add_noise, build, chunk_switches, pred_x0, randn, recache,
+                   rope_angles, rollout,
                    shift_sigma, stream as stream_step)
 
 
@@ -164,6 +166,25 @@ def test_recache_touches_only_the_streams_whose_event_changed():
     assert torch.equal(after[:, :, 1], before[:, :, 1])          # stream 1 untouched, bit for bit
     assert (after[:, :, 0] - before[:, :, 0]).abs().max() > 1e-3
     assert (cache.ordered()[1][0] == 3).all() and (cache.ordered()[1][1] == 0).all()
+
+
+def test_switch_chunks_are_found_once_per_rollout_and_recache_runs_only_there(monkeypatch):
+    """chunk_switches (one host read per rollout): a chunk opens with a switch when some stream's
+    first event differs from the frame before it, the cache's newest for chunk 0. rollout's
+    recache runs at exactly those chunks."""
+    ev = torch.zeros(2, 12, dtype=torch.long)
+    ev[0, 6:], ev[1, 9:], ev[1, 4:6] = 3, 5, 2                   # chunk 2, chunk 3; a switch inside chunk 1 is
+    assert chunk_switches(ev, 3, KVCache(2, 8)) == [2, 3]        # seen at the next chunk's boundary: 2 vs 2, none
+    m, calls = randomized(), []
+    with torch.no_grad():
+        cache = KVCache(2, 8)
+        rollout(m, torch.randn(2, 3, 3, 16, 16), torch.zeros(2, 3, dtype=torch.long), LEVELS, 3, cache)
+        assert chunk_switches(torch.full((2, 6), 4), 3, cache) == [0]   # the cache's newest frame was event 0
+        assert chunk_switches(torch.zeros(2, 6, dtype=torch.long), 3, cache) == []
+        real = model_module.recache
+        monkeypatch.setattr(model_module, "recache", lambda *a: calls.append(a[1].n_seen) or real(*a))
+        rollout(m, torch.randn(2, 12, 3, 16, 16), ev, LEVELS, 3, cache)
+    assert calls == [9, 12]                                      # frames seen at chunks 2 and 3: recache twice
 
 
 def test_clear_hides_history_from_the_masked_streams_only():
