@@ -321,13 +321,12 @@ def stream(model, x, sigma, event, cache, write=False):
 def recache(model, cache, event, chunk):
     """LongLive's KV-recache: at an event switch, recompute the cached frames' keys and values
     under the new event, chunk by chunk as they were written. event (B,): streams whose cache
-    already holds this event keep their keys and values untouched."""
+    already holds this event keep their keys and values untouched. The caller decides when to
+    call (rollout: only at chunks where some stream switched), so nothing here waits for the GPU."""
     n = len(cache)
     if n == 0:
         return
-    changed = (cache.events[:, :n] != event[:, None]).any(1)     # (B,)
-    if not changed.any():
-        return
+    changed = (cache.events[:, :n] != event[:, None]).any(1)     # (B,) on the device: no host check
     frames, _ = cache.ordered()                                  # (B,n,C,H,W) in stream order
     fresh = KVCache(cache.n_sink, cache.n_window)
     for i in range(0, n, chunk):                                 # LongLive, KV-recache: old frames, new prompt

@@ -40,19 +40,16 @@ if [ "$P" = gpu-check ]; then
   # The pipeline before bench: it matters most, and its compiles (same shapes) fill the caches bench then reuses.
   # bench last: every row is saved as it is measured, so a cut keeps the rows so far.
   if [ -n "${REHEARSE:-}" ]; then                              # the CPU, tiny sizes: proves the script, not CUDA
-    export CUDA_TESTS_ON_CPU=1
-    step cuda-tests 300 "$PY" -m pytest -q tests/test_cuda.py
-    step pipeline 900 env OUT_DIR="$O/gpu_check" REHEARSE=1 bash reproduce.sh small
-    step sample 30 "$PY" sample.py --ckpt="$O/gpu_check/deltaforcing.pt" --out="$D/sample.gif" --frames=72 \
-      --events="right@0,down@18,left@36,up@54" --seed=114 --compile=False
-    step bench 300 "$PY" bench.py --preset=tiny --json="$D/bench.json" --late=100 --frames=32 --steps=1 --repeats=1
+    export CUDA_TESTS_ON_CPU=1 REHEARSE=1                       # (REHEARSE reaches reproduce.sh small too)
+    L=(300 900 300); BENCH=(--preset=tiny --late=100 --frames=32 --steps=1 --repeats=1)
   else                                                          # 580 s at most, for a 600 s slot
-    step cuda-tests 100 "$PY" -m pytest -q tests/test_cuda.py
-    step pipeline 310 env OUT_DIR="$O/gpu_check" bash reproduce.sh small
-    step sample 30 "$PY" sample.py --ckpt="$O/gpu_check/deltaforcing.pt" --out="$D/sample.gif" --frames=72 \
-      --events="right@0,down@18,left@36,up@54" --seed=114 --compile=False
-    step bench 120 "$PY" bench.py --preset=small --json="$D/bench.json" --frames=96 --profile=True
+    L=(100 310 120); BENCH=(--preset=small --frames=96 --profile=True)
   fi
+  step cuda-tests "${L[0]}" "$PY" -m pytest -q tests/test_cuda.py
+  step pipeline "${L[1]}" env OUT_DIR="$O/gpu_check" bash reproduce.sh small
+  step sample 30 "$PY" sample.py --ckpt="$O/gpu_check/deltaforcing.pt" --out="$D/sample.gif" --frames=72 \
+    --events="right@0,down@18,left@36,up@54" --seed=114 --compile=False
+  step bench "${L[2]}" "$PY" bench.py "${BENCH[@]}" --json="$D/bench.json"
   rm -f "$D"/*.tmp
   cp "$O/gpu_check/results.md" "$O/gpu_check/results.json" "$D/" 2>/dev/null || true
   "$PY" - "$D" "$STEPS" "$O/gpu_check" <<'PY'

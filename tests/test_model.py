@@ -3,11 +3,10 @@ the cache, patchify round trip, bounded cache, recache, per-stream clear, RoPE, 
 import pytest
 import torch
 
-from conftest import CH, LEVELS, MC, MODEL_ARGS, B, T, randomized
 import model as model_module
+from conftest import CH, LEVELS, MC, MODEL_ARGS, B, T, randomized
 from model import (KVCache, ModelConfig, VideoDiT, add_noise, build, chunk_switches, pred_x0, randn, recache,
-                   rope_angles, rollout,
-                   shift_sigma, stream as stream_step)
+                   rope_angles, rollout, shift_sigma, stream as stream_step)
 
 
 def inputs(seed=0):
