@@ -5,23 +5,26 @@
     python bench.py --json=out/bench.json # the rows also as JSON (device, torch, date, one object per row)
     python bench.py --profile=True        # and where the time goes: torch.profiler's top ops per step
 
-Streaming: frames/s in steady state and first-chunk latency at batch 1 and at a large batch,
-eager and compiled (on CUDA the compiled streaming step replays as a CUDA graph), the graphs
-compiled and any recompile during a warmed stream, per-frame cost at frame 50 against frame
-1000, cached streaming against recomputing the causal prefix, and the teacher's sampler
-against the student's stream. Training: step time, FLOPs counted per step by PyTorch's
+One loop over the modes, eager then compiled (on CUDA by default), and for each mode:
+streaming (frames/s in steady state and first-chunk latency at batch 1 and at a large batch; on
+CUDA the compiled step replays as a CUDA graph, and the graphs compiled and any recompile during
+a warmed stream are counted), training (step time, FLOPs counted per step by PyTorch's
 FlopCounterMode, achieved FLOP/s and MFU against a small table of bf16 peaks, for the teacher,
-DMD and long-tuning steps, eager and compiled. On CUDA also which SDPA paths take flash.
-Weights do not change speed, so untrained models of the preset's shape are used.
+DMD and long-tuning steps, built by the stages' own code), and the teacher's sampler against the
+student's stream. Eager alone also measures per-frame cost at frame 50 against frame --late,
+cached streaming against recomputing the causal prefix, and host syncs per training step (CUDA);
+compiled adds its speed-ups over eager. Cheap eager rows come first, compiles and profiles
+last, and each row is saved as it is measured: a run cut short (a GPU slot's time limit) keeps
+the most. Weights do not change speed, so untrained models of the preset's shape are used.
+Which attention paths take the flash kernel is a test: tests/test_cuda.py.
 """
 import contextlib
-import copy
 import datetime
 import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch._dynamo.utils import counters
@@ -32,30 +35,31 @@ import distill
 import longtune
 import sample
 import teacher
-from common import BadInput, adamw, autocast, cli, compile_, pick_device
-from model import KVCache, build, pred_x0, rollout, stream
-from world import World, natural_step, teacher_batch
+from common import adamw, autocast, check_file, compile_, ema_copy, pick_device
+from config import Config, Count, OneOf, Whole, cli
+from model import KVCache, build, pred_x0, rollout
+from world import natural_step, teacher_batch
 
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
              "4090": 165e12}                                     # dense bf16 tensor-core FLOP/s, from the data sheets
 
 
 @dataclass
-class BenchConfig:
-    preset: str = "tiny"
-    device: str = "auto"
-    compile: str = "auto"       # auto: on CUDA only | on: also on the CPU | off
-    big_batch: int = 16         # the large batch for streaming throughput
-    frames: int = 256           # stream length for cached streaming against recompute
-    late: int = 1000            # per-frame cost is compared at frame 50 and at this frame
-    repeats: int = 3            # best of n for whole-call timings
-    steps: int = 3              # timed training steps per stage, after two warm-up steps
-    threads: int = 0            # torch CPU threads; 0 = torch's default
-    json: str = ""              # also write the rows here, as JSON
-    profile: bool = False       # also print torch.profiler's top ops: a streaming chunk and each training step
+class BenchConfig(Config):
+    compile: OneOf("auto", "on", "off") = "auto"   # auto: on CUDA only | on: also on the CPU | off
+    big_batch: Count = 16         # the large batch for streaming throughput
+    frames: Count = 256           # stream length for cached streaming against recompute
+    late: Count = 1000            # per-frame cost is compared at frame 50 and at this frame
+    repeats: Count = 3            # best of n for whole-call timings
+    steps: Count = 3              # timed training steps per stage, after two warm-up steps
+    threads: Whole = 0            # torch CPU threads; 0 = torch's default
+    json: str = ""                # also write the rows here, as JSON
+    profile: bool = False         # also print torch.profiler's top ops: a streaming chunk and each training step
 
 
 PRESETS = {"tiny": {}, "small": dict(big_batch=64)}
+TEACHER, DMD, BASELINE, DELTA = ("teacher step", "DMD step (5 critic + 1 generator)", "long-tune step, baseline",
+                                 "long-tune step, Delta Forcing")
 
 
 def fmt(val):
@@ -117,15 +121,6 @@ def profile(fn, device, label, top=12):
         print(f"profile: {label}: failed ({type(e).__name__}: {e})", flush=True)
 
 
-def warmed(make):
-    """A fresh training step closure from make(), run twice (compiled, and past the first step's
-    lazy state such as AdamW's moments), as step_cost runs it."""
-    torch.manual_seed(0)
-    fn = make()
-    fn(), fn()
-    return fn
-
-
 def host_syncs(fn):
     """How often one call of fn makes the host wait for the GPU (.item(), a data-dependent branch, a
     blocking copy): CUDA's sync debug mode warns once per synchronizing call."""
@@ -147,73 +142,52 @@ def stream_times(g, B, n, device):
 
 
 @torch.no_grad()
-def recompute_stream(model, noise, event, levels, chunk):
+def recompute_stream(model, noise, event, sigmas, chunk):
     """The baseline without a cache: every denoising step re-runs the whole clean causal prefix."""
     done = []
     for i in range(0, noise.shape[1], chunk):
         x = noise[:, i:i + chunk]
-        for k in range(len(levels)):
+        for k in range(len(sigmas)):
             seq = torch.cat(done + [x], 1)
             sig = torch.zeros(seq.shape[:2], device=x.device)
-            sig[:, i:] = levels[k]
+            sig[:, i:] = sigmas[k]
             x0 = pred_x0(x, model(seq, sig, event[:, :i + chunk], causal_chunk=chunk)[:, i:], sig[:, i:])
-            if k + 1 < len(levels):
-                x = (1 - levels[k + 1]) * x0 + levels[k + 1] * torch.randn_like(x0)
+            if k + 1 < len(sigmas):
+                x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * torch.randn_like(x0)
         done.append(x0)
     return torch.cat(done, 1)
 
 
-def flash_paths(model, dcfg, S, device):
-    """Which attention paths run with SDPA restricted to the flash kernel (CUDA, bf16): a path
-    that flash cannot take raises. The block-causal path passes a mask, so it must fail."""
-    ch, B = dcfg.chunk, 2
-    x, ev = torch.randn(B, ch, 3, S, S, device=device), torch.zeros(B, ch, dtype=torch.long, device=device)
-    full = KVCache(dcfg.n_sink, dcfg.n_window)
-    with torch.no_grad(), autocast(device):
-        while len(full) < dcfg.n_sink + dcfg.n_window:           # fill the cache: the steady state has no mask
-            stream(model, x, torch.zeros(B, ch, device=device), ev, full, write=True)
-    paths = {"bidirectional (teacher, critic)": lambda: model(x, torch.ones(B, ch, device=device), ev),
-             "streaming, full cache": lambda: stream(model, x, torch.ones(B, ch, device=device), ev, full),
-             "block-causal (ODE init; expected: no)": lambda: model(x.repeat(1, 2, 1, 1, 1), torch.ones(B, 2 * ch, device=device),
-                                                                    ev.repeat(1, 2), causal_chunk=ch)}
-    out = {}
-    for name, fn in paths.items():
-        try:
-            with torch.no_grad(), autocast(device), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                fn()
-            out[name] = "flash"
-        except RuntimeError:
-            out[name] = "not flash"
-    return out
-
-
-def train_step_fn(what, tcfg, dcfg, lcfg, device, compiled):
+def train_step_fn(what, tcfg, dcfg, lcfg, device, compiled, seed):
     """A closure running one training step of the pipeline, exactly the stage's own step function,
-    on fresh models of the preset's shape: teacher, DMD (5 critic + 1 generator), long tune."""
-    args = teacher.model_args(tcfg)
-    t_model = compile_(build(args, device=device), compiled)
-    t_ema, t_opt = copy.deepcopy(t_model), adamw(t_model.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    x, ev = (a.to(device) for a in teacher_batch(teacher.world_of(tcfg), tcfg.batch, tcfg.frames, gen, tcfg.chunk))
-    student, critic, frozen = (compile_(build(args, device=device), compiled) for _ in range(3))
-    frozen.requires_grad_(False)
-    opt, opt_critic = (adamw(m.parameters(), lr=1e-5, betas=(0.0, 0.999)) for m in (student, critic))
+    on fresh models of the preset's shape (the DMD set-up is distill.dmd_nets, as in distill.py and
+    longtune.py). Seeded here, so every call builds and then steps the very same way."""
+    torch.manual_seed(seed)
+    args, gen = teacher.model_args(tcfg), torch.Generator().manual_seed(seed)
+    if what == TEACHER:
+        model = build(args, device=device)
+        ema, opt = ema_copy(model), adamw(model.parameters(), lr=tcfg.lr, betas=(0.9, 0.99), weight_decay=tcfg.weight_decay)
+        compile_(model, compiled)
+        x, ev = (a.to(device) for a in teacher_batch(teacher.world_of(tcfg), tcfg.batch, tcfg.frames, gen, tcfg.chunk))
+        return lambda: teacher.train_step(model, ema, opt, x, ev, step=0, cfg=tcfg)
     stream_ = distill.stream_args(dcfg, tcfg.frames)
-    levels = torch.tensor(stream_["sigmas"], device=device)
-    nets = dict(student=student, critic=critic, teacher=frozen, opt=opt, opt_critic=opt_critic)
+    sigmas = stream_["sigmas"]
+    nets, _ = distill.dmd_nets(args, teacher=None, student=None, critic=None, cfg=dcfg if what == DMD else lcfg,
+                               device=device, compiled=compiled)
+    if what == DMD:
+        return lambda: distill.dmd_update(**nets, cfg=dcfg, sigmas=sigmas, gen=gen, shape=(dcfg.batch, tcfg.frames, tcfg.size))
+    lc = replace(lcfg, trust_region=what == DELTA)
+    streams = longtune.Streams(lc, stream_, tcfg.size, gen, device, lc.batch)
     m = natural_step(teacher.world_of(tcfg), tcfg.frames, tcfg.chunk)
-    streams = longtune.Streams(lcfg, stream_, tcfg.size, gen, device, lcfg.batch)
-    df = copy.copy(lcfg)
-    df.trust_region = True
-    return {TRAIN_STEPS[0]: lambda: teacher.train_step(t_model, t_ema, t_opt, x, ev, step=0, cfg=tcfg),
-            TRAIN_STEPS[1]: lambda: distill.dmd_update(**nets, cfg=dcfg, levels=levels, gen=gen,
-                                                       shape=(dcfg.batch, tcfg.frames, tcfg.size)),
-            TRAIN_STEPS[2]: lambda: longtune.tune_update(streams, **nets, cfg=lcfg, levels=levels, shift=dcfg.shift, m=m),
-            TRAIN_STEPS[3]: lambda: longtune.tune_update(streams, **nets, cfg=df, levels=levels, shift=dcfg.shift, m=m)}[what]
+    return lambda: longtune.tune_update(streams, **nets, cfg=lc, sigmas=sigmas, shift=dcfg.shift, m=m)
 
 
-TRAIN_STEPS = ["teacher step", "DMD step (5 critic + 1 generator)", "long-tune step, baseline",
-               "long-tune step, Delta Forcing"]
+def warmed(make):
+    """A fresh training step closure from make(), run twice (compiled, and past the first step's
+    lazy state such as AdamW's moments), as step_cost runs it."""
+    fn = make()
+    fn(), fn()
+    return fn
 
 
 def step_cost(make, device, steps, count):
@@ -242,20 +216,18 @@ def step_cost(make, device, steps, count):
 
 
 def main(cfg):
+    check_file("json", cfg.json)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    if cfg.compile not in ("auto", "on", "off"):
-        raise BadInput(f"--compile must be auto, on or off, not {cfg.compile!r}")
+    torch.manual_seed(cfg.seed)
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     tcfg = teacher.TeacherConfig(**teacher.PRESETS[cfg.preset])
     dcfg = distill.DistillConfig(**distill.PRESETS[cfg.preset])
     lcfg = longtune.LongtuneConfig(**longtune.PRESETS[cfg.preset])
     model = build(teacher.model_args(tcfg), device=device).eval()
     stream_ = distill.stream_args(dcfg, tcfg.frames)
-    levels = stream_["sigmas"]
-    ch, T = dcfg.chunk, tcfg.frames
-    gens = {"eager": sample.Generator(model, stream_, teacher.world_of(tcfg))}
+    sigmas, ch, T = stream_["sigmas"], dcfg.chunk, tcfg.frames
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     print(f"device {name}, torch {torch.__version__}, preset {cfg.preset}, "
@@ -264,96 +236,85 @@ def main(cfg):
     rows = Rows(cfg.json, dict(device=name, torch=torch.__version__, preset=cfg.preset, compile=compiled,
                                date=datetime.date.today().isoformat(), config=asdict(cfg)))
     warm = (dcfg.n_sink + dcfg.n_window) // ch + 1                  # chunks until the cache is full
+    batches = {TEACHER: tcfg.batch, DMD: dcfg.batch, BASELINE: lcfg.batch, DELTA: lcfg.batch}
+    # like for like: the teacher evaluates each frame 2 x sample_steps times (CFG doubles the batch),
+    # the student len(sigmas) + 1 times (its levels, then the clean cache write)
+    ceiling = tcfg.sample_steps * (2 if tcfg.guidance else 1) / (len(sigmas) + 1)
+    rates, flops, speed = {}, {}, {}
 
-    def streaming(g, label):
-        """Steady-state frames/s and first-chunk latency at batch 1 and big_batch, and the graphs traced."""
-        res = {}
+    for label in ["eager"] + (["compiled"] if compiled else []):
+        on = label == "compiled"                                    # compiled: static shapes, a CUDA graph on CUDA
+        net = compile_(build(teacher.model_args(tcfg), model.state_dict(), device).eval(), True, dynamic=False,
+                       mode="reduce-overhead" if device.type == "cuda" else "default") if on else model
+        g = sample.Generator(net, stream_, teacher.world_of(tcfg))
+
+        rates[label] = {}                                           # ---- streaming
         for B in (1, cfg.big_batch):
             for _ in range(2):                                      # warm-up: compiles and records every graph
                 stream_times(g, B, ch * (warm + 4), device)
             g0 = counters["stats"]["unique_graphs"]
             times = stream_times(g, B, ch * (warm + 20), device)
-            res[B] = B * ch / statistics.median(times[warm:])
-            rows.append((f"{label}: streaming, batch {B}, steady state", res[B], "frames/s"))
-            rows.append((f"{label}: first-chunk latency, batch {B}", times[0] * 1000, "ms"))
-            if label != "eager":
+            rates[label][B] = B * ch / statistics.median(times[warm:])
+            rows += [(f"{label}: streaming, batch {B}, steady state", rates[label][B], "frames/s"),
+                     (f"{label}: first-chunk latency, batch {B}", times[0] * 1000, "ms")]
+            if on:
                 rows.append((f"{label}: graphs traced in total / new in a warmed stream, batch {B}",
                              f"{g0} / {counters['stats']['unique_graphs'] - g0}", ""))
-        return res
+        if on:
+            rows += [(f"compiled / eager streaming, batch {B}", rates["compiled"][B] / rates["eager"][B], "x")
+                     for B in rates["eager"]]
+        else:
+            times = stream_times(g, 1, -(-(cfg.late + 50) // ch) * ch, device)   # one long stream, whole chunks
+            early, late = (statistics.median(times[f // ch:(f + 50) // ch]) for f in (50, cfg.late))   # 50 frames each
+            rows += [("per-frame cost at frames 50-100 (eager, batch 1)", early / ch * 1000, "ms"),
+                     (f"per-frame cost at frames {cfg.late}-{cfg.late + 50}", late / ch * 1000, "ms"),
+                     (f"per-frame cost, frame {cfg.late} / frame 50", late / early, "x")]
+            F = cfg.frames
+            noise = torch.randn(1, F, 3, tcfg.size, tcfg.size, device=device)
+            ev = torch.zeros(1, F, dtype=torch.long, device=device)
+            with torch.no_grad():
+                t_cache = timed(lambda: rollout(model, noise, ev, sigmas, ch, KVCache(dcfg.n_sink, dcfg.n_window)), device, 1)
+            t_recompute = timed(lambda: recompute_stream(model, noise, ev, sigmas, ch), device, 1)
+            rows += [(f"{F} frames, cached streaming (eager)", F / t_cache, "frames/s"),
+                     (f"{F} frames, recompute the causal prefix", F / t_recompute, "frames/s"),
+                     ("cache / recompute", t_recompute / t_cache, "x")]
 
-    # Order: what is cheap and wanted most first (eager rows, MFU, syncs), compiles and profiles last,
-    # so that a run cut short by a GPU slot's time limit keeps the most (each row is saved as it comes).
-    rates = {"eager": streaming(gens["eager"], "eager")}
-    if device.type == "cuda":
-        rows += [(f"SDPA flash kernel: {k}", v, "") for k, v in flash_paths(model, dcfg, tcfg.size, device).items()]
-
-    times = stream_times(gens["eager"], 1, cfg.late + 50, device)  # one long stream, eager
-    early, late = (statistics.median(times[f // ch:(f + 50) // ch]) for f in (50, cfg.late))   # 50 frames each
-    rows += [("per-frame cost at frames 50-100 (eager, batch 1)", early / ch * 1000, "ms"),
-             (f"per-frame cost at frames {cfg.late}-{cfg.late + 50}", late / ch * 1000, "ms"),
-             (f"per-frame cost, frame {cfg.late} / frame 50", late / early, "x")]
-
-    F = cfg.frames
-    noise, ev = torch.randn(1, F, 3, tcfg.size, tcfg.size, device=device), torch.zeros(1, F, dtype=torch.long, device=device)
-    with torch.no_grad():
-        t_cache = timed(lambda: rollout(model, noise, ev, levels, ch, KVCache(dcfg.n_sink, dcfg.n_window)), device, 1)
-    t_recompute = timed(lambda: recompute_stream(model, noise, ev, levels, ch), device, 1)
-    rows += [(f"{F} frames, cached streaming (eager)", F / t_cache, "frames/s"),
-             (f"{F} frames, recompute the causal prefix", F / t_recompute, "frames/s"),
-             ("cache / recompute", t_recompute / t_cache, "x")]
-
-    flops, speed = {}, {}
-
-    def train_rows(label, on):
-        for what in TRAIN_STEPS:
-            make = lambda: train_step_fn(what, tcfg, dcfg, lcfg, device, on)   # noqa: E731
-            dt, f, graphs = step_cost(make, device, cfg.steps, count=not on)   # FLOPs counted on the eager steps
+        for what, batch in batches.items():                         # ---- training: FLOPs counted on the eager steps
+            make = lambda: train_step_fn(what, tcfg, dcfg, lcfg, device, on, cfg.seed)   # noqa: E731
+            dt, f, graphs = step_cost(make, device, cfg.steps, count=not on)
             flops[what] = f or flops[what]
             speed.setdefault(what, []).append(dt)
-            batch = [tcfg.batch, dcfg.batch, lcfg.batch, lcfg.batch][TRAIN_STEPS.index(what)]
-            mfu = f"{100 * flops[what] / dt / peak:.1f}%" if peak else "n/a (no CPU peak)"
-            rows.append((f"{label}: {what}, batch {batch}" + (f" ({graphs} graphs compiled while timed)" if on else ""),
-                         dt * 1000, "ms"))
-            rows.append((f"{label}: {what}: {flops[what] / 1e9:.2f} GFLOP/step, achieved / MFU",
-                         f"{flops[what] / dt / 1e9:,.1f} GFLOP/s / {mfu}", ""))
+            mfu = f"{100 * flops[what] / dt / peak:.1f}%" if peak else "n/a (no bf16 peak for this device)"
+            rows += [(f"{label}: {what}, batch {batch}" + (f" ({graphs} graphs compiled while timed)" if on else ""),
+                      dt * 1000, "ms"),
+                     (f"{label}: {what}: {flops[what] / 1e9:.2f} GFLOP/step, achieved / MFU",
+                      f"{flops[what] / dt / 1e9:,.1f} GFLOP/s / {mfu}", "")]
             if device.type == "cuda" and not on:                    # eager: each sync is one op, not a graph
                 rows.append((f"host syncs per step (the host waits for the GPU): {what}", host_syncs(warmed(make)), ""))
+        if on:
+            rows += [(f"compiled / eager train step speed-up: {what}", v[0] / v[1], "x") for what, v in speed.items()]
 
-    train_rows("eager", False)
-    if compiled:                                                    # static shapes: replay as a CUDA graph
-        twin = compile_(copy.deepcopy(model), True, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
-        gens["compiled"] = sample.Generator(twin, stream_, teacher.world_of(tcfg))
-        rates["compiled"] = streaming(gens["compiled"], "compiled")
-        rows += [(f"compiled / eager streaming, batch {B}", rates["compiled"][B] / rates["eager"][B], "x") for B in rates["eager"]]
-
-    # Like for like: the teacher evaluates each frame 2 x sample_steps times (CFG doubles the batch),
-    # the student len(levels) + 1 times (its levels, then the clean cache write).
-    ceiling = tcfg.sample_steps * (2 if tcfg.guidance else 1) / (len(levels) + 1)
-    for label, g in gens.items():                                   # the teacher under the same compile and dtype
-        def teacher_clip():
+        def teacher_clip():                                         # ---- the teacher, same compile and dtype
             with autocast(device):
                 teacher.sample(g.model, torch.zeros(1, T, dtype=torch.long, device=device),
                                torch.randn(1, T, 3, tcfg.size, tcfg.size, device=device),
-                               teacher.euler_grid(tcfg.sample_steps), tcfg.guidance)
+                               teacher.euler_grid(tcfg.sample_steps, tcfg.sample_shift), tcfg.guidance)
         t_teacher = timed(teacher_clip, device, cfg.repeats)
-        speedup = rates[label][1] / (T / t_teacher)
+        ratio = rates[label][1] / (T / t_teacher)
         rows += [(f"{label}: teacher Euler {tcfg.sample_steps} steps + CFG, batch 1", T / t_teacher, "frames/s"),
-                 (f"{label}: student stream / teacher sampler, batch 1", speedup, "x"),
-                 (f"{label}: share of the evaluation-count ceiling, {ceiling:.1f}x", 100 * speedup / ceiling, "%")]
+                 (f"{label}: student stream / teacher sampler, batch 1", ratio, "x"),
+                 (f"{label}: share of the evaluation-count ceiling, {ceiling:.1f}x", 100 * ratio / ceiling, "%")]
 
-    if compiled:
-        train_rows("compiled", True)
-        rows += [(f"compiled / eager train step speed-up: {what}", v[0] / v[1], "x") for what, v in speed.items()]
-    if cfg.profile:                                                 # the faster setting of each
-        g = gens.get("compiled", gens["eager"])
+    if cfg.profile:                                                 # the faster setting of each (g: the last mode's)
         profile(lambda: stream_times(g, 1, ch * (warm + 2), device), device, f"a stream of {warm + 2} chunks, batch 1")
-        for what in TRAIN_STEPS:
-            profile(warmed(lambda: train_step_fn(what, tcfg, dcfg, lcfg, device, compiled)), device, what)
+        for what in batches:
+            profile(warmed(lambda: train_step_fn(what, tcfg, dcfg, lcfg, device, compiled, cfg.seed)), device, what)
 
     w = max(len(r[0]) for r in rows)
     print(f"| {'what':<{w}} | value | unit |\n|{'-' * (w + 2)}|---:|---|")
     for what, val, unit in rows:
         print(f"| {what:<{w}} | {fmt(val)} | {unit} |")
+
 
 if __name__ == "__main__":
     cli(main, BenchConfig, PRESETS)

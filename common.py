@@ -1,83 +1,24 @@
-"""Run plumbing that is in no paper: the config CLI, devices and autocast, torchrun data parallel,
-the optimizer (fused AdamW) and its step, EMA, and checkpoints. Every stage imports it; model.py never does.
+"""Run plumbing that is in no paper: devices and autocast, torchrun data parallel, the optimizer
+(fused AdamW) and its step, EMA, and checkpoints. Every stage imports it (and config.py).
 
-    cfg = parse_config(TeacherConfig, PRESETS, sys.argv[1:])   # --preset=tiny|small, --key=value, --help
-    run = init_run(cfg)                                         # rank, world size, device, seed, out_dir checked
+    run = init_run(cfg, cfg.batch)                              # rank, world size, device, seed, out_dir checked
+    save = checkpointer(path, run, gen, dict(stage="teacher", ...), model=model, ema=ema, optimizer=opt)
     ck = resume(cfg, path, "teacher", hint, gen, model=model, ema=ema, optimizer=opt)
-    save_checkpoint(path, dict(stage=..., model_args=..., world=..., config=..., model=..., ...))
 
 One checkpoint schema for every stage: {stage, model_args, world, stream?, config, model, ema,
-optimizer, critic?, critic_optimizer?, step, metrics, rng, gen?, ...}. `model_args` rebuilds the
-network (model.build), `world` the toy world, `stream` the generator's streaming setup (student
-and later), `config` is the stage's own dataclass as a dict: a config is a dataclass in code and
-a dict only on disk. Modules are compiled in place (`module.compile()`), so their state_dicts
-carry no `_orig_mod.` prefix and a checkpoint loads compiled or not.
+optimizer, critic?, step, metrics, rng, gen?, ...}: `model_args` rebuilds the network, `world` the
+toy world, `stream` the generator's streaming setup, `config` the stage's dataclass as a dict.
+Modules are compiled in place, so their state_dicts carry no `_orig_mod.` prefix.
 """
 import copy
-import dataclasses
 import hashlib
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 
 import torch
 
-
-class BadInput(ValueError):
-    """A user error. Scripts print it as one line on stderr and exit with code 2."""
-
-
-# ----------------------------------------------------------------------------- config and CLI
-
-def parse_config(cls, presets, argv):
-    """--preset=tiny|small first, then --key=value overrides typed by the dataclass fields."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: python {os.path.basename(sys.argv[0])} [--preset=tiny|small] [--key=value ...]")
-        for name, f in fields.items():
-            print(f"  --{name}={presets['tiny'].get(name, f.default)!s:<10} (small: {presets['small'].get(name, f.default)})")
-        sys.exit(0)
-    pairs = []
-    for a in argv:
-        key, eq, val = a[2:].partition("=") if a.startswith("--") else ("", "", "")
-        if not key:
-            raise BadInput(f"cannot read argument {a!r}; use --key=value")
-        pairs.append((key, val if eq else "True"))
-    preset = dict(pairs).get("preset", "small" if torch.cuda.is_available() else "tiny")
-    if preset not in presets:
-        raise BadInput(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
-    cfg = cls(**presets[preset])
-    for key, val in pairs:
-        if key not in fields:
-            raise BadInput(f"unknown option --{key}; valid options: {', '.join('--' + k for k in fields)}")
-        setattr(cfg, key, convert(key, val, type(getattr(cfg, key))))
-    cfg.preset = preset
-    return cfg
-
-
-def convert(key, val, typ):
-    try:
-        if typ is bool:
-            if val.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return val.lower() in ("true", "1")
-        return typ(val)
-    except ValueError:
-        article = "an" if typ.__name__[0] in "aeiou" else "a"
-        raise BadInput(f"bad value for --{key}: {val!r} is not {article} {typ.__name__}") from None
-
-
-def cli(main, cls, presets):
-    """The entry point of every script: parse, run, and turn BadInput into one line and exit code 2."""
-    try:
-        main(parse_config(cls, presets, sys.argv[1:]))
-    except BadInput as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if "RANK" in os.environ and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+from config import BadInput
 
 
 # ----------------------------------------------------------------------------- device, precision, compile
@@ -125,7 +66,7 @@ class Run:
     batch: int            # this rank's share of the global batch
 
 
-def init_run(cfg, batch=None):
+def init_run(cfg, batch):
     """torchrun (if any), device, the seed, and a writable out_dir: everything a stage does first
     (nanochat's compute_init). Every rank starts from the same seed, so models are built with the
     same weights; call seed_rank() once they are built so each rank then draws its own data."""
@@ -136,12 +77,11 @@ def init_run(cfg, batch=None):
         if not dist.is_initialized():
             dist.init_process_group("nccl" if gpu else "gloo")   # NCCL for GPUs, gloo for CPUs
         rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    if batch is not None and batch % world:
+    if batch % world:
         raise BadInput(f"--batch={batch} does not split over {world} processes; use a multiple of {world}")
-    if hasattr(cfg, "out_dir"):
-        check_writable(cfg.out_dir)
+    check_writable(cfg.out_dir)
     torch.manual_seed(cfg.seed)
-    return Run(rank, world, pick_device(cfg.device, local), (batch or world) // world)
+    return Run(rank, world, pick_device(cfg.device, local), batch // world)
 
 
 def seed_rank(run, seed, step, gen=None):
@@ -159,6 +99,14 @@ def check_writable(out_dir):
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as e:
         raise BadInput(f"cannot write checkpoints to --out_dir={out_dir}: {e.strerror or e}") from None
+
+
+def check_file(flag, path):
+    """Fail now, not after the work: --flag=path, if given, must be a file we can write."""
+    try:
+        open(path, "a").close() if path else None
+    except OSError as e:
+        raise BadInput(f"cannot write --{flag}={path}: {e.strerror or e}") from None
 
 
 def average_gradients(model, world):
@@ -250,6 +198,16 @@ def states(gen=None, **objs):
     if gen is not None:
         out["gen"] = gen.get_state()
     return out
+
+
+def checkpointer(path, run, gen, header, **objs):
+    """A stage's one checkpoint writer: save(**fields) writes header + fields + every named
+    state (model=, ema=, optimizer=, ...) + the RNGs, atomically, on rank 0 only (every rank
+    holds the same weights). resume() reads back what it wrote."""
+    def save(**fields):
+        if run.rank == 0:
+            save_checkpoint(path, dict(header, **fields, **states(gen, **objs)))
+    return save
 
 
 def resume(cfg, path, stage, hint, gen=None, **objs):

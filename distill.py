@@ -21,45 +21,39 @@ import torch
 from tqdm import tqdm
 
 import teacher as teacher_stage
-from common import (BadInput, adamw, autocast, check_in_sync, cli, compile_, ema_copy, ema_update, init_run, load_checkpoint,
-                    optimizer_step, resume, save_checkpoint, seed_rank, states)
+from common import (adamw, autocast, check_in_sync, checkpointer, compile_, ema_copy, ema_update, init_run,
+                    load_checkpoint, optimizer_step, resume, seed_rank)
+from config import BadInput, Count, NonNegative, Positive, Prob, RunConfig, Sigmas, Whole, capped, cli
 from model import KVCache, add_noise, build, cfg_mix, pred_x0, rollout, shift_sigma
-from world import World, batch_metrics, random_events, save_strip, save_video, summarize
+from world import World, clip_scores, eval_events, random_events, save_strip, save_video
 
 
 @dataclass
-class DistillConfig:
-    preset: str = "tiny"
-    out_dir: str = "out"
-    seed: int = 0
-    resume: bool = False
-    device: str = "auto"
-    compile: bool = True           # used on CUDA only; CPU stays eager
-    max_steps: int = 0             # if > 0, caps every loop: ODE pairs and steps, DMD updates, evaluation
+class DistillConfig(RunConfig):
     teacher: str = ""              # teacher checkpoint; default out_dir/teacher.pt, trained first if missing
     # the student
-    chunk: int = 2                 # frames per autoregressive chunk
-    levels: str = "1,0.75,0.5,0.25"  # denoising levels before the shift (Self Forcing's 4 steps)
-    shift: float = 3.0             # time shift of the levels and of the DMD sigma draw
-    n_sink: int = 2
-    n_window: int = 8
-    p_switch: float = 0.5          # share of ODE pairs and rollouts whose schedule switches once
+    chunk: Count = 2               # frames per autoregressive chunk
+    timesteps: Sigmas = "1,0.75,0.5,0.25"  # the few-step levels before the shift (Self Forcing's 4 steps, /1000)
+    shift: Positive = 3.0          # time shift of the levels and of the DMD sigma draw
+    n_sink: Whole = 2              # KV-cache sink: the first frames, kept for ever
+    n_window: Count = 8            # KV-cache rolling window: the last frames
+    p_switch: Prob = 0.5           # share of ODE pairs and rollouts whose schedule switches once
     # phase 1: ODE init
-    ode_pairs: int = 512           # teacher trajectories
-    ode_steps: int = 600
-    ode_lr: float = 3e-4
+    ode_pairs: Count = 512         # teacher trajectories
+    ode_steps: Whole = 600         # regression steps
+    ode_lr: Positive = 3e-4        # learning rate of the regression
     # phase 2: DMD
-    dmd_steps: int = 150           # generator updates; each is followed by critic_ratio critic updates
-    critic_ratio: int = 5          # DMD2 / Self Forcing: 5 critic updates per generator update
-    batch: int = 16
-    lr: float = 5e-5
-    critic_lr: float = 1e-5        # a fifth of the generator's, as Self Forcing (4e-7 / 2e-6) and LongLive
-    guidance: float = 1.0          # g of the real score: cond + g (cond - uncond)
-    grad_clip: float = 10.0
-    ema: float = 0.99
-    ema_start: int = 50            # Self Forcing starts its EMA a third of the way in (step 200 of ~600)
-    eval_samples: int = 64
-    log_every: int = 10
+    dmd_steps: Whole = 150         # generator updates; each is followed by critic_ratio critic updates
+    critic_ratio: Count = 5        # DMD2 / Self Forcing: 5 critic updates per generator update
+    batch: Count = 16              # rollouts per update (the global batch under torchrun)
+    lr: Positive = 5e-5            # the generator's learning rate
+    critic_lr: Positive = 1e-5     # a fifth of the generator's, as Self Forcing (4e-7 / 2e-6) and LongLive
+    guidance: NonNegative = 1.0    # g of the real score: cond + g (cond - uncond)
+    grad_clip: Positive = 10.0     # gradient-norm clip
+    ema: Prob = 0.99               # EMA decay of the generator
+    ema_start: Whole = 50          # Self Forcing starts its EMA a third of the way in (step 200 of ~600)
+    eval_samples: Count = 64       # clips of each kind in the final evaluation
+    log_every: Count = 10          # updates between log lines and checkpoints
 
 
 # small: sized for about 6 min of the whole pipeline on one H100 (teacher.py): a DMD update is 16.7 TFLOP
@@ -71,28 +65,28 @@ PRESETS = {"tiny": {}, "small": dict(ode_pairs=1024, ode_steps=1000, dmd_steps=1
 
 def stream_args(cfg, window):
     """The generator's streaming setup, stored in its checkpoint for every later stage. sigmas:
-    the few-step levels warped by the shift (Self Forcing: [1000, 750, 500, 250], shift 5)."""
-    sigmas = shift_sigma(torch.tensor([float(s) for s in cfg.levels.split(",")]), cfg.shift)
-    return dict(chunk=cfg.chunk, sigmas=sigmas.tolist(), n_sink=cfg.n_sink, n_window=cfg.n_window, window=window,
+    the few-step levels warped by the shift, host floats (Self Forcing: [1000, 750, 500, 250], shift 5)."""
+    sigmas = [shift_sigma(float(s), cfg.shift) for s in cfg.timesteps.split(",")]
+    return dict(chunk=cfg.chunk, sigmas=sigmas, n_sink=cfg.n_sink, n_window=cfg.n_window, window=window,
                 shift=cfg.shift)
 
 
 # ----------------------------------------------------------------------------- phase 1: ODE init
 
 @torch.no_grad()
-def ode_pairs(teacher, tck, n, *, levels, chunk, p_switch, device, gen):
+def ode_pairs(teacher, tck, n, *, sigmas, chunk, p_switch, device, gen):
     """Teacher Euler + CFG trajectories, kept at the student's levels (CausVid).
-    -> xs (n,K,T,C,H,W) noisy states, x0 (n,T,C,H,W), event (n,T) per frame."""
-    tc, xs, x0s, evs = tck["config"], [], [], []
+    -> xs (n,L,T,C,H,W) noisy states at the L levels, x0 (n,T,C,H,W), event (n,T) per frame."""
+    tc, xs, x0s, evs, levels = tck["config"], [], [], [], torch.tensor(sigmas)
     grid = teacher_stage.euler_grid(tc["sample_steps"], tc["sample_shift"])
-    grid = torch.cat([grid, levels.cpu()]).unique().flip(0)      # an Euler grid that passes through every level
+    grid = torch.cat([grid, levels]).unique().flip(0)            # an Euler grid that passes through every level
     for i in range(0, n, 64):
         b = min(64, n - i)
         event = random_events(b, tc["frames"], chunk, gen, p_switch)
         x = torch.randn(b, tc["frames"], 3, tc["size"], tc["size"], generator=gen).to(device)
         keep = []
         for a, c in zip(grid[:-1], grid[1:]):
-            if torch.isclose(a, levels.cpu()).any():
+            if torch.isclose(a, levels).any():
                 keep.append(x)
             x = teacher_stage.sample(teacher, event.to(device), x, torch.stack([a, c]), tc["guidance"])
         xs.append(torch.stack(keep, 1).cpu())
@@ -101,12 +95,12 @@ def ode_pairs(teacher, tck, n, *, levels, chunk, p_switch, device, gen):
     return torch.cat(xs), torch.cat(x0s), torch.cat(evs)
 
 
-def ode_loss(student, xs, x0, event, levels, chunk):
+def ode_loss(student, xs, x0, event, sigmas, chunk):
     """Each chunk at an independent random level (or clean), one block-causal forward.
     Eq. CausVid ODE regression: ||G(x_{sigma_k}) - x0||^2."""
-    B, K, T = xs.shape[:3]
-    k = torch.randint(K + 1, (B, T // chunk)).repeat_interleave(chunk, 1)   # (B,T); k == K means clean context
-    sigma = torch.cat([levels, levels.new_zeros(1)])[k]          # (B,T)
+    B, L, T = xs.shape[:3]
+    k = torch.randint(L + 1, (B, T // chunk)).repeat_interleave(chunk, 1)   # (B,T); k == L means clean context
+    sigma = torch.tensor(sigmas + [0.0])[k].to(xs.device, non_blocking=True)   # (B,T)
     x_in = torch.cat([xs, x0[:, None]], 1)[torch.arange(B)[:, None], k, torch.arange(T)]  # (B,T,C,H,W)
     v = student(x_in, sigma, event, causal_chunk=chunk)
     return ((pred_x0(x_in, v, sigma) - x0) ** 2).mean()         # CausVid, ODE regression
@@ -156,17 +150,32 @@ def critic_update(critic, opt_critic, x, event, *, shift, grad_clip, world=1):
     return loss
 
 
-def dmd_update(*, student, critic, teacher, opt, opt_critic, cfg, levels, shape, gen, world=1):
+def dmd_nets(model_args, *, teacher, student, critic, cfg, device, compiled):
+    """The DMD set-up of distill, longtune and bench: the frozen teacher (the real score), the
+    student and the critic (the fake score) from the given weights (None: fresh ones), the
+    student's EMA, the two optimisers (betas (0, 0.999), as Self Forcing), compiled in place if
+    asked. -> (networks by name for dmd_update / tune_update, ema)."""
+    teacher = build(model_args, teacher, device).requires_grad_(False).eval()
+    student, critic = build(model_args, student, device), build(model_args, critic, device)
+    ema = ema_copy(student)
+    for m in (student, critic, teacher):
+        compile_(m, compiled)
+    opt = adamw(student.parameters(), lr=cfg.lr, betas=(0.0, 0.999), weight_decay=0.01)
+    opt_critic = adamw(critic.parameters(), lr=cfg.critic_lr, betas=(0.0, 0.999), weight_decay=0.01)
+    return dict(student=student, critic=critic, teacher=teacher, opt=opt, opt_critic=opt_critic), ema
+
+
+def dmd_update(*, student, critic, teacher, opt, opt_critic, cfg, sigmas, shape, gen, world=1):
     """One Self Forcing DMD iteration: cfg.critic_ratio critic updates, each on a fresh detached
     rollout, then one generator update through a rollout that keeps its exit step's graph.
     Every rollout draws its own per-stream schedule (gen). shape = (B, T, S).
     Returns (loss, critic loss, gnorm, applied)."""
-    (B, T, S), K, device = shape, len(levels), levels.device
+    (B, T, S), device = shape, next(student.parameters()).device
 
     def fresh_rollout():
         event = random_events(B, T, cfg.chunk, gen, cfg.p_switch).to(device, non_blocking=True)   # no stream sync
-        x = rollout(student, torch.randn(B, T, 3, S, S, device=device), event, levels, cfg.chunk,
-                    KVCache(cfg.n_sink, cfg.n_window), exit_step=int(torch.randint(K, ())))   # Self Forcing sec. 3.2: rollout
+        x = rollout(student, torch.randn(B, T, 3, S, S, device=device), event, sigmas, cfg.chunk,
+                    KVCache(cfg.n_sink, cfg.n_window), exit_step=int(torch.randint(len(sigmas), ())))   # Self Forcing sec. 3.2
         return x, event
 
     for _ in range(cfg.critic_ratio):                            # DMD2: 5 critic updates per generator update
@@ -187,24 +196,20 @@ def evaluate(model, stream, tck, n, device, seed=1234):
     """Stream the teacher's evaluation clips (n one-event, n switch clips of the teacher's length)
     and score them as the teacher is scored. All draws come from its own generators, so an
     evaluation in the middle of training never moves the training stream's RNG."""
-    tc = tck["config"]
-    one, sw = teacher_stage.eval_events(n, tc["frames"], stream["chunk"])
-    ev = torch.cat([one, sw])
+    tc, ch = tck["config"], stream["chunk"]
+    one, sw = eval_events(n, tc["frames"], ch)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(2 * n, tc["frames"], 3, tc["size"], tc["size"], generator=gen)
     with autocast(device):
-        x = rollout(model, noise.to(device), ev.to(device), torch.tensor(stream["sigmas"], device=device), stream["chunk"],
+        x = rollout(model, noise.to(device), torch.cat([one, sw]).to(device), stream["sigmas"], ch,
                     KVCache(stream["n_sink"], stream["n_window"]), gen=gen).float().cpu()
-    w = World(**tck["world"])
-    m1 = summarize(batch_metrics(x[:n], one, w, first=stream["chunk"], chunk=stream["chunk"]))
-    m2 = summarize(batch_metrics(x[n:], sw, w, first=stream["chunk"], chunk=stream["chunk"]))
-    metrics = {k: m1[k] for k in ("follow", "valid", "jumps", "canon")}
-    metrics.update({k: m2[k] for k in ("react", "latency", "identity", "bias")}, switch_valid=m2["valid"])
-    return metrics, x[:n], x[n:]
+    return clip_scores(x, one, sw, World(**tck["world"]), first=ch, chunk=ch), x[:n], x[n:]
 
 
 def load_teacher(cfg, world=1):
     """Every check of distill's inputs, before any work; trains the teacher first if it is missing."""
+    if cfg.n_window < cfg.chunk:
+        raise BadInput(f"--n_window={cfg.n_window} must hold at least one chunk of {cfg.chunk} frames")
     path = cfg.teacher or os.path.join(cfg.out_dir, "teacher.pt")
     if not os.path.exists(path) and not cfg.teacher and world > 1:
         raise BadInput(f"{path} is missing; train it first with `torchrun --nproc_per_node={world} teacher.py "
@@ -212,24 +217,16 @@ def load_teacher(cfg, world=1):
     if not os.path.exists(path) and not cfg.teacher:
         print(f"{path} is missing: training the teacher first (python teacher.py --preset={cfg.preset})")
         tcfg = teacher_stage.TeacherConfig(**teacher_stage.PRESETS[cfg.preset])
-        tcfg.preset, tcfg.out_dir, tcfg.device, tcfg.seed = cfg.preset, cfg.out_dir, cfg.device, cfg.seed
-        if cfg.max_steps > 0:
-            tcfg.max_steps = cfg.max_steps
+        for k in ("preset", "out_dir", "device", "seed", "compile", "max_steps"):   # a smoke run trains a smoke teacher
+            setattr(tcfg, k, getattr(cfg, k))
         teacher_stage.main(tcfg)
     ck = load_checkpoint(path, ["teacher"], f"python teacher.py --preset={cfg.preset}")
-    if ck["step"] < ck["config"]["max_steps"]:
-        raise BadInput(f"{path} is unfinished (step {ck['step']} of {ck['config']['max_steps']}); "
+    if ck["step"] < ck.get("total", 0):
+        raise BadInput(f"{path} is unfinished (step {ck['step']} of {ck['total']}); "
                        f"finish it with `python teacher.py --resume=True`")
-    if cfg.n_window < cfg.chunk:
-        raise BadInput(f"--n_window={cfg.n_window} must hold at least one chunk of {cfg.chunk} frames")
     if ck["config"]["frames"] % cfg.chunk:
         raise BadInput(f"teacher clips of {ck['config']['frames']} frames do not split into chunks of {cfg.chunk}")
     return ck, path
-
-
-def capped(n, cfg, floor=1):
-    """--max_steps caps every loop of the stage (smoke runs): n, or at most max(floor, max_steps)."""
-    return min(n, max(floor, cfg.max_steps)) if cfg.max_steps > 0 else n
 
 
 def main(cfg):
@@ -237,50 +234,41 @@ def main(cfg):
     tck, teacher_path = load_teacher(cfg, run.world)
     tc, device = tck["config"], run.device
     stream = stream_args(cfg, tc["frames"])
-    teacher = build(tck["model_args"], tck["ema"], device).requires_grad_(False).eval()
     path = os.path.join(cfg.out_dir, "student.pt")
-    student = build(tck["model_args"], tck["ema"], device)       # the student starts from the teacher's weights
-    critic = build(tck["model_args"], tck["ema"], device)        # and so does the fake score
-    ema = ema_copy(student)
-    opt = adamw(student.parameters(), lr=cfg.lr, betas=(0.0, 0.999), weight_decay=0.01)
-    opt_critic = adamw(critic.parameters(), lr=cfg.critic_lr, betas=(0.0, 0.999), weight_decay=0.01)
-    levels = torch.tensor(stream["sigmas"], device=device)
+    nets, ema = dmd_nets(tck["model_args"], teacher=tck["ema"], student=tck["ema"], critic=tck["ema"], cfg=cfg,
+                         device=device, compiled=cfg.compile and device.type == "cuda")   # student and critic start as the teacher
+    student, critic = nets["student"], nets["critic"]
     gen = torch.Generator().manual_seed(cfg.seed)                # schedules and ODE pairs: --seed moves every draw
-    ck = resume(cfg, path, "student", "python distill.py", gen, model=student, ema=ema, critic=critic, optimizer=opt,
-                critic_optimizer=opt_critic)
+    objs = dict(model=student, ema=ema, critic=critic, optimizer=nets["opt"], critic_optimizer=nets["opt_critic"])
+    ck = resume(cfg, path, "student", "python distill.py", gen, **objs)
     phase, step, skipped = (ck["phase"], ck["step"], ck["skipped"]) if ck else ("ode", 0, 0)
     seed_rank(run, cfg.seed, step, gen)
-    for m in (student, critic, teacher):
-        compile_(m, cfg.compile and device.type == "cuda")
     n_eval = capped(cfg.eval_samples, cfg, floor=4)
-
-    def checkpoint(next_step, metrics=None):
-        if run.rank == 0:                                         # one writer; every rank holds the same weights
-            save_checkpoint(path, dict(
-                stage="student", model_args=tck["model_args"], world=tck["world"], natural_step=tck["natural_step"],
-                stream=stream, config=asdict(cfg), teacher=teacher_path, phase=phase, step=next_step, skipped=int(skipped),
-                metrics=metrics or {}, **states(gen, model=student, ema=ema, critic=critic, optimizer=opt,
-                                                critic_optimizer=opt_critic)))
+    save = checkpointer(path, run, gen, dict(stage="student", model_args=tck["model_args"], world=tck["world"],
+                                             natural_step=tck["natural_step"], stream=stream, config=asdict(cfg),
+                                             teacher=teacher_path), **objs)
 
     t_start = time.time()
     if phase == "ode":                                            # ---- phase 1: ODE init (CausVid)
         with autocast(device):                                    # each rank makes its share of the pairs
-            xs, x0, event = ode_pairs(teacher, tck, capped(cfg.ode_pairs, cfg, 8) // run.world, levels=levels,
-                                      chunk=cfg.chunk, p_switch=cfg.p_switch, device=device, gen=gen)
+            xs, x0, event = ode_pairs(nets["teacher"], tck, capped(cfg.ode_pairs, cfg, 8) // run.world,
+                                      sigmas=stream["sigmas"], chunk=cfg.chunk, p_switch=cfg.p_switch, device=device,
+                                      gen=gen)
         if run.rank == 0:
-            print(f"ode init: {len(x0)} teacher trajectories per rank at levels {[round(v, 3) for v in levels.tolist()]}"
+            print(f"ode init: {len(x0)} teacher trajectories per rank at levels {[round(v, 3) for v in stream['sigmas']]}"
                   f" ({time.time() - t_start:.0f}s)")
         opt_ode = adamw(student.parameters(), lr=cfg.ode_lr, weight_decay=0.01)
         for i in tqdm(range(capped(cfg.ode_steps, cfg)), desc="ode init", mininterval=5, disable=run.rank > 0):
             idx = torch.randint(len(x0), (run.batch,), generator=gen)
             with autocast(device):
-                loss = ode_loss(student, *(a[idx].to(device, non_blocking=True) for a in (xs, x0, event)), levels, cfg.chunk)
+                loss = ode_loss(student, *(a[idx].to(device, non_blocking=True) for a in (xs, x0, event)),
+                                stream["sigmas"], cfg.chunk)
             skipped = skipped + ~optimizer_step(student, opt_ode, loss, 1.0, run.world)[1]   # on the device: no sync
             if (i + 1) % (cfg.log_every * 10) == 0 and run.rank == 0:
                 tqdm.write(f"ode {i + 1} | loss {loss.item():.4f}")
         ema.load_state_dict(student.state_dict())
         phase, step = "dmd", 0
-        checkpoint(0)
+        save(phase=phase, step=0, skipped=int(skipped), metrics={})
         if run.rank == 0:
             m, _, _ = evaluate(ema, stream, tck, min(32, n_eval), device)
             print("after ode init: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items()))
@@ -289,8 +277,7 @@ def main(cfg):
     t0 = time.time()
     for step in tqdm(range(step, n_updates), initial=step, total=n_updates, desc="dmd", mininterval=5,
                      disable=run.rank > 0):
-        loss, closs, gnorm, applied = dmd_update(student=student, critic=critic, teacher=teacher, opt=opt,
-                                                 opt_critic=opt_critic, cfg=cfg, levels=levels, gen=gen,
+        loss, closs, gnorm, applied = dmd_update(**nets, cfg=cfg, sigmas=stream["sigmas"], gen=gen,
                                                  shape=(run.batch, tc["frames"], tc["size"]), world=run.world)
         skipped = skipped + ~applied                              # a skipped step is counted on the device
         ema_update(ema, student, cfg.ema if step >= cfg.ema_start else 0.0)   # (a skipped step left the weights as they were)
@@ -300,7 +287,7 @@ def main(cfg):
                 tqdm.write(f"dmd {step + 1} | dmd loss {loss.item():.4f} | critic loss {closs.item():.4f} | "
                            f"gnorm {gnorm:.3f} | {dt:.2f} s/update | skipped {int(skipped)}")
             t0 = time.time()
-            checkpoint(step + 1)                                  # the checkpoint holds the next update to run
+            save(phase=phase, step=step + 1, skipped=int(skipped), metrics={})   # holds the next update to run
     check_in_sync(student, run)
     if run.rank > 0:
         return
@@ -309,10 +296,10 @@ def main(cfg):
     metrics.update({f"raw_{k}": v for k, v in raw.items()}, train_minutes=(time.time() - t_start) / 60)
     for name, m in (("student (EMA)", metrics), ("student (raw)", raw), ("teacher", tck["metrics"])):
         print(f"{name}: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items() if not k.startswith("raw_")))
-    checkpoint(n_updates, metrics)
+    save(phase=phase, step=n_updates, skipped=int(skipped), metrics=metrics)
     save_video(os.path.join(cfg.out_dir, "student_samples.gif"), torch.cat(list(one[:5]) + list(sw[:5]), -1))
     k = min(5, n_eval)
-    _, t_one, t_sw = teacher_stage.evaluate(teacher, teacher_stage.TeacherConfig(**tc), k, device)
+    _, t_one, t_sw = teacher_stage.evaluate(nets["teacher"], teacher_stage.TeacherConfig(**tc), k, device)
     pairs = torch.stack([torch.cat([t_one, t_sw]), torch.cat([one[:k], sw[:k]])], 1).flatten(0, 1)   # teacher, student, ...
     save_strip(os.path.join(cfg.out_dir, "teacher_vs_student.png"), pairs)
     print(f"wrote {path}, {cfg.out_dir}/student_samples.gif and {cfg.out_dir}/teacher_vs_student.png")

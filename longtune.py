@@ -25,47 +25,41 @@ from tqdm import tqdm
 
 import distill
 import trust_region
-from common import (BadInput, adamw, autocast, check_in_sync, cli, compile_, ema_copy, ema_update, init_run, load_checkpoint,
-                    optimizer_step, resume, save_checkpoint, seed_rank, states)
-from model import KVCache, build, rollout
-from world import World, batch_metrics, random_events, summarize
+from common import (autocast, check_in_sync, checkpointer, ema_update, init_run, load_checkpoint, optimizer_step,
+                    resume, seed_rank)
+from config import BadInput, Count, NonNegative, OneOf, Positive, Prob, RunConfig, SwitchCache, Whole, capped, cli
+from model import KVCache, rollout
+from world import World, batch_metrics, ordered_pairs, random_events, summarize
 
 
 @dataclass
-class LongtuneConfig:
-    preset: str = "tiny"
-    out_dir: str = "out"
+class LongtuneConfig(RunConfig):
     out_name: str = ""             # default longtune.pt (deltaforcing.pt with --trust_region=True)
-    seed: int = 0
-    resume: bool = False
-    device: str = "auto"
-    compile: bool = True           # used on CUDA only; CPU stays eager
-    max_steps: int = 0             # if > 0, caps the generator updates and the final probe (smoke runs)
     student: str = ""              # default out_dir/student.pt
-    windows: int = 8               # rollout length, in teacher windows
-    context: int = 2               # K detached context frames in each supervised window
-    switch_cache: str = "recache"  # recache | keep | clear, at every event switch, per stream
-    window_events: str = "true"    # true: each frame's own event | current: the newest frame's (LongLive)
-    max_switches: int = 3
-    steps: int = 400               # generator updates
-    critic_ratio: int = 5          # critic updates per generator update, each on a freshly generated window
-    batch: int = 8
-    lr: float = 5e-5               # as distill.py
-    critic_lr: float = 1e-5        # a fifth, as LongLive (1e-5 / 2e-6) and Self Forcing
-    guidance: float = 1.0
-    grad_clip: float = 10.0
-    ema: float = 0.99
-    ema_start: int = 100
-    log_every: int = 20
-    probe_every: int = 100         # a small fixed switch probe, to see the metrics settle
-    trust_region: bool = False     # Delta Forcing (trust_region.py): writes deltaforcing.pt
-    tr_weights: bool = True        # ablation: the trust weight w on the DMD term
-    tr_continuity: bool = True     # ablation: the monotonic continuity term
-    tau: float = 0.5               # trust radius, in natural steps of latent delta (tuned on evaluation seeds 0-7)
-    mc_radius: float = 1.4         # r: a new frame may move r natural steps (moving steps span 0.87-1.35)
-    lam: float = 1.0               # lambda, the weight of the continuity term
-    tr_appearance: bool = True     # ablation: appearance conservation (Eq. 5', ours) in the continuity term
-    ac_radius: float = 0.1         # r_a: pooled-colour change a new frame may show, in natural steps
+    windows: Count = 8             # rollout length, in teacher windows
+    context: Count = 2             # K detached context frames in each supervised window
+    switch_cache: SwitchCache = "recache"  # at every event switch, per stream: recache | keep | clear
+    window_events: OneOf("true", "current") = "true"   # true: each frame's own event | current: the newest frame's (LongLive)
+    max_switches: Count = 3        # switches per long video: 1 .. max_switches
+    steps: Count = 400             # generator updates
+    critic_ratio: Count = 5        # critic updates per generator update, each on a freshly generated window
+    batch: Count = 8               # streams (the global batch under torchrun)
+    lr: Positive = 5e-5            # the generator's learning rate, as distill.py
+    critic_lr: Positive = 1e-5     # a fifth, as LongLive (1e-5 / 2e-6) and Self Forcing
+    guidance: NonNegative = 1.0    # g of the real score: cond + g (cond - uncond)
+    grad_clip: Positive = 10.0     # gradient-norm clip
+    ema: Prob = 0.99               # EMA decay of the generator
+    ema_start: Whole = 100         # updates before the EMA starts averaging
+    log_every: Count = 20          # updates between log lines and checkpoints
+    probe_every: Count = 100       # updates between small fixed switch probes, to see the metrics settle
+    trust_region: bool = False     # Delta Forcing (trust_region.py), Eq. 6: writes deltaforcing.pt
+    tr_weights: bool = True        # ablation, False: the DMD term at full weight (w = 1); the continuity gate keeps 1 - w
+    tr_continuity: bool = True     # ablation, False: no continuity term (Eq. 5 and 5'), the trust-weighted DMD alone
+    tau: Positive = 0.5            # Eq. 4, trust radius, in natural steps of latent delta (tuned on evaluation seeds 0-7)
+    mc_radius: NonNegative = 1.4   # Eq. 5, r: a new frame may move r natural steps (moving steps span 0.87-1.35)
+    lam: NonNegative = 1.0         # Eq. 6, lambda: the weight of the continuity term
+    tr_appearance: bool = True     # ablation, False: Eq. 5 alone in the continuity term, without 5' (ours)
+    ac_radius: NonNegative = 0.1   # Eq. 5', r_a: pooled-colour change a new frame may show, in natural steps
 
 
 # small: sized for about 6 min of the whole pipeline on one H100 (teacher.py): an update is 8.1 TFLOP (bench.py),
@@ -92,7 +86,7 @@ class Streams:
         self.events = self.events.to(self.device, non_blocking=True)
         self.t, self.context = 0, None
 
-    def advance(self, model, levels, exit_step):
+    def advance(self, model, sigmas, exit_step):
         """Generate the next frames: a whole teacher window at the start of a video, then F new
         frames. -> the supervised window (B,W,...), its per-frame events (B,W), the new-frame
         mask (W,), and which streams' windows hold a switch (B,)."""
@@ -100,7 +94,7 @@ class Streams:
         n = W if self.t == 0 else W - K
         noise = torch.randn(self.batch, n, 3, self.size, self.size, device=self.device)
         ev = self.events[:, self.t:self.t + n]
-        new = rollout(model, noise, ev, levels, self.stream["chunk"], self.cache, exit_step=exit_step,
+        new = rollout(model, noise, ev, sigmas, self.stream["chunk"], self.cache, exit_step=exit_step,
                       switch=self.cfg.switch_cache)
         window = new if self.context is None else torch.cat([self.context, new], 1)   # (B,W,C,H,W)
         win_ev = self.events[:, self.t + n - W:self.t + n]           # (B,W) each frame's own event
@@ -116,26 +110,26 @@ class Streams:
 
 def window_loss(per_frame, window, aux, mask, m, cfg):
     """The one place the supervised window's per-frame DMD loss becomes a scalar."""
-    if cfg.trust_region:
+    if cfg.trust_region:                                         # the flags by their own names, down to the equations
         return trust_region.delta_forcing_loss(per_frame, window, aux, K=int((~mask).sum()), m=m, tau=cfg.tau,
-                                               lam=cfg.lam, r=cfg.mc_radius, weights=cfg.tr_weights,
-                                               continuity=cfg.tr_continuity, appearance=cfg.tr_appearance,
-                                               r_a=cfg.ac_radius)
+                                               lam=cfg.lam, mc_radius=cfg.mc_radius, ac_radius=cfg.ac_radius,
+                                               tr_weights=cfg.tr_weights, tr_continuity=cfg.tr_continuity,
+                                               tr_appearance=cfg.tr_appearance)
     return per_frame[:, mask].mean(), {}                         # LongLive, streaming long tuning: DMD masked to the new frames
 
 
-def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, levels, shift, m, world=1):
+def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, sigmas, shift, m, world=1):
     """One long-tuning iteration: cfg.critic_ratio critic updates, each on the streams' next
     window generated without a graph, then one generator update on the window after that
     (graph at one exit step shared by its chunks). -> (loss, critic loss, gnorm, applied, logs, switched)."""
-    device = levels.device
+    device = streams.device
     for _ in range(cfg.critic_ratio):                            # DMD2: 5 critic updates, each on fresh samples
         with torch.no_grad(), autocast(device):
-            window, ev, _, _ = streams.advance(student, levels, int(torch.randint(len(levels), ())))
+            window, ev, _, _ = streams.advance(student, sigmas, int(torch.randint(len(sigmas), ())))
         closs = distill.critic_update(critic, opt_critic, window.float(), ev, shift=shift, grad_clip=cfg.grad_clip,
                                       world=world)
     with autocast(device):
-        window, ev, mask, switched = streams.advance(student, levels, int(torch.randint(len(levels), ())))
+        window, ev, mask, switched = streams.advance(student, sigmas, int(torch.randint(len(sigmas), ())))
         per_frame, aux = distill.dmd_loss(window.float(), ev, teacher=teacher, critic=critic,
                                            guidance=cfg.guidance, shift=shift)
         loss, logs = window_loss(per_frame, window.float(), aux, mask, m, cfg)
@@ -148,22 +142,18 @@ def probe(model, stream, world, n, device, seed=4321):
     """A small fixed switch probe: n videos of 4 teacher windows, the event switching halfway
     (ordered pairs cycling). Its own generators: the training stream's RNG is never touched."""
     W, ch = stream["window"], stream["chunk"]
-    pairs = [(a, b) for a in range(4) for b in range(4) if a != b]
+    pairs = ordered_pairs(4)                                     # the four moving events
     ev = torch.tensor([[pairs[i % len(pairs)][t >= 2 * W] for t in range(4 * W)] for i in range(n)])
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, 4 * W, 3, world.size, world.size, generator=gen)
     with autocast(device):
-        x = rollout(model, noise.to(device), ev.to(device), torch.tensor(stream["sigmas"], device=device), ch,
-                    KVCache(stream["n_sink"], stream["n_window"]), gen=gen).float().cpu()
+        x = rollout(model, noise.to(device), ev.to(device), stream["sigmas"], ch, KVCache(stream["n_sink"], stream["n_window"]),
+                    gen=gen).float().cpu()
     return summarize(batch_metrics(x, ev, world, first=ch, chunk=ch))
 
 
 def load_student(cfg):
-    """Every check of longtune's inputs, before any work."""
-    if cfg.switch_cache not in ("recache", "keep", "clear"):
-        raise BadInput(f"--switch_cache must be recache, keep or clear, not {cfg.switch_cache!r}")
-    if cfg.window_events not in ("true", "current"):
-        raise BadInput(f"--window_events must be true or current, not {cfg.window_events!r}")
+    """Every check of longtune's inputs that needs the checkpoints, before any work."""
     path = cfg.student or os.path.join(cfg.out_dir, "student.pt")
     ck = load_checkpoint(path, ["student"], f"python distill.py --preset={cfg.preset}")
     W, ch = ck["stream"]["window"], ck["stream"]["chunk"]
@@ -189,44 +179,31 @@ def main(cfg):
     device, stream, w = run.device, sck["stream"], World(**sck["world"])
     name = cfg.out_name or ("deltaforcing.pt" if cfg.trust_region else "longtune.pt")
     path = os.path.join(cfg.out_dir, name)
-    teacher = build(tck["model_args"], tck["ema"], device).requires_grad_(False).eval()
-    student = build(sck["model_args"], sck["ema"], device)       # start from the distilled student
-    critic = build(sck["model_args"], sck["critic"], device)
-    ema = ema_copy(student)
-    opt = adamw(student.parameters(), lr=cfg.lr, betas=(0.0, 0.999), weight_decay=0.01)
-    opt_critic = adamw(critic.parameters(), lr=cfg.critic_lr, betas=(0.0, 0.999), weight_decay=0.01)
-    levels = torch.tensor(stream["sigmas"], device=device)
+    nets, ema = distill.dmd_nets(sck["model_args"], teacher=tck["ema"], student=sck["ema"], critic=sck["critic"], cfg=cfg,
+                                 device=device, compiled=cfg.compile and device.type == "cuda")   # from the distilled student
     gen = torch.Generator().manual_seed(cfg.seed)                 # schedules: the same data for every run of a seed
-    ck = resume(cfg, path, "longtune", f"python longtune.py --out_name={name}", gen, model=student, ema=ema,
-                critic=critic, optimizer=opt, critic_optimizer=opt_critic)
+    objs = dict(model=nets["student"], ema=ema, critic=nets["critic"], optimizer=nets["opt"],
+                critic_optimizer=nets["opt_critic"])
+    ck = resume(cfg, path, "longtune", f"python longtune.py --out_name={name}", gen, **objs)
     step, skipped = (ck["step"], ck["skipped"]) if ck else (0, 0)
     seed_rank(run, cfg.seed, step, gen)
-    for m in (student, critic, teacher):
-        compile_(m, cfg.compile and device.type == "cuda")
     streams = Streams(cfg, stream, w.size, gen, device, run.batch)
-    n_updates = min(cfg.steps, cfg.max_steps) if cfg.max_steps > 0 else cfg.steps
-    n_probe = 4 if cfg.max_steps > 0 else 24
+    n_updates, n_probe = capped(cfg.steps, cfg), 4 if cfg.max_steps > 0 else 24
+    save = checkpointer(path, run, gen, dict(stage="longtune", model_args=sck["model_args"], world=sck["world"],
+                                             natural_step=sck["natural_step"], stream=stream, config=asdict(cfg),
+                                             teacher=sck["teacher"], student=cfg.student or "student.pt"), **objs)
     if run.rank == 0:
         print(f"long tuning {name}: {streams.L}-frame rollouts ({cfg.windows} teacher windows), windows of "
               f"{cfg.context} context + {stream['window'] - cfg.context} new frames, switch cache {cfg.switch_cache}, "
               f"window events {cfg.window_events}, {n_updates} updates at lr {cfg.lr:g} (critic {cfg.critic_lr:g})")
 
-    def checkpoint(next_step, metrics=None):
-        if run.rank == 0:                                         # one writer; every rank holds the same weights
-            save_checkpoint(path, dict(
-                stage="longtune", model_args=sck["model_args"], world=sck["world"], natural_step=sck["natural_step"],
-                stream=stream, config=asdict(cfg), teacher=sck["teacher"], student=cfg.student or "student.pt",
-                step=next_step, skipped=int(skipped), metrics=metrics or {},
-                **states(gen, model=student, ema=ema, critic=critic, optimizer=opt, critic_optimizer=opt_critic)))
-
     t0, t_start, seen = time.time(), time.time(), {}            # trust-region logs by window kind
     for step in tqdm(range(step, n_updates), initial=step, total=n_updates, desc="longtune", mininterval=5,
                      disable=run.rank > 0):
         loss, closs, gnorm, applied, logs, switched = tune_update(
-            streams, student=student, critic=critic, teacher=teacher, opt=opt, opt_critic=opt_critic, cfg=cfg,
-            levels=levels, shift=stream["shift"], m=sck["natural_step"], world=run.world)
+            streams, **nets, cfg=cfg, sigmas=stream["sigmas"], shift=stream["shift"], m=sck["natural_step"], world=run.world)
         skipped = skipped + ~applied                              # a skipped step is counted on the device
-        ema_update(ema, student, cfg.ema if step >= cfg.ema_start else 0.0)   # (a skipped step left the weights as they were)
+        ema_update(ema, nets["student"], cfg.ema if step >= cfg.ema_start else 0.0)   # (a skipped step left the weights as they were)
         for kind, sel in (("switch", switched), ("plain", ~switched)):   # summed on the device: no sync per step
             for k, v in logs.items():
                 seen[kind, k] = seen.get((kind, k), 0) + torch.stack([torch.where(sel, v.float(), 0).sum(), sel.sum()])
@@ -237,19 +214,19 @@ def main(cfg):
                 tqdm.write(f"longtune {step + 1} | dmd loss {loss.item():.4f} | critic loss {closs.item():.4f} | "
                            f"gnorm {gnorm:.3f}{extra} | {dt:.2f} s/update | skipped {int(skipped)}")
             t0 = time.time()
-            checkpoint(step + 1)                                  # the checkpoint holds the next update to run
+            save(step=step + 1, skipped=int(skipped), metrics={})   # the checkpoint holds the next update to run
         if run.rank == 0 and (step + 1) % cfg.probe_every == 0 and step + 1 < n_updates:
             p = probe(ema, stream, w, n_probe, device)
             tqdm.write(f"probe {step + 1} (ema): " + " ".join(f"{k} {p[k]:.3f}" for k in ("react", "latency", "follow",
                                                                                         "identity", "valid", "bias")))
-    check_in_sync(student, run)
+    check_in_sync(nets["student"], run)
     if run.rank > 0:
         return
     metrics = probe(ema, stream, w, n_probe, device)
     metrics["train_minutes"] = (time.time() - t_start) / 60
     print(f"probe {n_updates} (ema): " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    checkpoint(n_updates, metrics)
-    print(f"wrote {path}; evaluate it with `python sample.py --eval --ckpts={path}`")
+    save(step=n_updates, skipped=int(skipped), metrics=metrics)
+    print(f"wrote {path}; evaluate it with `python evaluate.py --ckpts={path}`")
 
 
 if __name__ == "__main__":

@@ -348,20 +348,18 @@ def chunk_switches(event, chunk, cache):
     return [i for i, s in enumerate((starts != before).any(0).tolist()) if s]
 
 
-def rollout(model, noise, event, levels, chunk, cache, *, exit_step=None, switch="recache", gen=None):
+def rollout(model, noise, event, sigmas, chunk, cache, *, exit_step=None, switch="recache", gen=None):
     """The causal few-step generator, run chunk by chunk through the KV cache (Self Forcing
     sec. 3.2, Algorithm 1). Training and inference both call this one function, so they cannot
-    drift apart. noise (B,T,C,H,W), event (B,T), levels: the denoising sigmas, e.g.
-    shift([1, .75, .5, .25]). Each chunk: predict x0 at levels[0], re-noise it with fresh noise
-    to levels[1], ... and stop at `exit_step` (default: the last), whose x0 is the chunk's output.
-    Only the exit step keeps a graph. Then the output is re-run at sigma=0 to write its clean
-    keys/values to the cache. When a stream's event differs from its cache's newest frame,
-    `switch` says what happens to that stream's cache: "recache" (under the new event,
-    LongLive), "keep", or "clear". gen: the re-noising draws (see randn)."""
+    drift apart. noise (B,T,C,H,W), event (B,T), sigmas: the denoising levels as host floats
+    (e.g. shift([1, .75, .5, .25]); on the host, so no step waits for the GPU). Each chunk:
+    predict x0 at sigmas[0], re-noise it with fresh noise to sigmas[1], ... and stop at `exit_step`
+    (default: the last), whose x0 is the chunk's output. Only the exit step keeps a graph. Then
+    the output is re-run at sigma=0 to write its clean keys/values to the cache. When a stream's
+    event differs from its cache's newest frame, `switch` says what happens to that stream's
+    cache: "recache" (under the new event, LongLive), "keep", or "clear". gen: the re-noising draws (see randn)."""
     B, T = noise.shape[:2]
-    levels = [float(v) for v in (levels.tolist() if torch.is_tensor(levels) else levels)]   # host floats: one copy per
-    # rollout, where float(levels[k]) of a CUDA tensor would sync at every denoising step
-    exit_step = len(levels) - 1 if exit_step is None else exit_step
+    exit_step = len(sigmas) - 1 if exit_step is None else exit_step
     switches = chunk_switches(event, chunk, cache) if switch != "keep" else []
     outs = []
     for i in range(0, T, chunk):
@@ -372,11 +370,11 @@ def rollout(model, noise, event, levels, chunk, cache, *, exit_step=None, switch
             else:
                 cache.clear(cache.newest_events() != ev[:, 0])
         for k in range(exit_step + 1):                           # Self Forcing sec. 3.2: few-step denoising
-            sig = torch.full(ev.shape, levels[k], device=x.device)
+            sig = torch.full(ev.shape, sigmas[k], device=x.device)
             with torch.set_grad_enabled(torch.is_grad_enabled() and k == exit_step):   # graph at the exit step only
                 x0 = pred_x0(x, stream(model, x, sig, ev, cache), sig)
             if k < exit_step:                                    # re-noise with fresh noise, not an Euler step
-                x = add_noise(x0, randn(x0.shape, gen, x0.device), torch.full_like(sig, levels[k + 1]))
+                x = add_noise(x0, randn(x0.shape, gen, x0.device), torch.full_like(sig, sigmas[k + 1]))
         outs.append(x0)
         with torch.no_grad():                                    # the cache write carries no gradient
             stream(model, x0, torch.zeros_like(sig), ev, cache, write=True)   # Self Forcing sec. 3.2: clean KV

@@ -93,7 +93,7 @@ case "$P" in tiny|small) ;; *) echo "reproduce.sh: error: preset must be tiny, s
 case "$STAGES" in all|main) ;; *) echo "reproduce.sh: error: STAGES must be all or main, not '$STAGES'" >&2; exit 2;; esac
 mkdir -p "$O"
 X=""; NS=16; PS=""                                              # REHEARSE: 2 steps per loop of batch 4, 1 seed
-[ -n "${REHEARSE:-}" ] && { X="--max_steps=2 --batch=4"; NS=1; PS="--seeds=1"; }
+[ -n "${REHEARSE:-}" ] && { X="--max_steps=2 --batch=4"; NS=1; PS=1; }
 MD="$O/results.md"
 dev=$($PY -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU, %d threads' % torch.get_num_threads())")
 printf "# Results, preset %s\n\n%s, %s, torch %s. Made by \`STAGES=%s bash reproduce.sh %s\`.\n" "$P" "$(date -u +%Y-%m-%d)" \
@@ -113,7 +113,7 @@ for name, pre in (("teacher", ""), ("student (EMA)", ""), ("student (raw)", "raw
     print(f"| {name} | " + " | ".join(f"{m.get(pre + k, m.get(k, float('nan'))):.3f}" for k in keys) + " |")
 PY
 printf "\n## Probes\n\n\`\`\`\n" >> "$MD"
-$PY probes.py --preset="$P" --teacher="$O/teacher.pt" --student="$O/student.pt" $PS | tee -a "$MD"
+$PY evaluate.py --preset="$P" --probe=react --teacher="$O/teacher.pt" --ckpts="$O/student.pt" --seeds=${PS:-4} | tee -a "$MD"
 printf "\`\`\`\n" >> "$MD"
 
 SEEDS="0 1 2"; [ "$STAGES" = main ] && SEEDS="0"
@@ -129,7 +129,7 @@ done
 cp "$O/longtune_s0.pt" "$O/longtune.pt"
 cp "$O/deltaforcing_s0.pt" "$O/deltaforcing.pt"
 ck() { for s in $SEEDS; do printf "%s/%s_s%d.pt," "$O" "$1" $s; done; }
-EVAL="$PY sample.py --preset=$P --eval --seeds=$NS --first_seed=100"
+EVAL="$PY evaluate.py --preset=$P --seeds=$NS --first_seed=100"
 printf "\n## Long tuning and Delta Forcing (evaluation seeds 100-115)\n" >> "$MD"
 ROWS="$O/student.pt,$(ck longtune)$(ck deltaforcing)"
 [ "$STAGES" = all ] && ROWS="$ROWS$(ck df_weights)$(ck df_continuity)$(ck df_second)"
@@ -142,7 +142,7 @@ for tau in 0.125 0.25 1; do
   t $PY longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tau=$tau --out_name=df_tau$tau.pt
   TAUS="$TAUS$O/df_tau$tau.pt,"
 done
-$PY sample.py --preset="$P" --eval --seeds=8 --first_seed=0 --pool=False --json="$O/tau_tuning.json" \
+$PY evaluate.py --preset="$P" --seeds=8 --first_seed=0 --pool=False --json="$O/tau_tuning.json" \
   --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt,$TAUS"
 t $EVAL --pool=False --json="$O/tau.json" --md="$MD" --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt,$TAUS"
 
@@ -152,7 +152,7 @@ t $PY longtune.py --preset="$P" --out_dir="$O" --window_events=current --trust_r
 t $EVAL --pool=False --json="$O/current.json" --md="$MD" --ckpts="$O/longtune_current.pt,$O/deltaforcing_current.pt"
 
 printf "\n## How identity fails after a switch (seed 0)\n\n\`\`\`\n" >> "$MD"
-$PY probes.py --preset="$P" --failures="$O/longtune_s0.pt,$O/deltaforcing_s0.pt" --first_seed=100 --seeds=16 | tee -a "$MD"
+$PY evaluate.py --preset="$P" --probe=failures --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt" --first_seed=100 --seeds=16 | tee -a "$MD"
 printf "\`\`\`\n" >> "$MD"
 $PY - "$O" <<'PY'
 import sys, torch

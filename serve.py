@@ -1,22 +1,22 @@
-"""The local web page of `python sample.py --serve`: the generator streamed to a canvas and steered
-with the arrow keys; two checkpoints side by side (the baseline and Delta Forcing), fed the same keys.
+"""A local web page that streams the generator to a canvas, steered with the arrow keys: two
+checkpoints side by side (the baseline and Delta Forcing), fed the same keys.
 
-    python sample.py --serve --ckpt=out/deltaforcing.pt     # then open http://127.0.0.1:8000
-    python tests/serve_client.py http://127.0.0.1:8000      # measure a running server (frames/s, key latency)
+    python serve.py --ckpts=out/longtune.pt,out/deltaforcing.pt    # then open http://127.0.0.1:8000
+    python tests/serve_client.py http://127.0.0.1:8000             # measure a running server (frames/s, key latency)
 
 Standard library only (http.server, a thread per connection); frames go out as server-sent events:
-  GET  /                          the page (/?frames=N: each canvas stops after N frames, for screenshots)
-  GET  /ckpts                     {ckpts: the generator checkpoints beside --ckpt, default: [left, right], ...}
+  GET  /                          the page, serve.html (/?frames=N: each canvas stops after N frames, for screenshots)
+  GET  /ckpts                     {ckpts: the generator checkpoints beside --ckpts, default: [left, right], ...}
   GET  /stream?ckpt=NAME&event=E  text/event-stream: `hello` {stream, ckpt, size, chunk, fps}, then per frame
                                   {i, chunk, event, gen_ms, since_key, t, png}: the event its chunk was made
                                   under, and the frame as a base64 PNG at native size (under 1 KB)
   POST /key {"event": E, "stream": ID}   steer that stream (without "stream": every open one) from its next chunk
   GET  /gif?streams=ID,ID         the sessions side by side as one GIF (a download)
 A stream is a client: --max_clients caps them (503 past it); the page's two canvases are two.
-Each stream owns a KVCache and a torch.Generator seeded with --seed and advances chunk by chunk
-through model.rollout, the call --live makes: there is no second inference loop. A key only sets
-the stream's event; the next chunk is generated under it, and --switch_cache says what rollout
-does with the cache at the switch.
+Each stream is a sample.Player seeded with --seed (its own KV cache and noise generator), the
+stepper that sample.py and --live use: there is no second inference loop. A key only sets the
+stream's event; the next chunk is generated under it, and --switch_cache says what happens to
+the cache at the switch.
 """
 import base64
 import collections
@@ -25,11 +25,9 @@ import itertools
 import json
 import os
 import signal
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
@@ -37,35 +35,43 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 
-from common import BadInput, autocast
-from model import KVCache, rollout
-from sample import load_generator
-from world import EVENTS, parse_schedule, to_rgb
+from common import pick_device
+from config import BadInput, Config, Count, NonNegative, OneOf, Port, SwitchCache, cli
+from sample import Player, load_generator
+from world import EVENTS, to_rgb
 
+
+@dataclass
+class ServeConfig(Config):
+    ckpts: str = "out/deltaforcing.pt"   # generator checkpoints, comma-separated, one directory: the canvases
+    weights: OneOf("ema", "model") = "ema"   # ema | model (the raw weights)
+    event: OneOf(*EVENTS) = "right"   # the event every stream starts under (a key then steers)
+    switch_cache: SwitchCache = "recache"   # at every key that switches the event: recache | keep | clear
+    fps: NonNegative = 24.0        # frames/s each stream is played at (0 = as fast as they are generated)
+    host: str = "127.0.0.1"        # bind address (loopback unless you say otherwise)
+    port: Port = 8000              # port to listen on; 0: any free one (the "serving" line names it)
+    max_clients: Count = 4         # concurrent streams; more get a clear 503
+
+
+PRESETS = {"tiny": {}, "small": {}}
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 MAX_BODY = 4096        # bytes: a key is about 40; anything bigger is refused (413)
 KEEP = 480             # frames per session kept for the GIF: 20 s at 24 frames/s, 370 KB at 16 x 16
 GENERATORS = ("student", "longtune")
 
 
 class Session:
-    """One client stream: its own KV cache, noise generator and current event; its recent frames."""
+    """One client stream: its own Player (KV cache, noise generator) and current event; its recent frames."""
 
-    def __init__(self, sid, g, event, seed):
+    def __init__(self, sid, g, event, seed, switch):
         self.id, self.g, self.event, self.live, self.key_t = sid, g, event, True, None   # key_t: the last key
-        self.cache = KVCache(g.stream["n_sink"], g.stream["n_window"])
-        self.gen = torch.Generator().manual_seed(seed)          # every draw of the stream: one seed
+        self.player = Player(g, [seed], switch)                  # every draw of the stream: one seed
         self.frames = collections.deque(maxlen=KEEP)
 
-    @torch.inference_mode()
-    def next_chunk(self, device, switch):
-        """One chunk under the current event, through model.rollout as in sample.live.
-        -> (event id, (chunk,S,S,3) uint8 frames)."""
-        g, event = self.g, self.event                            # read once: a key that lands now waits a chunk
-        S, ch = g.world.size, g.chunk
-        with autocast(device):
-            x = rollout(g.model, torch.randn(1, ch, 3, S, S, generator=self.gen).to(device),
-                        torch.full((1, ch), event, device=device), g.stream["sigmas"], ch, self.cache,
-                        switch=switch, gen=self.gen).float().cpu()
+    def next_chunk(self):
+        """One chunk under the current event -> (event id, (chunk,S,S,3) uint8 frames)."""
+        event = self.event                                       # read once: a key that lands now waits a chunk
+        x = self.player.chunk(torch.full((1, self.g.chunk), event)).cpu()   # (1,chunk,3,S,S)
         frames = to_rgb(x[0], scale=1)
         self.frames.extend(frames)
         return event, frames
@@ -86,24 +92,28 @@ def stage_of(path):
 
 
 class App:
-    """What the handler threads share: checkpoints, generators, sessions, the client count, the stop flag."""
+    """What the handler threads share: the page, checkpoints, generators, sessions, the client count, the stop flag."""
 
     def __init__(self, cfg, device):
-        self.cfg, self.device, self.lock, self.stop = cfg, device, threading.Lock(), threading.Event()
-        self.paths = [p for p in (cfg.ckpts or cfg.ckpt).split(",") if p]
+        self.cfg, self.lock, self.stop = cfg, threading.Lock(), threading.Event()
+        self.paths = [p for p in cfg.ckpts.split(",") if p]
+        if not self.paths:
+            raise BadInput("--ckpts needs at least one generator checkpoint")
         self.dir = os.path.dirname(self.paths[0]) or "."
         if any((os.path.dirname(p) or ".") != self.dir for p in self.paths):
             raise BadInput(f"--ckpts must all be in one directory (the picker lists it), not {cfg.ckpts!r}")
-        self.event = EVENTS[parse_schedule(cfg.events, 1 << 30)[0][0]]   # start as the schedule does
+        self.event = cfg.event
         self.stages, self.gens, self.open = {}, {}, 0          # path -> (stamp, stage), name -> (stamp, generator)
         self.sessions, self.ids = collections.OrderedDict(), itertools.count(1)
+        with open(PAGE, "rb") as f:                              # read once: the page is part of the code
+            self.page = f.read()
         self.load = lambda name: load_generator(os.path.join(self.dir, name), device, cfg.weights)
         for p in self.paths:                                     # a bad checkpoint is one line now, not a 404 later
             g = self.load(os.path.basename(p))
             self.gens[os.path.basename(p)] = (stamp(p), g)
 
     def checkpoints(self):
-        """Names of the generator checkpoints (stage student or longtune) in --ckpt's directory."""
+        """Names of the generator checkpoints (stage student or longtune) in --ckpts' directory."""
         names = []
         with self.lock:
             for p in sorted(glob.glob(os.path.join(self.dir, "*.pt"))):
@@ -117,7 +127,7 @@ class App:
         return names
 
     def defaults(self, names):
-        """The two canvases: --ckpts, else --ckpt and the baseline (longtune.pt, else student.pt, else any)."""
+        """The two canvases: the first two --ckpts; with one, it and the baseline (longtune.pt, else student.pt)."""
         first = [os.path.basename(p) for p in self.paths]
         others = [n for n in ["longtune.pt", "student.pt"] + names if n in names and n != first[0]]
         return (first + others + first)[:2]
@@ -138,7 +148,7 @@ class App:
             if self.open >= self.cfg.max_clients:
                 return None
             self.open += 1
-            s = Session(next(self.ids), g, event, self.cfg.seed)
+            s = Session(next(self.ids), g, event, self.cfg.seed, self.cfg.switch_cache)
             self.sessions[s.id] = s
             for old in [v for v in self.sessions.values() if not v.live][:-4 * self.cfg.max_clients]:
                 del self.sessions[old.id]                        # keep a few ended sessions for their GIF
@@ -161,7 +171,7 @@ class App:
                 if self.stop.wait(0.004):                        # poll: a key may move the start earlier
                     return
             t = time.perf_counter()
-            event, frames = s.next_chunk(self.device, self.cfg.switch_cache)
+            event, frames = s.next_chunk()
             took, switched, last = time.perf_counter() - t, event != last, event
             cost[switched] = 0.8 * cost[switched] + 0.2 * took if cost[switched] else took
             for j, a in enumerate(frames):
@@ -198,7 +208,7 @@ class Handler(BaseHTTPRequestHandler):
         url, app = urlparse(self.path), self.server.app
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         if url.path == "/":
-            self.reply(200, PAGE.encode(), "text/html; charset=utf-8")
+            self.reply(200, app.page, "text/html; charset=utf-8")
         elif url.path == "/ckpts":
             names = app.checkpoints()
             self.reply(200, dict(ckpts=names, default=app.defaults(names), event=app.event, events=EVENTS,
@@ -289,8 +299,6 @@ class Handler(BaseHTTPRequestHandler):
 
 def start(cfg, device):
     """Load the checkpoints and listen (serving in a thread) -> (server, app). Bad input: BadInput."""
-    if cfg.max_clients < 1:
-        raise BadInput(f"--max_clients must be at least 1, not {cfg.max_clients}")
     app = App(cfg, device)
     try:
         server = ThreadingHTTPServer((cfg.host, cfg.port), Handler)
@@ -311,9 +319,9 @@ def close(server, app, wait=2.0):
         time.sleep(0.01)
 
 
-def main(cfg, device):
-    """sample.py --serve: serve until Ctrl-C or SIGTERM, then stop cleanly (exit 0)."""
-    server, app = start(cfg, device)
+def main(cfg):
+    """Serve until Ctrl-C or SIGTERM, then stop cleanly (exit 0)."""
+    server, app = start(cfg, pick_device(cfg.device))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda n, f: app.stop.set())
     host, port = server.server_address[:2]
@@ -325,82 +333,5 @@ def main(cfg, device):
     print("stopped", flush=True)
 
 
-# ----------------------------------------------------------------------------- the page
-
-PAGE = r"""<!doctype html><meta charset="utf-8"><title>Delta Forcing: steer it</title>
-<style>
-body{font:14px system-ui,sans-serif;background:#15171a;color:#ddd;margin:20px}
-.row{display:flex;gap:28px;flex-wrap:wrap} select{font:inherit;margin-bottom:6px}
-canvas{image-rendering:pixelated;image-rendering:crisp-edges;background:#000;display:block;width:384px;height:384px}
-.info{font:13px ui-monospace,monospace;margin-top:6px;color:#9cf;white-space:pre}
-button{font:inherit;padding:4px 12px;margin:2px} button.on{background:#3a6;color:#fff}
-</style>
-<h3>Delta Forcing - the arrow keys steer both streams from their next chunk (space = stay)</h3>
-<div class="row" id="panes"></div>
-<p id="pad"></p>
-<p><button id="gif">save GIF</button> <button id="restart">restart both</button></p>
-<script>
-const KEYS = {ArrowRight: "right", ArrowLeft: "left", ArrowDown: "down", ArrowUp: "up", " ": "stay"};
-const ARROWS = {left: "\u2190", up: "\u2191", down: "\u2193", right: "\u2192", stay: "stay"};
-const LIMIT = +new URLSearchParams(location.search).get("frames") || 0;   // ?frames=N: stop after N (screenshots)
-let current = "right", panes = [];
-function connect(p) {                      // a new stream (its own cache, seeded by --seed) for this canvas
-  if (p.es) p.es.close();
-  p.id = null; p.times = [];
-  p.es = new EventSource("/stream?ckpt=" + encodeURIComponent(p.sel.value) + "&event=" + current);
-  p.es.addEventListener("hello", e => {
-    const h = JSON.parse(e.data), px = h.size * Math.max(16, Math.ceil(384 / h.size)) + "px";
-    p.id = h.stream; p.cv.width = p.cv.height = h.size; p.cv.style.width = p.cv.style.height = px;
-  });
-  p.es.onmessage = e => {                  // one frame, and the event its chunk was generated under
-    const f = JSON.parse(e.data), img = new Image();
-    img.onload = () => p.ctx.drawImage(img, 0, 0);
-    img.src = "data:image/png;base64," + f.png;
-    p.times.push(f.t);                     // the server's clock: right even where the page's is throttled
-    while (p.times[0] < f.t - 1) p.times.shift();    // the frames of the last second
-    const since = f.since_key === null ? "none" : f.since_key.toFixed(1) + " s ago";
-    const fps = (p.times.length - 1) / Math.max(f.t - p.times[0], 1e-3);
-    p.info.textContent = `event ${f.event.padEnd(5)} | ${fps.toFixed(1)} frames/s | last key ${since}\n` +
-                         `frame ${f.i} | ${f.gen_ms} ms/chunk`;
-    if (p === panes[0])                    // the pad lights the event being generated, not the key pressed
-      for (const b of document.querySelectorAll("#pad button")) b.className = b.dataset.ev === f.event ? "on" : "";
-    if (LIMIT && f.i + 1 >= LIMIT) p.es.close();
-  };
-  p.es.onerror = () => {                   // no auto-reconnect: each would be a new stream
-    p.es.close(); p.info.textContent = "stream closed (server stopped, or busy: 503);\npick a checkpoint to retry";
-  };
-}
-function steer(name) {                     // the same key to every canvas; each applies it at its next chunk
-  current = name;
-  for (const p of panes) if (p.id) fetch("/key", {method: "POST", headers: {"Content-Type": "application/json"},
-                                                   body: JSON.stringify({event: name, stream: p.id})});
-}
-addEventListener("keydown", e => {
-  const name = KEYS[e.key];
-  if (name) { e.preventDefault(); if (!e.repeat) steer(name); }
-});
-for (const ev of ["left", "up", "down", "right", "stay"]) {
-  const b = document.createElement("button");
-  b.textContent = ARROWS[ev]; b.dataset.ev = ev; b.onclick = () => steer(ev);
-  document.getElementById("pad").append(b);
-}
-document.getElementById("gif").onclick = () => {
-  const a = document.createElement("a");
-  a.href = "/gif?streams=" + panes.map(p => p.id).filter(x => x).join(","); a.download = "session.gif"; a.click();
-};
-document.getElementById("restart").onclick = () => panes.forEach(connect);
-fetch("/ckpts").then(r => r.json()).then(j => {
-  current = j.event;
-  panes = j.default.map(name => {
-    const [d, sel, cv, info] = ["div", "select", "canvas", "div"].map(t => document.createElement(t));
-    for (const n of j.ckpts) sel.add(new Option(n, n, false, n === name));
-    info.className = "info"; d.append(sel, cv, info);
-    document.getElementById("panes").append(d);
-    const p = {sel, cv, info, ctx: cv.getContext("2d")};
-    sel.onchange = () => connect(p);
-    connect(p);
-    return p;
-  });
-});
-</script>
-"""
+if __name__ == "__main__":
+    cli(main, ServeConfig, PRESETS)

@@ -7,7 +7,8 @@ latency on switch clips, and stores the data's natural step (world.natural_step)
 Forcing uses as its unit of motion.
 
     python teacher.py                       # tiny on CPU, small on a GPU; writes out/teacher.pt
-    python teacher.py --preset=tiny --max_steps=200 --resume=True
+    python teacher.py --preset=tiny --steps=2000 --resume=True
+    python teacher.py --max_steps=2         # a smoke run: every loop capped
     torchrun --nproc_per_node=8 teacher.py  # data parallel: the batch is split over 8 GPUs
 """
 import math
@@ -18,50 +19,45 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from common import (BadInput, adamw, autocast, check_in_sync, cli, compile_, ema_copy, ema_update, init_run,
-                    optimizer_step, resume, save_checkpoint, seed_rank, states)
+from common import (adamw, autocast, check_in_sync, checkpointer, compile_, ema_copy, ema_update, init_run,
+                    optimizer_step, resume, seed_rank)
+from config import BadInput, Count, NonNegative, Positive, Prob, Real, RunConfig, Whole, capped, cli
 from model import ModelConfig, add_noise, build, cfg_mix, shift_sigma
-from world import EVENTS, World, batch_metrics, natural_step, save_video, summarize, teacher_batch
+from world import EVENTS, World, clip_scores, eval_events, natural_step, save_video, teacher_batch
 
 
 @dataclass
-class TeacherConfig:
-    preset: str = "tiny"
-    out_dir: str = "out"
-    seed: int = 0
-    resume: bool = False
-    device: str = "auto"
-    compile: bool = True          # used on CUDA only; CPU stays eager
+class TeacherConfig(RunConfig):
     # world
-    size: int = 16
-    sprite: int = 4
-    speed: int = 2
-    rho: float = 0.9
-    frames: int = 8               # teacher clip length = the teacher window of later stages
-    chunk: int = 2                # the generator's chunk: switches in teacher clips fall on its boundaries
-    p_switch: float = 0.5         # share of teacher clips that switch event once
+    size: Count = 16              # frame side in pixels
+    sprite: Count = 4             # sprite side in pixels
+    speed: Count = 2              # pixels per frame of a moving event
+    rho: Prob = 0.9               # P(sprite colour = the first event's canonical colour): the planted bias
+    frames: Count = 8             # teacher clip length = the teacher window of later stages
+    chunk: Count = 2              # the generator's chunk: switches in teacher clips fall on its boundaries
+    p_switch: Prob = 0.5          # share of teacher clips that switch event once
     # model
-    patch: int = 4
-    dim: int = 128
-    depth: int = 4
-    heads: int = 4
+    patch: Count = 4              # tokens are patch x patch pixels
+    dim: Count = 128              # transformer width
+    depth: Count = 4              # transformer blocks
+    heads: Count = 4              # attention heads (dim / heads must be even)
     # optimisation
-    max_steps: int = 5000
-    batch: int = 32
-    lr: float = 2e-3
-    warmup: int = 200
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    ema: float = 0.998
-    p_uncond: float = 0.1         # event dropout to the null event, for CFG
-    sigma_mu: float = 0.5         # training levels: sigma = sigmoid(mu + N(0,1)) (logit-normal, SD3), leaning noisy
+    steps: Count = 5000           # optimiser steps (the learning-rate schedule's length)
+    batch: Count = 32             # clips per step (the global batch under torchrun)
+    lr: Positive = 2e-3           # peak learning rate
+    warmup: Whole = 200           # linear warm-up steps, then cosine decay to 10%
+    weight_decay: NonNegative = 0.01  # AdamW weight decay
+    grad_clip: Positive = 1.0     # gradient-norm clip
+    ema: Prob = 0.998             # EMA decay of the weights (from the end of warm-up)
+    p_uncond: Prob = 0.1          # event dropout to the null event, for CFG
+    sigma_mu: Real = 0.5          # training levels: sigma = sigmoid(mu + N(0,1)) (logit-normal, SD3), leaning noisy
     # sampling and evaluation
-    sample_steps: int = 32
-    sample_shift: float = 2.0
-    guidance: float = 1.0         # g in cond + g (cond - uncond)
-    eval_samples: int = 64
-    log_every: int = 100
-    ckpt_every: int = 500
+    sample_steps: Count = 32      # Euler steps of the sampler
+    sample_shift: Positive = 2.0  # time shift of the sampler's grid
+    guidance: NonNegative = 1.0   # g in cond + g (cond - uncond)
+    eval_samples: Count = 64      # clips of each kind (one-event, switch) in the final evaluation
+    log_every: Count = 100        # steps between log lines
+    ckpt_every: Count = 500       # steps between checkpoints (and a quick 20-clip evaluation)
 
 
 # small: one GPU. Its steps are sized so that `reproduce.sh small` (every stage) ends in about 6 min on one
@@ -69,7 +65,7 @@ class TeacherConfig:
 PRESETS = {
     "tiny": {},
     "small": dict(size=32, sprite=6, speed=2, frames=12, chunk=3, dim=256, depth=6, heads=8, batch=64,
-                  lr=5e-4, max_steps=5000, warmup=300, ema=0.999, ckpt_every=1000),
+                  lr=5e-4, steps=5000, warmup=300, ema=0.999, ckpt_every=1000),
 }
 
 
@@ -115,16 +111,6 @@ def sample(model, event, noise, sig, guidance=0.0):
     return x
 
 
-def eval_events(n, T, chunk):
-    """The evaluation clips: n one-event clips (events cycling) and n switch clips (every
-    ordered pair of events cycling, the switch at the chunk boundary nearest the middle)."""
-    one = (torch.arange(n) % len(EVENTS))[:, None].expand(n, T)
-    pairs = [(a, b) for a in range(len(EVENTS)) for b in range(len(EVENTS)) if a != b]
-    mid = round(T / 2 / chunk) * chunk
-    sw = torch.tensor([[pairs[i % len(pairs)][t >= mid] for t in range(T)] for i in range(n)])
-    return one, sw
-
-
 def evaluate(model, cfg, n, device, seed=1234):
     """Sample n one-event clips and n switch clips with CFG and score them. Its own generator:
     the training stream's RNG is never touched. -> (metrics, one-event samples, switch samples)."""
@@ -134,19 +120,15 @@ def evaluate(model, cfg, n, device, seed=1234):
     noise = torch.randn(2 * n, cfg.frames, 3, cfg.size, cfg.size, generator=gen)
     with autocast(device):
         x = sample(model, ev.to(device), noise.to(device), euler_grid(cfg.sample_steps, cfg.sample_shift), cfg.guidance)
-    x, w = x.float().cpu(), world_of(cfg)
-    m1 = summarize(batch_metrics(x[:n], one, w, first=1, chunk=cfg.chunk))
-    m2 = summarize(batch_metrics(x[n:], sw, w, first=1, chunk=cfg.chunk))
-    metrics = {k: m1[k] for k in ("follow", "valid", "jumps", "canon")}
-    metrics.update({k: m2[k] for k in ("react", "latency", "identity", "bias")}, switch_valid=m2["valid"])
-    return metrics, x[:n], x[n:]
+    x = x.float().cpu()
+    return clip_scores(x, one, sw, world_of(cfg), first=1, chunk=cfg.chunk), x[:n], x[n:]
 
 
 def lr_at(step, cfg):
     """Linear warmup, then cosine decay to 10%."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup)
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
@@ -169,6 +151,10 @@ def check_teacher(cfg):
         raise BadInput(f"--frames={cfg.frames} must be a multiple of --chunk={cfg.chunk}")
     if cfg.size % cfg.patch:
         raise BadInput(f"--size={cfg.size} must be a multiple of --patch={cfg.patch}")
+    if cfg.sprite > cfg.size:
+        raise BadInput(f"--sprite={cfg.sprite} must fit in a frame of --size={cfg.size}")
+    if cfg.dim % (2 * cfg.heads):
+        raise BadInput(f"--dim={cfg.dim} must split into --heads={cfg.heads} heads of an even width")
 
 
 def main(cfg):
@@ -185,19 +171,16 @@ def main(cfg):
     step, skipped = (ck["step"], ck["skipped"]) if ck else (0, 0)
     seed_rank(run, cfg.seed, step, gen)
     compile_(model, cfg.compile and run.device.type == "cuda")
+    n_steps = capped(cfg.steps, cfg)
+    save = checkpointer(path, run, gen, dict(stage="teacher", model_args=model_args(cfg), world=asdict(w), natural_step=m_nat,
+                                             config=asdict(cfg), total=n_steps), model=model, ema=ema, optimizer=opt)
     if run.rank == 0:
         print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg.frames}x{cfg.size}x{cfg.size}"
               f" clips ({cfg.p_switch:.0%} switching), speed {cfg.speed}, natural step {m_nat:.2f}, device {run.device}"
               + (f", {run.world} data-parallel ranks x batch {run.batch}" if run.world > 1 else ""))
 
-    def checkpoint(next_step, metrics=None):
-        if run.rank == 0:                                           # one writer; every rank holds the same weights
-            save_checkpoint(path, dict(stage="teacher", model_args=model_args(cfg), world=asdict(w), natural_step=m_nat,
-                                       config=asdict(cfg), step=next_step, skipped=int(skipped), metrics=metrics or {},
-                                       **states(gen, model=model, ema=ema, optimizer=opt)))
-
     t0, t_start = time.time(), time.time()
-    for step in tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, desc="teacher", mininterval=5,
+    for step in tqdm(range(step, n_steps), initial=step, total=n_steps, desc="teacher", mininterval=5,
                      disable=run.rank > 0):
         x, event = teacher_batch(w, run.batch, cfg.frames, gen, cfg.chunk, cfg.p_switch)
         drop = torch.rand(run.batch, generator=gen) < cfg.p_uncond  # CFG: the null event for the whole clip
@@ -213,15 +196,15 @@ def main(cfg):
         if (step + 1) % cfg.ckpt_every == 0 and run.rank == 0:
             m, _, _ = evaluate(ema, cfg, 20, run.device)            # a quick look at progress
             tqdm.write(f"step {step + 1} | ema samples: " + " ".join(f"{k} {v:.3f}" for k, v in m.items()))
-            checkpoint(step + 1)                                    # the checkpoint holds the next step to run
+            save(step=step + 1, skipped=int(skipped), metrics={})   # the checkpoint holds the next step to run
     check_in_sync(model, run)
     if run.rank > 0:
         return
     train_min = (time.time() - t_start) / 60
-    metrics, one, sw = evaluate(ema, cfg, min(cfg.eval_samples, max(10, cfg.max_steps)), run.device)
+    metrics, one, sw = evaluate(ema, cfg, capped(cfg.eval_samples, cfg, floor=10), run.device)
     metrics["train_minutes"] = train_min
     print("teacher samples: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    checkpoint(cfg.max_steps, metrics)
+    save(step=n_steps, skipped=int(skipped), metrics=metrics)
     save_video(os.path.join(cfg.out_dir, "teacher_samples.gif"), torch.cat(list(one[:5]) + list(sw[:5]), -1))
     print(f"wrote {path} and {cfg.out_dir}/teacher_samples.gif")
 

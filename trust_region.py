@@ -1,5 +1,5 @@
-"""Delta Forcing: the latent-delta trust region (Wu et al., arXiv 2605.14382), our second reading
-plus one term of ours (5').
+"""Delta Forcing: the latent-delta trust region (Wu et al., arXiv 2605.14382), our reading plus
+one term of ours (5'). What each reading measured is in docs/results.md and docs/history.md.
 
 The paper's equations are not public (only its abstract is); this is our reading, every term
 switchable. For one supervised window y = [c_1..c_K ; z_1..z_F] (committed history, detached;
@@ -15,35 +15,28 @@ models the generator's own distribution. Norms are per frame; sg = stop-gradient
   (6) loss               L = mean_f [w L_DMD,f] + lambda (1 - w) mean_f [L_MC,f]       delta_forcing_loss
   (5') appearance        L_AC,f = relu(sqrt(HW) ||mu(z_f) - mu(c_K)|| / m - r_a)^2     appearance_conservation
                          mu = per-channel spatial mean; added to L_MC with --tr_appearance (ours, below)
+Flags: tau (4), mc_radius = r (5), ac_radius = r_a (5'), lam = lambda (6); tr_weights,
+tr_continuity, tr_appearance switch terms off. longtune.py's config holds every default.
 
 Why on the committed frames: they already happened. A teacher that follows the trajectory
 agrees with the generator there, and both see the same noisy input, so blur cancels in D. What
 the teacher would still change in frames that happened, it changes for the condition, not the
 trajectory: a recolour toward the new event's canonical colour (the conditional bias) shows up
 there first. A genuine reaction to a new event lives in the new frames and leaves k small.
-(Measured on this toy, k at the DMD's random level tracks the level more than the window, so w
-acts as a near-uniform knob on the teacher's pull and on the continuity gate: docs/results.md.)
 Why (5) is monotonic: each new frame may move about one natural step from the one before, in
 any direction, so the deviation from the history grows at most linearly; natural motion costs
-nothing (it never fights a turn), while recolours, teleports and background changes do.
+nothing (it never fights a turn), while recolours, teleports and background changes do. In
+pixel space a step's size depends on the colours involved, so r must admit the largest natural
+step, and low-contrast teleports and one-channel recolours escape (5): they are left to (4).
+Why (5'): a sprite that loses its identity often dissolves over a few frames, each step smaller
+than a natural one, so (5) cannot see it. Motion conserves each channel's spatial mean exactly
+(on this torus; in a latent model approximately: pooled latents are translation invariant),
+while a recolour, a fade or a background change moves it, so the pooled colour of every new
+frame is held to the history's c_K, not stepwise (a slow fade accumulates); r_a leaves room for
+blur. It never fights a turn.
+One gate: w of (4) scales the DMD term and (1 - w) the continuity term; the ablations switch a
+term off, never the gate (--tr_weights=False: DMD at full weight, continuity still gated by 1 - w).
 With w = 1 and the continuity term off, (6) is exactly the baseline's masked DMD mean.
-
-The first reading (natural step measured on the window's own context, trust from the teacher's
-and generator's steps away from the previous frame) collapsed: a static history drove m to its
-floor, and a turn looked like a jump after a few frames. Its figures are in docs/history.md.
-
-In pixel space a frame difference depends on the colours involved: over this palette a natural
-step is 0.87 m to 1.35 m, a teleport 1.22 m to 1.41 m, a recolour 1.18 m to 1.67 m. r = 1.4 admits
-all natural motion, so the low-contrast teleports and one-channel recolours escape (5) and are
-left to the trust weight (4). A latent space with a learned metric would not have this problem.
-
-(5') is our addition, from what the evaluation showed: a sprite that loses its identity after a
-switch mostly vanishes or dissolves over a few frames (sometimes to re-form in the new event's
-colour), and every step of a dissolve is smaller than a natural step, so (5) cannot see it. Motion conserves each
-channel's spatial mean exactly (on this torus; in a latent model, approximately: pooled latents
-are translation invariant), while a recolour, a fade or a background change moves it. So the
-pooled colour of every new frame is held to the history's, c_K, not stepwise: a slow fade
-accumulates. r_a leaves room for the generator's blur. It never fights a turn.
 """
 import torch
 
@@ -71,23 +64,23 @@ def trust_weight(k, tau, eps=1e-6):
     return torch.clamp(tau / (k + eps), max=1.0).detach()
 
 
-def monotonic_continuity(new, last, m, r):
+def monotonic_continuity(new, last, m, mc_radius):
     """Eq. (5): L_MC,f = relu(||z_f - z_{f-1}|| - r m)^2 / m^2 with z_0 = c_K.
     new (B,F,...) with graph, last (B,...) the last committed frame -> (B,F)."""
     prev = torch.cat([last.detach()[:, None], new[:, :-1]], 1)   # z_{f-1} for every new frame
-    return torch.relu(frame_norm(new - prev) - r * m) ** 2 / m ** 2
+    return torch.relu(frame_norm(new - prev) - mc_radius * m) ** 2 / m ** 2
 
 
-def appearance_conservation(new, last, m, r_a):
+def appearance_conservation(new, last, m, ac_radius):
     """Eq. (5'): L_AC,f = relu(sqrt(HW) ||mu(z_f) - mu(c_K)|| / m - r_a)^2, mu the per-channel
     spatial mean (motion leaves it unchanged). new (B,F,C,H,W) with graph, last (B,C,H,W) -> (B,F)."""
     scale = (new.shape[-1] * new.shape[-2]) ** 0.5                # a whole-frame change of d per pixel scores d sqrt(HW), as ||.|| does
     dev = (new.float().mean((3, 4)) - last.detach().float().mean((2, 3))[:, None]).norm(dim=-1) * scale / m
-    return torch.relu(dev - r_a) ** 2
+    return torch.relu(dev - ac_radius) ** 2
 
 
-def delta_forcing_loss(per_frame, window, aux, *, K, m, tau=0.5, lam=1.0, r=1.4, weights=True, continuity=True,
-                       appearance=True, r_a=0.1):
+def delta_forcing_loss(per_frame, window, aux, *, K, m, tau, lam, mc_radius, ac_radius, tr_weights, tr_continuity,
+                       tr_appearance):
     """Eq. (6): L = mean_f [w L_DMD,f] + lambda (1 - w) mean_f [L_MC,f] over the F new frames.
     per_frame (B,K+F) DMD losses; window (B,K+F,...) with graph on the new frames; aux: the DMD
     predictions ("real" = T, "fake" = G); m: the natural step (a float).
@@ -96,13 +89,15 @@ def delta_forcing_loss(per_frame, window, aux, *, K, m, tau=0.5, lam=1.0, r=1.4,
     if K == 0:                                                   # the first window of a video: w = 1
         return dmd_new.mean(), {}
     k = transition_consistency(latent_delta(aux["real"], aux["fake"]), K, m)   # Eq. 2-3, Delta Forcing: latent delta, consistency
-    w = trust_weight(k, tau) if weights else torch.ones_like(k)                 # Eq. 4, Delta Forcing: trust weight
-    loss = (w[:, None] * dmd_new).mean()                         # Eq. 6, Delta Forcing: trust-weighted DMD
+    w = trust_weight(k, tau)                                     # Eq. 4, Delta Forcing: the one gate of both terms
+    w_dmd = w if tr_weights else torch.ones_like(w)              # --tr_weights=False: DMD at full weight, gate unchanged
+    loss = (w_dmd[:, None] * dmd_new).mean()                     # Eq. 6, Delta Forcing: trust-weighted DMD
     logs = dict(w=w, k=k.detach())
-    if continuity:
-        mc = monotonic_continuity(window[:, K:], window[:, K - 1], m, r)       # Eq. 5, Delta Forcing: monotonic continuity
-        if appearance:
-            mc = mc + appearance_conservation(window[:, K:], window[:, K - 1], m, r_a)   # Eq. 5', Delta Forcing (ours): appearance
-        loss = loss + lam * ((1 - trust_weight(k, tau))[:, None] * mc).mean()  # Eq. 6, Delta Forcing: continuity term
+    if tr_continuity:
+        new, last = window[:, K:], window[:, K - 1]
+        mc = monotonic_continuity(new, last, m, mc_radius)       # Eq. 5, Delta Forcing: monotonic continuity
+        if tr_appearance:
+            mc = mc + appearance_conservation(new, last, m, ac_radius)   # Eq. 5', Delta Forcing (ours): appearance
+        loss = loss + lam * ((1 - w)[:, None] * mc).mean()       # Eq. 6, Delta Forcing: continuity term, gated by 1 - w
         logs["mc"] = mc.detach().mean(1)
     return loss, logs

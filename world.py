@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import BadInput
+from config import BadInput
 
 EVENTS = ["right", "left", "down", "up", "stay"]              # index = event id; id len(EVENTS) is the null event (CFG)
 DIRS = torch.tensor([[0, 1], [0, -1], [1, 0], [-1, 0], [0, 0]])  # (row, col) step of each event
@@ -143,6 +143,31 @@ def schedule_events(schedule, frames, chunk):
     for e, start in schedule:
         ev[math.ceil(start / chunk) * chunk:] = e
     return ev
+
+
+def ordered_pairs(n=len(EVENTS)):
+    """Every ordered pair (old, new) of distinct events among the first n (4: the moving ones)."""
+    return [(a, b) for a in range(n) for b in range(n) if a != b]
+
+
+def eval_events(n, T, chunk):
+    """The teacher's evaluation clips: n one-event clips (events cycling) and n switch clips
+    (every ordered pair cycling, the switch at the chunk boundary nearest the middle). -> (n,T) x 2."""
+    one = (torch.arange(n) % len(EVENTS))[:, None].expand(n, T)
+    pairs, mid = ordered_pairs(), round(T / 2 / chunk) * chunk
+    sw = torch.tensor([[pairs[i % len(pairs)][t >= mid] for t in range(T)] for i in range(n)])
+    return one, sw
+
+
+def clip_scores(x, one, sw, w, first, chunk):
+    """Scores of the evaluation clips x = [one-event ; switch] (2n,T,...): follow, valid, jumps,
+    canon on the one-event clips; react, latency, identity, bias (and their valid) on the switches."""
+    n = len(one)
+    m1 = summarize(batch_metrics(x[:n], one, w, first=first, chunk=chunk))
+    m2 = summarize(batch_metrics(x[n:], sw, w, first=first, chunk=chunk))
+    out = {k: m1[k] for k in ("follow", "valid", "jumps", "canon")}
+    out.update({k: m2[k] for k in ("react", "latency", "identity", "bias")}, switch_valid=m2["valid"])
+    return out
 
 
 def switches(ev):

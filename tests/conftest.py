@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 import distill  # noqa: E402
 import longtune  # noqa: E402
 import teacher  # noqa: E402
-from common import cli, parse_config  # noqa: E402
+from config import cli, parse_config  # noqa: E402
 from model import ModelConfig, VideoDiT  # noqa: E402
 
 # ----------------------------------------------------------------------------- small models and inputs
@@ -28,7 +28,7 @@ from model import ModelConfig, VideoDiT  # noqa: E402
 MC = ModelConfig(size=16, patch=4, dim=32, depth=2, heads=2)   # model args of the unit tests
 MODEL_ARGS = dataclasses.asdict(MC)
 B, T, CH = 2, 8, 2                                             # batch, frames, chunk of the unit tests
-LEVELS = torch.tensor([1.0, 0.9, 0.75, 0.5])                   # four denoising levels of a rollout
+SIGMAS = [1.0, 0.9, 0.75, 0.5]                                # four denoising levels of a rollout (host floats)
 
 # the teacher flags of every tiny pipeline run (in-process configs and subprocess command lines)
 TINY = dict(dim=32, depth=2, heads=2, batch=4, frames=4, eval_samples=4, sample_steps=2, warmup=2,
@@ -46,9 +46,9 @@ def randomized(seed=0, mc=MC):
     return m.eval()
 
 
-def stream_setup(chunk=CH, n_sink=2, n_window=8, window=8, levels=LEVELS, shift=3.0):
+def stream_setup(chunk=CH, n_sink=2, n_window=8, window=8, sigmas=SIGMAS, shift=3.0):
     """A generator's streaming setup, as distill.stream_args stores it in a checkpoint."""
-    return dict(chunk=chunk, sigmas=[float(s) for s in levels], n_sink=n_sink, n_window=n_window, window=window,
+    return dict(chunk=chunk, sigmas=list(sigmas), n_sink=n_sink, n_window=n_window, window=window,
                 shift=shift)
 
 
@@ -125,7 +125,7 @@ def assert_one_line_exit_2(code, err, *words):
 def teacher_dir(tmp_path_factory):
     """A directory holding teacher.pt from a 2-step tiny run. Read-only for tests."""
     d = tmp_path_factory.mktemp("teacher")
-    teacher.main(tiny_cfg(d, max_steps=2))
+    teacher.main(tiny_cfg(d, steps=2))
     return d
 
 

@@ -8,7 +8,8 @@ import torch
 import distill
 import longtune
 import teacher
-from common import BadInput, load_checkpoint, resume, save_checkpoint, states
+from common import load_checkpoint, resume, save_checkpoint, states
+from config import BadInput
 from conftest import MODEL_ARGS, assert_one_line_exit_2, longtune_cfg, randomized, run_cli
 from model import build
 from world import World

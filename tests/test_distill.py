@@ -8,10 +8,11 @@ import torch.nn as nn
 
 import distill
 import teacher
-from common import BadInput, load_checkpoint
-from conftest import CH, LEVELS, assert_one_line_error, distill_cfg, randomized, run, stream_setup, tiny_cfg
+from common import load_checkpoint
+from config import BadInput
+from conftest import CH, SIGMAS, assert_one_line_error, distill_cfg, randomized, run, stream_setup, tiny_cfg
 from model import KVCache, add_noise, build, pred_x0, rollout
-from world import World, switches
+from world import World, eval_events, switches
 
 
 # ----------------------------------------------------------------------------- the DMD gradient
@@ -87,7 +88,7 @@ def test_dmd_update_steps_the_student_and_the_critic(tmp_path):
     torch.manual_seed(0)
     loss, closs, gnorm, applied = distill.dmd_update(
         student=student, critic=critic, teacher=frozen, opt=opt, opt_critic=opt_critic, cfg=cfg,
-        levels=torch.tensor(stream_setup()["sigmas"]), shape=(2, 4, 16), gen=torch.Generator().manual_seed(0))
+        sigmas=stream_setup()["sigmas"], shape=(2, 4, 16), gen=torch.Generator().manual_seed(0))
     assert applied and torch.isfinite(loss) and torch.isfinite(closs) and gnorm > 0
     assert (student.final_layer.weight - s0).abs().max() > 0 and (critic.final_layer.weight - c0).abs().max() > 0
     assert torch.equal(frozen.final_layer.weight, t0)           # the teacher is never trained
@@ -97,7 +98,7 @@ def test_dmd_update_steps_the_student_and_the_critic(tmp_path):
 
 def roll(m, noise, event, seed=0, **kw):
     torch.manual_seed(seed)                                       # the same re-noising draws
-    return rollout(m, noise, event, LEVELS, CH, KVCache(2, 64), **kw)
+    return rollout(m, noise, event, SIGMAS, CH, KVCache(2, 64), **kw)
 
 
 def test_later_chunks_use_earlier_chunks():
@@ -120,12 +121,12 @@ def test_rollout_equals_recomputing_the_prefix():
         done = []
         for i in range(0, 6, CH):                                 # no cache: the clean prefix goes in every time
             x = noise[:, i:i + CH]
-            for k, s in enumerate(LEVELS):
+            for k, s in enumerate(SIGMAS):
                 seq = torch.cat(done + [x], 1)
                 sig = torch.cat([torch.zeros(2, i), torch.full((2, CH), float(s))], 1)
                 x0 = pred_x0(x, m(seq, sig, event[:, :i + CH], causal_chunk=CH)[:, i:], sig[:, i:])
-                if k < len(LEVELS) - 1:
-                    x = add_noise(x0, torch.randn_like(x0), torch.full((2, CH), float(LEVELS[k + 1])))
+                if k < len(SIGMAS) - 1:
+                    x = add_noise(x0, torch.randn_like(x0), torch.full((2, CH), float(SIGMAS[k + 1])))
             done.append(x0)
     assert torch.allclose(streamed, torch.cat(done, 1), atol=1e-5)
 
@@ -135,9 +136,9 @@ def test_rollout_with_a_generator_leaves_the_global_rng_alone():
     noise, event = torch.randn(2, 4, 3, 16, 16), torch.zeros(2, 4, dtype=torch.long)
     state = torch.get_rng_state()
     with torch.no_grad():
-        a = rollout(m, noise, event, LEVELS, CH, KVCache(2, 8), gen=torch.Generator().manual_seed(3))
-        b = rollout(m, noise, event, LEVELS, CH, KVCache(2, 8), gen=torch.Generator().manual_seed(3))
-        c = rollout(m, noise, event, LEVELS, CH, KVCache(2, 8), gen=torch.Generator().manual_seed(4))
+        a = rollout(m, noise, event, SIGMAS, CH, KVCache(2, 8), gen=torch.Generator().manual_seed(3))
+        b = rollout(m, noise, event, SIGMAS, CH, KVCache(2, 8), gen=torch.Generator().manual_seed(3))
+        c = rollout(m, noise, event, SIGMAS, CH, KVCache(2, 8), gen=torch.Generator().manual_seed(4))
     assert torch.equal(state, torch.get_rng_state())
     assert torch.equal(a, b) and (a - c).abs().max() > 1e-3     # the re-noising draws come from gen
 
@@ -172,7 +173,7 @@ def test_gradient_only_from_the_shared_exit_step():
 # ----------------------------------------------------------------------------- ODE init
 
 def test_stream_args_hold_the_shifted_levels():
-    cfg = distill.DistillConfig(levels="1,0.5", shift=3.0, chunk=2, n_sink=2, n_window=8)
+    cfg = distill.DistillConfig(timesteps="1,0.5", shift=3.0, chunk=2, n_sink=2, n_window=8)
     s = distill.stream_args(cfg, 8)
     assert s == dict(chunk=2, sigmas=pytest.approx([1.0, 0.75]), n_sink=2, n_window=8, window=8, shift=3.0)
 
@@ -180,19 +181,19 @@ def test_stream_args_hold_the_shifted_levels():
 def test_ode_pairs_follow_per_frame_schedules_and_the_seed(teacher_dir):
     tck = load_checkpoint(str(teacher_dir / "teacher.pt"), ["teacher"], "")
     model = build(tck["model_args"], tck["ema"]).eval()
-    levels = torch.tensor(stream_setup()["sigmas"])
+    sigmas = stream_setup()["sigmas"]
 
     def pairs(seed):
-        return distill.ode_pairs(model, tck, 8, levels=levels, chunk=2, p_switch=1.0, device="cpu",
+        return distill.ode_pairs(model, tck, 8, sigmas=sigmas, chunk=2, p_switch=1.0, device="cpu",
                                  gen=torch.Generator().manual_seed(seed))
     xs, x0, event = pairs(0)
     T = tck["config"]["frames"]
-    assert xs.shape == (8, len(levels), T, 3, 16, 16) and x0.shape == (8, T, 3, 16, 16) and event.shape == (8, T)
+    assert xs.shape == (8, len(sigmas), T, 3, 16, 16) and x0.shape == (8, T, 3, 16, 16) and event.shape == (8, T)
     assert all(len(switches(e)) == 1 for e in event)             # p_switch = 1: every pair switches once
     again, other = pairs(0), pairs(1)
     assert all(torch.equal(a, b) for a, b in zip((xs, x0, event), again))
     assert not torch.equal(xs, other[0])                         # another --seed: other data
-    loss = distill.ode_loss(randomized(), xs, x0, event, levels, 2)
+    loss = distill.ode_loss(randomized(), xs, x0, event, sigmas, 2)
     assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
 
 
@@ -221,7 +222,7 @@ def test_teacher_evaluation_never_touches_the_global_rng(tmp_path):
 
 
 def test_eval_events_cover_one_event_and_switch_clips():
-    one, sw = teacher.eval_events(20, 8, 2)
+    one, sw = eval_events(20, 8, 2)
     assert (one == one[:, :1]).all() and set(one[:, 0].tolist()) == set(range(5))
     assert all(switches(e) and switches(e)[0][0] == 4 and len(switches(e)) == 1 for e in sw)
     assert len({tuple(e[[0, -1]].tolist()) for e in sw}) == 20  # distinct ordered pairs

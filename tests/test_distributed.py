@@ -10,7 +10,7 @@ import torch
 from common import load_checkpoint
 from conftest import ROOT, TEACHER_FLAGS
 
-TEACHER = TEACHER_FLAGS + ["--max_steps=3"]
+TEACHER = TEACHER_FLAGS + ["--steps=3"]
 
 
 def torchrun(script, *args):

@@ -26,7 +26,7 @@ def test_kill_9_at_random_moments_leaves_a_checkpoint_that_resumes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(3):
         p = subprocess.Popen([sys.executable, os.path.join(ROOT, "teacher.py"), f"--out_dir={tmp_path}", *TEACHER_FLAGS,
-                              "--max_steps=100000", "--resume=True"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              "--steps=100000", "--resume=True"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
         t0 = time.time()
         while not (tmp_path / "teacher.pt").exists() and time.time() - t0 < 60:
@@ -36,7 +36,7 @@ def test_kill_9_at_random_moments_leaves_a_checkpoint_that_resumes(tmp_path):
         p.wait()
         ck = load_checkpoint(str(tmp_path / "teacher.pt"), ["teacher"], "")   # readable after every kill
         assert ck["step"] >= 1
-    r = run("teacher.py", f"--out_dir={tmp_path}", *TEACHER_FLAGS, f"--max_steps={ck['step'] + 2}", "--resume=True")
+    r = run("teacher.py", f"--out_dir={tmp_path}", *TEACHER_FLAGS, f"--steps={ck['step'] + 2}", "--resume=True")
     assert r.returncode == 0, r.stderr
     assert f"resumed {tmp_path / 'teacher.pt'} at step {ck['step']}" in r.stdout
     assert load_checkpoint(str(tmp_path / "teacher.pt"), ["teacher"], "")["step"] == ck["step"] + 2
@@ -67,7 +67,7 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch, teache
         loss = real_fm(*a)
         return loss * float("nan") if len(calls) == 2 else loss
     monkeypatch.setattr(teacher, "fm_loss", nan_on_second)
-    teacher.main(tiny_cfg(tmp_path, max_steps=4, ckpt_every=100))
+    teacher.main(tiny_cfg(tmp_path, steps=4, ckpt_every=100))
     ck = load_checkpoint(str(tmp_path / "teacher.pt"), ["teacher"], "")
     assert ck["step"] == 4 and ck["skipped"] == 1 and "skipped 1" in capsys.readouterr().out
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
@@ -94,36 +94,41 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch, teache
     ("teacher.py", ["--compile=maybe"], ["--compile"]),
     ("teacher.py", ["--frames=5"], ["--frames=5 must be a multiple of --chunk=2"]),
     ("distill.py", ["--out_dir=/proc/nope"], ["cannot write checkpoints"]),
-    ("longtune.py", ["--switch_cache=sometimes"], ["recache, keep or clear"]),
-    ("longtune.py", ["--window_events=sometimes"], ["true or current"]),
+    ("longtune.py", ["--switch_cache=sometimes"], ["recache, keep, clear"]),
+    ("longtune.py", ["--window_events=sometimes"], ["true, current"]),
     ("longtune.py", ["--context=3"], ["--context=3", "chunks"]),
-    ("sample.py", ["--eval", "--seeds=0"], ["--seeds must be positive"]),
+    ("longtune.py", ["--tau=-1"], ["--tau=-1.0", "> 0"]),
+    ("teacher.py", ["--batch=-3"], ["--batch=-3", "positive integer"]),
+    ("evaluate.py", ["--seeds=0"], ["--seeds=0", "positive integer"]),
     ("sample.py", ["--frames=-8"], ["positive"]),
     ("sample.py", ["--events=right@0,up@8,left@4", "--frames=16"], ["must increase"]),
     ("sample.py", ["--events=up@3", "--frames=16"], ["must start at frame 0"]),
     ("sample.py", ["--events=right@-2", "--frames=16"], ["non-negative integer"]),
     ("sample.py", ["--out=out/x.png"], [".gif or .mp4"]),
     ("sample.py", ["--live"], ["needs a terminal"]),
-    ("sample.py", ["--weights=best"], ["ema or model"]),
-    ("sample.py", ["--eval", "--json=/proc/nope/e.json"], ["cannot write --json"]),
-    ("sample.py", ["--eval", "--schedule_file=/nonexistent.json"], ["cannot read --schedule_file"]),
-    ("bench.py", ["--compile=fast"], ["auto, on or off"]),
+    ("sample.py", ["--weights=best"], ["ema, model"]),
+    ("evaluate.py", ["--json=/proc/nope/e.json"], ["cannot write --json"]),
+    ("evaluate.py", ["--schedule_file=/nonexistent.json"], ["cannot read --schedule_file"]),
+    ("evaluate.py", ["--probe=all"], ["none, react, failures"]),
+    ("bench.py", ["--compile=fast"], ["auto, on, off"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(student_dir, script, args, words, capsys, monkeypatch):
     ck = [f"--ckpt={student_dir / 'student.pt'}"] if script == "sample.py" else []
+    ck += [f"--ckpts={student_dir / 'student.pt'}"] if script == "evaluate.py" else []
     ck += [f"--student={student_dir / 'student.pt'}"] if script == "longtune.py" else []
     ck += [f"--teacher={student_dir / 'teacher.pt'}"] if script == "distill.py" else []
     assert_one_line_exit_2(*run_cli(script, [*ck, *args], capsys, monkeypatch), *words)
 
 
 def test_bad_schedule_file_contents(student_dir, tmp_path, capsys, monkeypatch):
-    args = ["--eval", f"--ckpts={student_dir / 'student.pt'}", f"--schedule_file={tmp_path / 's.json'}", "--frames=8"]
+    args = [f"--ckpts={student_dir / 'student.pt'}", f"--schedule_file={tmp_path / 's.json'}", "--frames=8"]
     (tmp_path / "s.json").write_text('["right@0,fly@4"]')
-    assert_one_line_exit_2(*run_cli("sample.py", args, capsys, monkeypatch), "unknown event 'fly'")
+    assert_one_line_exit_2(*run_cli("evaluate.py", args, capsys, monkeypatch), "unknown event 'fly'")
     (tmp_path / "s.json").write_text('["right@0,up@9"]')
-    assert_one_line_exit_2(*run_cli("sample.py", args, capsys, monkeypatch), "past the end")
-    (tmp_path / "s.json").write_text('{"right": 0}')
-    assert_one_line_exit_2(*run_cli("sample.py", args, capsys, monkeypatch), "JSON list of schedule strings")
+    assert_one_line_exit_2(*run_cli("evaluate.py", args, capsys, monkeypatch), "past the end")
+    for text in ('{"right": 0}', "[]"):                          # not a list, or an empty one
+        (tmp_path / "s.json").write_text(text)
+        assert_one_line_exit_2(*run_cli("evaluate.py", args, capsys, monkeypatch), "JSON list of schedule strings")
 
 
 @pytest.mark.parametrize("script,ckpt_arg,words", [

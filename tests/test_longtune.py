@@ -7,8 +7,9 @@ import torch
 
 import longtune
 import trust_region
-from common import BadInput, load_checkpoint
-from conftest import CH, LEVELS, longtune_cfg, randomized, stream_setup
+from common import load_checkpoint
+from config import BadInput, check_config
+from conftest import CH, SIGMAS, longtune_cfg, randomized, stream_setup
 from model import KVCache, rollout
 from world import World, switches
 
@@ -23,7 +24,7 @@ def stream_with_switch(m, switch, pieces=(8, 6, 6), ev=None):
     cache, outs, i = KVCache(2, 6), [], 0
     torch.manual_seed(1)
     for n in pieces:
-        outs.append(rollout(m, noise[:, i:i + n], ev[:, i:i + n], LEVELS, CH, cache, switch=switch))
+        outs.append(rollout(m, noise[:, i:i + n], ev[:, i:i + n], SIGMAS, CH, cache, switch=switch))
         i += n
     return torch.cat(outs, 1), cache
 
@@ -68,7 +69,7 @@ def test_cache_stays_bounded_over_a_10x_window_stream():
     m = randomized()
     cache = KVCache(2, 4)
     with torch.no_grad():
-        rollout(m, torch.randn(1, 60, 3, 16, 16), torch.zeros(1, 60, dtype=torch.long), LEVELS, CH, cache)
+        rollout(m, torch.randn(1, 60, 3, 16, 16), torch.zeros(1, 60, dtype=torch.long), SIGMAS, CH, cache)
     assert cache.n_seen == 60 and len(cache) == 6 and cache.kv.shape[4] == 6
 
 
@@ -85,12 +86,12 @@ def test_streams_use_the_inference_rollout(window_events):
     ev = s.events.clone()
     with torch.no_grad():
         torch.manual_seed(5)
-        w1, e1, mask1, _ = s.advance(m, LEVELS, exit_step=3)
-        w2, e2, mask2, _ = s.advance(m, LEVELS, exit_step=3)
+        w1, e1, mask1, _ = s.advance(m, SIGMAS, exit_step=3)
+        w2, e2, mask2, _ = s.advance(m, SIGMAS, exit_step=3)
         torch.manual_seed(5)
         cache = KVCache(2, 8)
-        r1 = rollout(m, torch.randn(2, 8, 3, 16, 16), ev[:, :8], LEVELS, 2, cache)
-        r2 = rollout(m, torch.randn(2, 6, 3, 16, 16), ev[:, 8:14], LEVELS, 2, cache)
+        r1 = rollout(m, torch.randn(2, 8, 3, 16, 16), ev[:, :8], SIGMAS, 2, cache)
+        r2 = rollout(m, torch.randn(2, 6, 3, 16, 16), ev[:, 8:14], SIGMAS, 2, cache)
     assert torch.equal(w1, r1) and mask1.all()
     assert torch.equal(w2[:, 2:], r2) and torch.equal(w2[:, :2], r1[:, -2:])   # K context frames + F new
     assert mask2.tolist() == [False, False] + [True] * 6
@@ -119,7 +120,7 @@ def test_window_events_match_the_events_frames_were_generated_under(window_event
     with torch.no_grad():
         for _ in range(6):                                       # 26-frame videos: one reset on the way
             schedule = s.events.clone()
-            window, ev, mask, switched = s.advance(m, LEVELS, exit_step=0)
+            window, ev, mask, switched = s.advance(m, SIGMAS, exit_step=0)
             gen_ev = torch.cat(made, 1)[:, -W:]                  # what the window's frames were generated under
             assert window.shape[:2] == ev.shape == (3, W)
             assert torch.equal(switched, (gen_ev != gen_ev[:, -1:]).any(1))
@@ -176,20 +177,23 @@ def test_longtune_end_to_end(student_dir, tmp_path, kw, name, capsys):
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(switch_cache="sometimes"), "recache, keep or clear"),
-    (dict(window_events="all"), "true or current"),
+    (dict(switch_cache="sometimes"), "recache, keep, clear"),
+    (dict(window_events="all"), "true, current"),
     (dict(context=3), "whole number of 2-frame chunks"),
     (dict(context=8), "--context=8"),
 ])
 def test_longtune_bad_input(student_dir, tmp_path, kw, msg):
+    cfg = longtune_cfg(tmp_path, student_dir / "student.pt", **kw)
     with pytest.raises(BadInput, match=msg):
-        longtune.load_student(longtune_cfg(tmp_path, student_dir / "student.pt", **kw))
+        check_config(cfg)                                        # what the CLI checks first: ranges and choices
+        longtune.load_student(cfg)                               # then what needs the checkpoints
 
 
-def test_longtune_config_defaults_match_the_loss_defaults():
-    """The stage and trust_region.delta_forcing_loss agree on tau, lambda and r by default."""
+def test_the_loss_takes_each_knob_by_its_flag_name_and_holds_no_default():
+    """One name per knob from the flag down to the equation, and one source for each default (the config)."""
     import inspect
-    cfg, sig = longtune.LongtuneConfig(), inspect.signature(trust_region.delta_forcing_loss).parameters
-    assert dataclasses.asdict(cfg)["window_events"] == "true"
-    assert (cfg.tau, cfg.lam, cfg.mc_radius) == (sig["tau"].default, sig["lam"].default, sig["r"].default)
-    assert (cfg.tr_appearance, cfg.ac_radius) == (sig["appearance"].default, sig["r_a"].default)
+    sig = inspect.signature(trust_region.delta_forcing_loss).parameters
+    knobs = [n for n, p in sig.items() if p.kind == p.KEYWORD_ONLY and n not in ("K", "m")]
+    assert set(knobs) <= {f.name for f in dataclasses.fields(longtune.LongtuneConfig)} and len(knobs) == 7
+    assert all(sig[n].default is inspect.Parameter.empty for n in knobs)
+    assert dataclasses.asdict(longtune.LongtuneConfig())["window_events"] == "true"

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import model as model_module
-from conftest import CH, LEVELS, MC, MODEL_ARGS, B, T, randomized
-from model import (KVCache, ModelConfig, VideoDiT, add_noise, build, chunk_switches, pred_x0, randn, recache,
+from conftest import CH, SIGMAS, MC, MODEL_ARGS, B, T, randomized
+from model import (KVCache, VideoDiT, add_noise, build, chunk_switches, pred_x0, randn, recache,
                    rope_angles, rollout, shift_sigma, stream as stream_step)
 
 
@@ -177,12 +177,12 @@ def test_switch_chunks_are_found_once_per_rollout_and_recache_runs_only_there(mo
     m, calls = randomized(), []
     with torch.no_grad():
         cache = KVCache(2, 8)
-        rollout(m, torch.randn(2, 3, 3, 16, 16), torch.zeros(2, 3, dtype=torch.long), LEVELS, 3, cache)
+        rollout(m, torch.randn(2, 3, 3, 16, 16), torch.zeros(2, 3, dtype=torch.long), SIGMAS, 3, cache)
         assert chunk_switches(torch.full((2, 6), 4), 3, cache) == [0]   # the cache's newest frame was event 0
         assert chunk_switches(torch.zeros(2, 6, dtype=torch.long), 3, cache) == []
         real = model_module.recache
         monkeypatch.setattr(model_module, "recache", lambda *a: calls.append(a[1].n_seen) or real(*a))
-        rollout(m, torch.randn(2, 12, 3, 16, 16), ev, LEVELS, 3, cache)
+        rollout(m, torch.randn(2, 12, 3, 16, 16), ev, SIGMAS, 3, cache)
     assert calls == [9, 12]                                      # frames seen at chunks 2 and 3: recache twice
 
 

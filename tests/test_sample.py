@@ -1,14 +1,12 @@
 """sample.py: streaming generation (a video depends only on its own seed, never on its batch),
-the --eval benchmark, GIF/PNG output, and one clear line for every bad input."""
-import json
+the one stepper, GIF/PNG output, and one clear line for every bad input."""
 import os
 
-import numpy as np
 import pytest
 import torch
 
 import sample
-from conftest import assert_one_line_error, randomized, run, stream_setup
+from conftest import assert_one_line_error, assert_one_line_exit_2, randomized, run, run_cli, stream_setup
 from world import World
 
 
@@ -54,47 +52,8 @@ def test_generate_leaves_the_global_rng_alone():
     assert torch.equal(state, torch.get_rng_state())
 
 
-def test_builtin_schedules_parse_and_fit():
-    from world import parse_schedule
-    groups = set()
-    for group, text, frames in sample.builtin_schedules(8):
-        parse_schedule(text, frames)
-        assert frames % 2 == 0
-        groups.add(group)
-    assert groups == {"switch", "multi", "long", "offgrid", "rapid"}
-
-
-def test_interval_ignores_nan_and_gives_a_95_percent_half_width():
-    vals = [[1.0, 2.0, float("nan")], [3.0, float("nan"), float("nan")]]   # (schedules, seeds)
-    r = sample.interval(vals)
-    assert r["mean"] == pytest.approx(np.mean([2.0, 2.0]))      # seed 2 applies to nothing: dropped
-    assert r["ci95"] == pytest.approx(0.0)
-    assert np.isnan(sample.interval([[1.0]])["ci95"])
-
-
-def test_score_and_markdown():
-    g = random_generator()
-    per = sample.score(g, [("switch", "right@0,up@4", 8)], [0, 1], "recache")
-    for k in sample.METRICS + ["n_react"]:
-        assert len(per[("switch", k)]) == 1 and len(per[("all", k)][0]) == 2
-    result = {"x.pt": {grp: {k: (sample.interval(per[(grp, k)]) if k != "n_react" else dict(total=1.0))
-                             for k in sample.METRICS + ["n_react"]} for grp in ("switch", "all")}}
-    md = sample.markdown(result, [0, 1], "recache")
-    assert "**switch schedules**" in md and "| x.pt | " in md and "| checkpoint | react |" in md
-
-
-def test_sample_eval_json_and_same_seed(student_dir, tmp_path):
+def test_load_generator_and_same_seed(student_dir):
     st = str(student_dir / "student.pt")
-    cfg = sample.SampleConfig(eval=True, ckpts=f"{st},{st}", seeds=2, json=str(tmp_path / "e.json"),
-                              schedule_file=str(tmp_path / "s.json"), frames=8, md=str(tmp_path / "r.md"))
-    (tmp_path / "s.json").write_text(json.dumps(["right@0,up@4", "down@0"]))
-    res = sample.main(cfg)
-    data = json.load(open(tmp_path / "e.json"))
-    for k in sample.METRICS:
-        assert k in data["results"][st]["all"]
-    assert res[st]["all"]["valid"]["mean"] >= 0 and "total" in res[st]["all"]["n_react"]
-    md = (tmp_path / "r.md").read_text()
-    assert "| checkpoint | react |" in md and f"| {st} | " in md        # the README's table, written by the run
     g = sample.load_generator(st, "cpu")
     assert isinstance(g, sample.Generator) and g.chunk == 2
     ev = sample.schedule_tensor("right@0,up@4", 8, 2, 1, "cpu")
@@ -102,6 +61,16 @@ def test_sample_eval_json_and_same_seed(student_dir, tmp_path):
     b, _ = sample.generate(g, ev, [7], "recache")
     c, _ = sample.generate(g, ev, [8], "recache")
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_player_steps_chunk_by_chunk_as_generate_does():
+    """The one stepper: chunks taken one at a time from a Player equal generate's whole video."""
+    g = random_generator()
+    ev = sample.schedule_tensor("right@0,up@4", 8, 2, 2, "cpu")
+    player = sample.Player(g, [3, 4], "recache")
+    steps = torch.cat([player.chunk(ev[:, i:i + 2]) for i in range(0, 8, 2)], 1)
+    whole, _ = sample.generate(g, ev, [3, 4], "recache")
+    assert torch.equal(steps, whole)
 
 
 def test_load_generator_weights(student_dir):
@@ -127,10 +96,10 @@ def test_sample_writes_gif_and_png(student_dir, tmp_path, capsys):
     (["--frames=0"], ["positive"]),
     (["--out=/proc/forbidden/x.gif", "--frames=4", "--events=right@0"], ["cannot write"]),
 ])
-def test_sample_bad_input(student_dir, args, words):
-    r = run("sample.py", f"--ckpt={student_dir / 'student.pt'}", *args)
-    assert_one_line_error(r, *words)
+def test_sample_bad_input(student_dir, args, words, capsys, monkeypatch):
+    code, err = run_cli("sample.py", [f"--ckpt={student_dir / 'student.pt'}", *args], capsys, monkeypatch)
+    assert_one_line_exit_2(code, err, *words)
 
 
-def test_sample_wrong_stage(teacher_dir):
+def test_sample_wrong_stage(teacher_dir):                        # in a fresh interpreter, as a user types it
     assert_one_line_error(run("sample.py", f"--ckpt={teacher_dir / 'teacher.pt'}"), "teacher checkpoint", "python distill.py")

@@ -1,7 +1,7 @@
-"""sample.py --serve (serve.py), driven over HTTP with urllib only: frames arrive, a key switches the
-event at the next chunk, bad requests get a 4xx and one log line while the streams go on, the client
-cap answers 503, SIGTERM stops it cleanly, bad flags exit 2; and, where chromium is installed, the page
-renders in a headless browser. Self-contained: tiny random generators made in a fixture, in seconds."""
+"""serve.py, driven over HTTP with urllib only: frames arrive, a key switches the event at the next
+chunk, bad requests get a 4xx and one log line while the streams go on, the client cap answers 503,
+SIGTERM stops it cleanly, bad flags exit 2; and, where chromium is installed, the page renders in a
+headless browser. Self-contained: tiny random generators made in a fixture, in seconds."""
 import base64
 import json
 import os
@@ -25,9 +25,9 @@ sys.path.insert(0, ROOT)
 
 import serve  # noqa: E402
 import serve_client  # noqa: E402
-from common import BadInput, save_checkpoint  # noqa: E402
+from common import save_checkpoint  # noqa: E402
+from config import BadInput  # noqa: E402
 from model import ModelConfig, build  # noqa: E402
-from sample import SampleConfig  # noqa: E402
 from world import EVENTS, World  # noqa: E402
 
 FPS = 50                   # frames/s the test servers pace at: a chunk of 2 plays in 40 ms
@@ -55,7 +55,7 @@ def ckpts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ckpts):
     """A server in this process (serve.start: the same code as the CLI, without the signal handlers)."""
-    cfg = SampleConfig(ckpt=str(ckpts / "deltaforcing.pt"), port=0, fps=FPS, max_clients=3, seed=0)
+    cfg = serve.ServeConfig(ckpts=str(ckpts / "deltaforcing.pt"), port=0, fps=FPS, max_clients=3, seed=0)
     server, app = serve.start(cfg, torch.device("cpu"))
     yield f"http://127.0.0.1:{server.server_address[1]}"
     serve.close(server, app)
@@ -111,6 +111,8 @@ def test_page_and_picker(url):
     with urllib.request.urlopen(url + "/", timeout=10) as r:
         page = r.read().decode()
     assert r.headers["Content-Type"].startswith("text/html") and "EventSource" in page and "pixelated" in page
+    with open(os.path.join(ROOT, "serve.html")) as f:
+        assert page == f.read()                                  # the page is serve.html, as it is on disk
     j = get_json(url + "/ckpts")
     assert j["ckpts"] == ["deltaforcing.pt", "student.pt"]       # the teacher is not a generator
     assert j["default"] == ["deltaforcing.pt", "student.pt"] and j["events"] == EVENTS
@@ -197,19 +199,20 @@ def test_gif_of_two_sessions(url):
 
 def test_bad_flags_exit_2_with_one_line(url, ckpts):
     port = url.rsplit(":", 1)[1]
-    runs = [subprocess.Popen([sys.executable, "sample.py", "--serve", *args], cwd=ROOT, env=ENV, text=True,
+    runs = [subprocess.Popen([sys.executable, "serve.py", *args], cwd=ROOT, env=ENV, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            for args in ([f"--ckpt={ckpts}/missing.pt"], [f"--ckpt={ckpts}/deltaforcing.pt", f"--port={port}"])]
-    for p, what in zip(runs, ["not found", "cannot listen"]):
+            for args in ([f"--ckpts={ckpts}/missing.pt"], [f"--ckpts={ckpts}/deltaforcing.pt", f"--port={port}"],
+                         [f"--ckpts={ckpts}/deltaforcing.pt", "--max_clients=0"])]
+    for p, what in zip(runs, ["not found", "cannot listen", "--max_clients=0"]):
         out, err = p.communicate(timeout=60)
         assert p.returncode == 2 and len(err.strip().splitlines()) == 1 and what in err, err
     for name, what in (("teacher.pt", "teacher checkpoint"), ("deltaforcing.pt", "cannot listen")):   # in process
         with pytest.raises(BadInput, match=what):
-            serve.start(SampleConfig(ckpt=str(ckpts / name), port=int(port)), torch.device("cpu"))
+            serve.start(serve.ServeConfig(ckpts=str(ckpts / name), port=int(port)), torch.device("cpu"))
 
 
 def test_sigterm_stops_cleanly(ckpts):
-    p = subprocess.Popen([sys.executable, "sample.py", "--serve", f"--ckpt={ckpts}/deltaforcing.pt", "--port=0",
+    p = subprocess.Popen([sys.executable, "serve.py", f"--ckpts={ckpts}/deltaforcing.pt", "--port=0",
                           f"--fps={FPS}"], cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = p.stdout.readline()

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import teacher
-from common import BadInput, load_checkpoint, parse_config
-from conftest import assert_one_line_error, run, tiny_cfg
+from common import load_checkpoint
+from config import BadInput, parse_config
+from conftest import assert_one_line_exit_2, run, run_cli, tiny_cfg
 from model import build
 from world import BACKGROUNDS, SPRITE_COLORS, World, teacher_batch
 
@@ -47,12 +48,12 @@ def test_sampler_shapes():
 
 
 def test_main_end_to_end_and_resume(tmp_path, capsys):
-    teacher.main(tiny_cfg(tmp_path, max_steps=2))
+    teacher.main(tiny_cfg(tmp_path, steps=2))
     ck = load_checkpoint(str(tmp_path / "teacher.pt"), ["teacher"], "python teacher.py")
     assert ck["step"] == 2 and {"follow", "valid", "canon", "react", "latency"} <= set(ck["metrics"])
     steps = [float((c - b).norm()) * (2 * 4 * 2) ** 0.5 for c in SPRITE_COLORS for b in BACKGROUNDS]
     assert min(abs(ck["natural_step"] - s) for s in steps) < 1e-4   # the median transition: one 2-pixel step
-    teacher.main(tiny_cfg(tmp_path, max_steps=4, resume=True))
+    teacher.main(tiny_cfg(tmp_path, steps=4, resume=True))
     assert "resumed" in capsys.readouterr().out
     ck = load_checkpoint(str(tmp_path / "teacher.pt"), ["teacher"], "python teacher.py")
     assert ck["step"] == 4
@@ -90,11 +91,11 @@ def test_cli_help():
     (["--max_steps=ten"], ["--max_steps"]),
     (["max_steps=3"], ["--key=value"]),
 ])
-def test_cli_bad_flags(args, words):
-    assert_one_line_error(run("teacher.py", *args), *words)
+def test_cli_bad_flags(args, words, capsys, monkeypatch):
+    assert_one_line_exit_2(*run_cli("teacher.py", args, capsys, monkeypatch), *words)
 
 
-def test_cli_corrupt_checkpoint_on_resume(tmp_path):
+def test_cli_corrupt_checkpoint_on_resume(tmp_path, capsys, monkeypatch):
     (tmp_path / "teacher.pt").write_bytes(b"\x00" * 100)
-    r = run("teacher.py", f"--out_dir={tmp_path}", "--resume=True", "--max_steps=1")
-    assert_one_line_error(r, "corrupt", "python teacher.py")
+    args = [f"--out_dir={tmp_path}", "--resume=True", "--max_steps=1"]
+    assert_one_line_exit_2(*run_cli("teacher.py", args, capsys, monkeypatch), "corrupt", "python teacher.py")

@@ -1,4 +1,4 @@
-"""Delta Forcing's trust region (trust_region.py, the second reading) on exact world frames
+"""Delta Forcing's trust region (trust_region.py) on exact world frames
 (speed 2, m = world.natural_step), and with the teacher's and critic's x0 predictions T and G
 blurred as a denoiser's prediction at sigma 0.75 would be. The first reading's tests (natural
 step measured on the window's own context, trust from steps away from the previous frame) are
@@ -15,6 +15,13 @@ M = natural_step(W, 8, 2)      # the data's natural step, about 6.79
 K = 2                                                            # committed frames of an 8-frame window
 RIGHT, LEFT, DOWN, UP, STAY = (EVENTS.index(e) for e in ("right", "left", "down", "up", "stay"))
 TAU, R = 0.5, 1.4                                                # longtune's defaults
+KNOBS = ("tau", "lam", "mc_radius", "ac_radius", "tr_weights", "tr_continuity", "tr_appearance")
+DEFAULTS = {k: getattr(longtune.LongtuneConfig(), k) for k in KNOBS}   # the one source of every default
+
+
+def dfl(per_frame, window, aux, **kw):
+    """delta_forcing_loss with longtune's defaults for every knob not given."""
+    return tr.delta_forcing_loss(per_frame, window, aux, **(DEFAULTS | kw))
 
 
 def clip(pos0, moves, color=0, bg=0):
@@ -44,8 +51,8 @@ PREDICTIONS = pytest.mark.parametrize("pred", [EXACT, BLURRED], ids=["exact", "b
 
 def loss_and_logs(window, real, fake, per_frame=None, **kw):
     per_frame = torch.rand(window.shape[:2], generator=torch.Generator().manual_seed(0)) if per_frame is None else per_frame
-    args = dict(K=K, m=M, tau=TAU, lam=1.0, r=R) | kw
-    return (per_frame, *tr.delta_forcing_loss(per_frame, window, dict(real=real, fake=fake), **args))
+    args = dict(K=K, m=M, tau=TAU, lam=1.0, mc_radius=R) | kw
+    return (per_frame, *dfl(per_frame, window, dict(real=real, fake=fake), **args))
 
 
 def test_natural_step_of_the_world():
@@ -108,7 +115,7 @@ def test_trust_weight_is_detached_and_shrinks_with_the_delta():
     assert k.shape == (1,) and not w.requires_grad and (w < 1).all()
     assert tr.trust_weight(torch.tensor([0.5, 2.0, 4.0]), 1.0).tolist() == pytest.approx([1.0, 0.5, 0.25], rel=1e-5)
     per_frame = torch.rand(1, 4, requires_grad=True)
-    loss, _ = tr.delta_forcing_loss(per_frame, window, dict(real=real, fake=fake), K=2, m=1.0, tau=0.1)
+    loss, _ = dfl(per_frame, window, dict(real=real, fake=fake), K=2, m=1.0, tau=0.1)
     loss.backward()
     assert real.grad is None                                     # nothing flows into the proposals through w
     assert window.grad[:, 2:].abs().max() > 0 and window.grad[:, :2].abs().max() == 0   # continuity on new frames only
@@ -170,7 +177,7 @@ def test_static_history_keeps_the_data_constant_and_natural_motion_free(pred):
     mc = tr.monotonic_continuity(still[:, K:], still[:, K - 1], M, R)
     assert (mc == 0).all() and logs["w"].item() == 1 and torch.equal(loss, baseline(per_frame))
     moving = turn_window()                                       # the same deltas under a moving history: the same k
-    real2, fake2 = real.clone(), fake.clone()
+    real2 = real.clone()
     real2[:, :K] += 0.5
     still_k = loss_and_logs(still, real2, fake)[2]["k"]
     moving_k = loss_and_logs(moving, real2, fake)[2]["k"]
@@ -191,23 +198,26 @@ def baseline(per_frame):
     return per_frame[:, K:].contiguous().mean()
 
 
-@pytest.mark.parametrize("kw", [dict(weights=False, continuity=False), dict(tau=1e12), dict(tau=1e12, continuity=False)])
+@pytest.mark.parametrize("kw", [dict(tr_weights=False, tr_continuity=False), dict(tau=1e12), dict(tau=1e12, tr_continuity=False)])
 @pytest.mark.parametrize("seed", range(5))
 def test_switched_off_or_infinite_trust_is_exactly_the_baseline(kw, seed):
     window, aux = random_window(seed)
     per_frame = torch.rand(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    loss, logs = tr.delta_forcing_loss(per_frame, window, aux, K=K, m=M, **kw)
+    loss, logs = dfl(per_frame, window, aux, K=K, m=M, **kw)
     assert torch.equal(loss, baseline(per_frame)) and torch.equal(loss, per_frame[:, torch.arange(8) >= K].mean())
     assert torch.allclose(loss, per_frame[:, K:].mean(), rtol=1e-15, atol=0)
-    assert logs["w"].shape == logs["k"].shape == (2,) and (logs["w"] == 1).all() and (logs["k"] > 0).all()
+    assert logs["w"].shape == logs["k"].shape == (2,) and (logs["k"] > 0).all()
+    gate = tr.trust_weight(logs["k"], kw.get("tau", DEFAULTS["tau"]))
+    assert torch.equal(logs["w"], gate)                          # the log is the one gate, also when a term is off
+    assert (logs["w"] == 1).all() or kw.get("tr_weights") is False
 
 
 def test_first_window_without_history_is_the_plain_mean():
     window, aux = random_window()
     per_frame = torch.rand(2, 8, dtype=torch.float64)
-    loss, logs = tr.delta_forcing_loss(per_frame, window, aux, K=0, m=M, tau=1e-3)
+    loss, logs = dfl(per_frame, window, aux, K=0, m=M, tau=1e-3)
     assert torch.equal(loss, per_frame.mean()) and logs == {}
-    loss, logs = tr.delta_forcing_loss(per_frame[:1], window[:1], aux, K=0, m=M, weights=False, continuity=False)
+    loss, logs = dfl(per_frame[:1], window[:1], aux, K=0, m=M, tr_weights=False, tr_continuity=False)
     assert torch.equal(loss, per_frame[:1].mean()) and logs == {}
 
 
@@ -308,12 +318,12 @@ def test_appearance_term_only_joins_the_gated_continuity():
     window = fade(turn_window(color=2), steps=3).requires_grad_(True)
     real, fake = blur(window.detach()), blur(window.detach())
     per_frame = torch.rand(window.shape[:2], generator=torch.Generator().manual_seed(0))
-    full, _ = tr.delta_forcing_loss(per_frame, window, dict(real=real, fake=fake), K=K, m=M, tau=1e12, appearance=True)
+    full, _ = dfl(per_frame, window, dict(real=real, fake=fake), K=K, m=M, tau=1e12, tr_appearance=True)
     assert torch.equal(full, baseline(per_frame))                # w = 1: no continuity, with or without (5')
     fake = fake.clone()
     fake[:, :K] += 1.0                                           # distrust: w < 1
-    low, logs = tr.delta_forcing_loss(per_frame, window, dict(real=real, fake=fake), K=K, m=M, appearance=True)
-    off, _ = tr.delta_forcing_loss(per_frame, window, dict(real=real, fake=fake), K=K, m=M, appearance=False)
+    low, logs = dfl(per_frame, window, dict(real=real, fake=fake), K=K, m=M, tr_appearance=True)
+    off, _ = dfl(per_frame, window, dict(real=real, fake=fake), K=K, m=M, tr_appearance=False)
     assert logs["w"].item() < 1 and low > off                    # the fade costs only with the appearance term
     low.backward()
     assert window.grad[:, :K].abs().max() == 0 and window.grad[:, K:].abs().max() > 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import BadInput
+from config import BadInput
 from world import (BACKGROUNDS, CANON, DIRS, EVENTS, SPRITE_COLORS, World, natural_step, parse_schedule, random_events,
                    sample_videos, schedule_events, step_sizes, switches, teacher_batch, track, video_metrics)
 
