@@ -5,7 +5,8 @@
     python bench.py --json=out/bench.json # the rows also as JSON (device, torch, date, one object per row)
     python bench.py --profile=True        # and where the time goes: torch.profiler's top ops per step
 
-One loop over the modes, eager then compiled (on CUDA by default), and for each mode:
+One loop over the modes, eager then compiled (on CUDA by default), and on a CPU that multiplies
+bf16 natively eager in fp32 and in bf16 (with their ratios, same run); for each mode:
 streaming (frames/s in steady state and first-chunk latency at batch 1 and at a large batch; on
 CUDA the compiled step replays as a CUDA graph, and the graphs compiled and any recompile during
 a warmed stream are counted), training (step time, FLOPs counted per step by PyTorch's
@@ -28,14 +29,13 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch._dynamo.utils import counters
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import distill
 import longtune
 import sample
 import teacher
-from common import adamw, autocast, check_file, compile_, ema_copy, pick_device
+from common import BF16, adamw, autocast, check_file, compile_, ema_copy, pick_device, set_precision
 from config import Config, Count, OneOf, Whole, cli
 from model import KVCache, build, pred_x0, rollout
 from world import natural_step, teacher_batch
@@ -197,15 +197,13 @@ def step_cost(make, device, steps, count):
     make() builds fresh models and steps from a fixed seed, so with count=True the very same calls
     (the same random exit steps, stream states and switches) run again under PyTorch's
     FlopCounterMode: matmuls and attention, forward and backward (elementwise work is not counted,
-    as in every MFU figure). On the CPU attention runs on the math kernel while counting, since
-    the counter does not see the CPU flash kernel."""
+    as in every MFU figure; the CPU's attention is written out as matmuls, so it is counted too)."""
     def run(timing):
         fn = warmed(make)
         sync(device)
         g0, t = counters["stats"]["unique_graphs"], time.perf_counter()
         mode = FlopCounterMode(display=False) if not timing else contextlib.nullcontext()
-        kernel = sdpa_kernel([SDPBackend.MATH]) if not timing and device.type == "cpu" else contextlib.nullcontext()
-        with mode, kernel:
+        with mode:
             for _ in range(steps):
                 fn()
         sync(device)
@@ -219,7 +217,9 @@ def main(cfg):
     check_file("json", cfg.json)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, precision=cfg.precision)
+    precisions = ["bf16" if BF16.get(device.type) else "fp32"]     # auto on a CPU with native bf16: both, one run
+    precisions = ["fp32", "bf16"] if cfg.precision == "auto" and device.type == "cpu" and precisions == ["bf16"] else precisions
     torch.manual_seed(cfg.seed)
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     tcfg = teacher.TeacherConfig(**teacher.PRESETS[cfg.preset])
@@ -242,8 +242,10 @@ def main(cfg):
     ceiling = tcfg.sample_steps * (2 if tcfg.guidance else 1) / (len(sigmas) + 1)
     rates, flops, speed = {}, {}, {}
 
-    for label in ["eager"] + (["compiled"] if compiled else []):
-        on = label == "compiled"                                    # compiled: static shapes, a CUDA graph on CUDA
+    modes = [("eager", p) for p in precisions] + ([("compiled", precisions[-1])] if compiled else [])
+    for kind, prec in modes:
+        label, on = f"{kind} {prec}", kind == "compiled"            # compiled: static shapes, a CUDA graph on CUDA
+        set_precision(prec, device)
         net = compile_(build(teacher.model_args(tcfg), model.state_dict(), device).eval(), True, dynamic=False,
                        mode="reduce-overhead" if device.type == "cuda" else "default") if on else model
         g = sample.Generator(net, stream_, teacher.world_of(tcfg))
@@ -261,9 +263,9 @@ def main(cfg):
                 rows.append((f"{label}: graphs traced in total / new in a warmed stream, batch {B}",
                              f"{g0} / {counters['stats']['unique_graphs'] - g0}", ""))
         if on:
-            rows += [(f"compiled / eager streaming, batch {B}", rates["compiled"][B] / rates["eager"][B], "x")
-                     for B in rates["eager"]]
-        else:
+            rows += [(f"compiled / eager streaming, batch {B}", rates[label][B] / rates[f"eager {prec}"][B], "x")
+                     for B in rates[label]]
+        elif prec == precisions[0]:
             times = stream_times(g, 1, -(-(cfg.late + 50) // ch) * ch, device)   # one long stream, whole chunks
             early, late = (statistics.median(times[f // ch:(f + 50) // ch]) for f in (50, cfg.late))   # 50 frames each
             rows += [("per-frame cost at frames 50-100 (eager, batch 1)", early / ch * 1000, "ms"),
@@ -281,9 +283,9 @@ def main(cfg):
 
         for what, batch in batches.items():                         # ---- training: FLOPs counted on the eager steps
             make = lambda: train_step_fn(what, tcfg, dcfg, lcfg, device, on, cfg.seed)   # noqa: E731
-            dt, f, graphs = step_cost(make, device, cfg.steps, count=not on)
+            dt, f, graphs = step_cost(make, device, cfg.steps, count=what not in flops)
             flops[what] = f or flops[what]
-            speed.setdefault(what, []).append(dt)
+            speed.setdefault(what, {})[label] = dt
             mfu = f"{100 * flops[what] / dt / peak:.1f}%" if peak else "n/a (no bf16 peak for this device)"
             rows += [(f"{label}: {what}, batch {batch}" + (f" ({graphs} graphs compiled while timed)" if on else ""),
                       dt * 1000, "ms"),
@@ -292,7 +294,12 @@ def main(cfg):
             if device.type == "cuda" and not on:                    # eager: each sync is one op, not a graph
                 rows.append((f"host syncs per step (the host waits for the GPU): {what}", host_syncs(warmed(make)), ""))
         if on:
-            rows += [(f"compiled / eager train step speed-up: {what}", v[0] / v[1], "x") for what, v in speed.items()]
+            rows += [(f"compiled / eager train step speed-up: {what}", v[f"eager {prec}"] / v[label], "x")
+                     for what, v in speed.items()]
+        if prec == "bf16" and "fp32" in precisions and not on:      # the CPU's matrix units, against fp32, same run
+            rows += [(f"bf16 / fp32 speed-up: {what}", v["eager fp32"] / v[label], "x") for what, v in speed.items()]
+            rows += [(f"bf16 / fp32 speed-up: streaming, batch {B}", rates[label][B] / rates["eager fp32"][B], "x")
+                     for B in rates[label]]
 
         def teacher_clip():                                         # ---- the teacher, same compile and dtype
             with autocast(device):

@@ -23,20 +23,42 @@ from config import BadInput
 
 # ----------------------------------------------------------------------------- device, precision, compile
 
-def pick_device(name, local_rank=0):
-    """cuda (this process's GPU under torchrun), else mps, else cpu. TF32 matmuls on CUDA."""
+def pick_device(name, local_rank=0, precision="auto"):
+    """cuda (this process's GPU under torchrun), else mps, else cpu; TF32 matmuls on CUDA; and
+    where autocast runs bf16 (--precision, set_precision)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.cuda.set_device(device)
+    set_precision(precision, device)
     return device
 
 
+def cpu_has_bf16():
+    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16 in the kernel's CPU flags).
+    Without them bf16 matmuls are emulated and slower than fp32, so auto stays fp32 there."""
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:                                              # not Linux: no way to tell, stay fp32
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+BF16 = {"cuda": True}    # device type -> bf16 autocast on or not; the CPU starts in fp32 until set_precision
+
+
+def set_precision(precision, device):
+    """--precision: auto = bf16 on CUDA and on a CPU that multiplies bf16 natively, else fp32.
+    Weights, gradients and optimizer state stay fp32 either way (autocast casts per op)."""
+    native = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+    BF16[device.type] = precision == "bf16" or (precision == "auto" and native)
+
+
 def autocast(device):
-    """bf16 autocast on CUDA (no GradScaler needed), full precision elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """bf16 autocast where set_precision put it (no GradScaler needed: bf16 keeps fp32's range)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=BF16.get(device.type, False))
 
 
 def compile_(module, enabled, **kw):
@@ -81,7 +103,7 @@ def init_run(cfg, batch):
         raise BadInput(f"--batch={batch} does not split over {world} processes; use a multiple of {world}")
     check_writable(cfg.out_dir)
     torch.manual_seed(cfg.seed)
-    return Run(rank, world, pick_device(cfg.device, local), batch // world)
+    return Run(rank, world, pick_device(cfg.device, local, cfg.precision), batch // world)
 
 
 def seed_rank(run, seed, step, gen=None):

@@ -34,9 +34,11 @@ class DistillConfig(RunConfig):
     # the student
     chunk: Count = 2               # frames per autoregressive chunk
     timesteps: Sigmas = "1,0.75,0.5,0.25"  # the few-step levels before the shift (Self Forcing's 4 steps, /1000)
-    shift: Positive = 3.0          # time shift of the levels and of the DMD sigma draw
+    shift: Positive = 3.0          # time shift of the levels and the DMD sigma draw (Self Forcing: 5; not yet compared here)
     n_sink: Whole = 2              # KV-cache sink: the first frames, kept for ever
     n_window: Count = 8            # KV-cache rolling window: the last frames
+    # sink + window exceed the teacher's 8 frames, so distillation never evicts; LongLive's window (sink and
+    # chunk included) is shorter than its teacher's, so its DMD trains eviction. Not yet compared here.
     p_switch: Prob = 0.5           # share of ODE pairs and rollouts whose schedule switches once
     # phase 1: ODE init
     ode_pairs: Count = 512         # teacher trajectories
@@ -48,7 +50,7 @@ class DistillConfig(RunConfig):
     batch: Count = 16              # rollouts per update (the global batch under torchrun)
     lr: Positive = 5e-5            # the generator's learning rate
     critic_lr: Positive = 1e-5     # a fifth of the generator's, as Self Forcing (4e-7 / 2e-6) and LongLive
-    guidance: NonNegative = 1.0    # g of the real score: cond + g (cond - uncond)
+    guidance: NonNegative = 1.0    # g of the real score: cond + g (cond - uncond) (Self Forcing: 3; not yet compared here)
     grad_clip: Positive = 10.0     # gradient-norm clip
     ema: Prob = 0.99               # EMA decay of the generator
     ema_start: Whole = 50          # Self Forcing starts its EMA a third of the way in (step 200 of ~600)

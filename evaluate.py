@@ -241,7 +241,7 @@ def identity_failures(g, cfg):
 
 
 def main(cfg):
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, precision=cfg.precision)
     paths = [p for p in cfg.ckpts.split(",") if p]
     if not paths:
         raise BadInput("--ckpts names no checkpoint")

@@ -126,6 +126,7 @@ def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, sigm
     for _ in range(cfg.critic_ratio):                            # DMD2: 5 critic updates, each on fresh samples
         with torch.no_grad(), autocast(device):
             window, ev, _, _ = streams.advance(student, sigmas, int(torch.randint(len(sigmas), ())))
+        # the critic learns the whole window, context included; LongLive masks its loss to the new frames
         closs = distill.critic_update(critic, opt_critic, window.float(), ev, shift=shift, grad_clip=cfg.grad_clip,
                                       world=world)
     with autocast(device):

@@ -238,7 +238,7 @@ def live(cfg, g, device):
 def main(cfg):
     if cfg.live and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise BadInput("--live needs a terminal on stdin and stdout (run it in a terminal, over ssh -t, or in tmux)")
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, precision=cfg.precision)
     g = load_generator(cfg.ckpt, device, cfg.weights)
     if not cfg.live:
         check_frames(cfg.frames, g.chunk)

@@ -321,7 +321,7 @@ def close(server, app, wait=2.0):
 
 def main(cfg):
     """Serve until Ctrl-C or SIGTERM, then stop cleanly (exit 0)."""
-    server, app = start(cfg, pick_device(cfg.device))
+    server, app = start(cfg, pick_device(cfg.device, precision=cfg.precision))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda n, f: app.stop.set())
     host, port = server.server_address[:2]

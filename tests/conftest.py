@@ -17,6 +17,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import common  # noqa: E402
 import distill  # noqa: E402
 import longtune  # noqa: E402
 import teacher  # noqa: E402
@@ -117,6 +118,15 @@ def assert_one_line_exit_2(code, err, *words):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert all(w in lines[0] for w in words), lines[0]
+
+
+@pytest.fixture(autouse=True)
+def fp32_on_the_cpu():
+    """Every test starts with the CPU in fp32, whatever an earlier test's stage chose: exact
+    comparisons stay exact. A stage's main still sets its own precision (--precision)."""
+    common.BF16["cpu"] = False
+    yield
+    common.BF16["cpu"] = False
 
 
 # ----------------------------------------------------------------------------- the pipeline, once per session

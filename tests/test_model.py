@@ -270,3 +270,37 @@ def test_flow_matching_convention():
     s = torch.tensor([0.0, 0.25, 0.5, 1.0])
     assert torch.allclose(shift_sigma(s, 1.0), s) and shift_sigma(s, 5.0)[1] > 0.6
     assert shift_sigma(s, 5.0)[0] == 0 and shift_sigma(s, 5.0)[-1] == 1
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_attention_equals_sdpa(masked):
+    """The CPU's written-out attention is SDPA's, with and without a key mask."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5 if i == 0 else 9, 8, generator=g) for i in range(3))
+    mask = (torch.rand(2, 1, 1, 9, generator=g) > 0.3) | (torch.arange(9) >= 5) if masked else None
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(model_module.attention(q, k, v, mask), ref, atol=1e-6)
+
+
+def test_precision_auto_bf16_where_the_cpu_multiplies_it_and_weights_stay_fp32(monkeypatch):
+    import common
+    import teacher
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: False)
+    common.set_precision("auto", cpu)
+    assert not common.BF16["cpu"]                                # no native bf16: auto stays fp32
+    common.set_precision("bf16", cpu)
+    assert common.BF16["cpu"]
+    cfg = teacher.TeacherConfig(dim=32, depth=2, heads=2, batch=4, frames=4, warmup=1)
+    m = build(teacher.model_args(cfg))
+    ema, opt = common.ema_copy(m), common.adamw(m.parameters(), lr=1e-3)
+    x, ev = torch.randn(4, 4, 3, 16, 16), torch.zeros(4, 4, dtype=torch.long)
+    loss, _, applied = teacher.train_step(m, ema, opt, x, ev, step=0, cfg=cfg)
+    assert applied and torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in m.parameters())            # fp32 master weights
+    assert all(v.dtype == torch.float32 for s in opt.state.values() for v in s.values() if v.is_floating_point())
+    with common.autocast(cpu):
+        assert m.blocks[0].qkv(torch.randn(2, 32)).dtype == torch.bfloat16  # the matmuls run in bf16
+    common.set_precision("fp32", cpu)
+    with common.autocast(cpu):
+        assert m.blocks[0].qkv(torch.randn(2, 32)).dtype == torch.float32
