@@ -218,8 +218,8 @@ def main(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device, precision=cfg.precision)
-    precisions = ["bf16" if BF16.get(device.type) else "fp32"]     # auto on a CPU with native bf16: both, one run
-    precisions = ["fp32", "bf16"] if cfg.precision == "auto" and device.type == "cpu" and precisions == ["bf16"] else precisions
+    both = cfg.precision == "auto" and device.type == "cpu" and BF16.get("cpu")   # a CPU that multiplies bf16: both,
+    precisions = ["fp32", "bf16"] if both else ["bf16" if BF16.get(device.type) else "fp32"]   # their ratios in one run
     torch.manual_seed(cfg.seed)
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     tcfg = teacher.TeacherConfig(**teacher.PRESETS[cfg.preset])
