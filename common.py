@@ -11,6 +11,7 @@ toy world, `stream` the generator's streaming setup, `config` the stage's datacl
 Modules are compiled in place, so their state_dicts carry no `_orig_mod.` prefix.
 """
 import copy
+import functools
 import hashlib
 import os
 import tempfile
@@ -36,11 +37,13 @@ def pick_device(name, local_rank=0, precision="auto"):
     return device
 
 
+@functools.cache
 def cpu_has_bf16():
     """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16 in the kernel's CPU flags).
     Without them bf16 matmuls are emulated and slower than fp32, so auto stays fp32 there."""
     try:
-        flags = open("/proc/cpuinfo").read().split()
+        with open("/proc/cpuinfo") as f:
+            flags = f.read().split()
     except OSError:                                              # not Linux: no way to tell, stay fp32
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags

@@ -83,7 +83,7 @@ class Config:
     preset: OneOf("tiny", "small") = "tiny"   # sizes: tiny (a laptop CPU) or small (one GPU); default by the device
     device: Device = "auto"        # auto: cuda, else mps, else cpu
     precision: OneOf("auto", "fp32", "bf16") = "auto"   # bf16 autocast; auto: on CUDA and on CPUs that multiply bf16 natively
-    seed: Whole = 0                # seeds every draw of the run
+    seed: Whole = 0                # seeds every draw of the run (evaluate.py's videos: --first_seed)
 
 
 @dataclass

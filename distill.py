@@ -33,7 +33,7 @@ class DistillConfig(RunConfig):
     teacher: str = ""              # teacher checkpoint; default out_dir/teacher.pt, trained first if missing
     # the student
     chunk: Count = 2               # frames per autoregressive chunk
-    timesteps: Sigmas = "1,0.75,0.5,0.25"  # the few-step levels before the shift (Self Forcing's 4 steps, /1000)
+    timesteps: Sigmas = "1,0.75,0.5,0.25"  # the few-step noise levels before the shift (Self Forcing's 1000, 750, 500, 250)
     shift: Positive = 3.0          # time shift of the levels and the DMD sigma draw (Self Forcing: 5; not yet compared here)
     n_sink: Whole = 2              # KV-cache sink: the first frames, kept for ever
     n_window: Count = 8            # KV-cache rolling window: the last frames
@@ -45,7 +45,7 @@ class DistillConfig(RunConfig):
     ode_steps: Whole = 600         # regression steps
     ode_lr: Positive = 3e-4        # learning rate of the regression
     # phase 2: DMD
-    dmd_steps: Whole = 150         # generator updates; each is followed by critic_ratio critic updates
+    dmd_steps: Whole = 150         # generator updates, each after critic_ratio critic updates
     critic_ratio: Count = 5        # DMD2 / Self Forcing: 5 critic updates per generator update
     batch: Count = 16              # rollouts per update (the global batch under torchrun)
     lr: Positive = 5e-5            # the generator's learning rate
@@ -79,16 +79,16 @@ def stream_args(cfg, window):
 def ode_pairs(teacher, tck, n, *, sigmas, chunk, p_switch, device, gen):
     """Teacher Euler + CFG trajectories, kept at the student's levels (CausVid).
     -> xs (n,L,T,C,H,W) noisy states at the L levels, x0 (n,T,C,H,W), event (n,T) per frame."""
-    tc, xs, x0s, evs, levels = tck["config"], [], [], [], torch.tensor(sigmas)
+    tc, xs, x0s, evs, sig = tck["config"], [], [], [], torch.tensor(sigmas)
     grid = teacher_stage.euler_grid(tc["sample_steps"], tc["sample_shift"])
-    grid = torch.cat([grid, levels]).unique().flip(0)            # an Euler grid that passes through every level
+    grid = torch.cat([grid, sig]).unique().flip(0)               # an Euler grid that passes through every level
     for i in range(0, n, 64):
         b = min(64, n - i)
         event = random_events(b, tc["frames"], chunk, gen, p_switch)
         x = torch.randn(b, tc["frames"], 3, tc["size"], tc["size"], generator=gen).to(device)
         keep = []
         for a, c in zip(grid[:-1], grid[1:]):
-            if torch.isclose(a, levels).any():
+            if torch.isclose(a, sig).any():
                 keep.append(x)
             x = teacher_stage.sample(teacher, event.to(device), x, torch.stack([a, c]), tc["guidance"])
         xs.append(torch.stack(keep, 1).cpu())
@@ -213,18 +213,22 @@ def load_teacher(cfg, world=1):
     if cfg.n_window < cfg.chunk:
         raise BadInput(f"--n_window={cfg.n_window} must hold at least one chunk of {cfg.chunk} frames")
     path = cfg.teacher or os.path.join(cfg.out_dir, "teacher.pt")
+    frames = teacher_stage.TeacherConfig(**teacher_stage.PRESETS[cfg.preset]).frames   # of a teacher trained here
+    if not os.path.exists(path) and not cfg.teacher and frames % cfg.chunk:
+        raise BadInput(f"teacher clips of {frames} frames do not split into chunks of {cfg.chunk}")
     if not os.path.exists(path) and not cfg.teacher and world > 1:
         raise BadInput(f"{path} is missing; train it first with `torchrun --nproc_per_node={world} teacher.py "
                        f"--preset={cfg.preset} --out_dir={cfg.out_dir}`")
     if not os.path.exists(path) and not cfg.teacher:
         print(f"{path} is missing: training the teacher first (python teacher.py --preset={cfg.preset})")
         tcfg = teacher_stage.TeacherConfig(**teacher_stage.PRESETS[cfg.preset])
-        for k in ("preset", "out_dir", "device", "seed", "compile", "max_steps"):   # a smoke run trains a smoke teacher
+        for k in ("preset", "out_dir", "device", "precision", "seed", "compile", "max_steps"):   # smoke run: smoke teacher
             setattr(tcfg, k, getattr(cfg, k))
         teacher_stage.main(tcfg)
     ck = load_checkpoint(path, ["teacher"], f"python teacher.py --preset={cfg.preset}")
-    if ck["step"] < ck.get("total", 0):
-        raise BadInput(f"{path} is unfinished (step {ck['step']} of {ck['total']}); "
+    total = ck.get("total", ck["config"].get("max_steps", 0))   # before 2026-12-01 the length was max_steps
+    if ck["step"] < total:
+        raise BadInput(f"{path} is unfinished (step {ck['step']} of {total}); "
                        f"finish it with `python teacher.py --resume=True`")
     if ck["config"]["frames"] % cfg.chunk:
         raise BadInput(f"teacher clips of {ck['config']['frames']} frames do not split into chunks of {cfg.chunk}")

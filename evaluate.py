@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import teacher as teacher_stage
-from common import check_file, load_checkpoint, pick_device
+from common import autocast, check_file, load_checkpoint, pick_device
 from config import BadInput, Config, Count, OneOf, SwitchCache, Whole, cli
 from model import KVCache, add_noise, build, rollout, stream
 from sample import check_frames, generate, load_generator, schedule_tensor
@@ -188,7 +188,7 @@ def turn_rate(video, pairs, t0, n, w):
 @torch.no_grad()
 def teacher_probe(tck, cfg, device):
     tc, w = tck["config"], World(**tck["world"])
-    model = build(tck["model_args"], tck["ema"], device).eval()
+    model = build(tck["model_args"], tck["ema"], device).eval()   # the teacher's EMA weights, as every stage uses
     T, H = tc["frames"], tc["frames"] // 2                        # H frames of real history, inpainted
     x_real, pairs = real_clips(w, T, cfg.seeds, cfg.seed)
     ev = torch.cat([pairs[:, :1].expand(-1, H), pairs[:, 1:].expand(-1, T - H)], 1).to(device)
@@ -197,25 +197,27 @@ def teacher_probe(tck, cfg, device):
     sig = teacher_stage.euler_grid(tc["sample_steps"], tc["sample_shift"]).to(device)
     for i in range(len(sig) - 1):                                 # Euler + CFG, the context inpainted by replacement
         x[:, :H] = add_noise(ctx, torch.randn(ctx.shape, generator=gen).to(device), sig[i].expand(len(x), H))
-        x = teacher_stage.sample(model, ev, x, sig[i:i + 2], tc["guidance"])
+        with autocast(device):
+            x = teacher_stage.sample(model, ev, x, sig[i:i + 2], tc["guidance"]).float()
     return turn_rate(x.cpu(), pairs, H, tc["chunk"], w)
 
 
 @torch.no_grad()
 def generator_probe(gck, cfg, device, switch):
     s, w = gck["stream"], World(**gck["world"])
-    model = build(gck["model_args"], gck["ema"], device).eval()
+    model = build(gck["model_args"], gck[cfg.weights], device).eval()
     H, ch = s["window"] - s["chunk"], s["chunk"]                  # history: all but one chunk of a teacher window
     x_real, pairs = real_clips(w, H + ch, cfg.seeds, cfg.seed)
     cache = KVCache(s["n_sink"], s["n_window"])
     old = pairs[:, :1].expand(-1, ch).to(device)
-    for i in range(0, H, ch):                                     # the real history, written clean under the old event
-        f = x_real[:, i:i + ch].to(device)
-        stream(model, f, torch.zeros(f.shape[:2], device=device), old, cache, write=True)
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
-    new = pairs[:, 1:].expand(-1, ch).to(device)
-    out = rollout(model, torch.randn(len(pairs), ch, *x_real.shape[2:], generator=gen).to(device), new, s["sigmas"], ch,
-                  cache, switch=switch, gen=gen).cpu()
+    with autocast(device):
+        for i in range(0, H, ch):                                 # the real history, written clean under the old event
+            f = x_real[:, i:i + ch].to(device)
+            stream(model, f, torch.zeros(f.shape[:2], device=device), old, cache, write=True)
+        gen = torch.Generator().manual_seed(cfg.seed + 2)
+        new = pairs[:, 1:].expand(-1, ch).to(device)
+        out = rollout(model, torch.randn(len(pairs), ch, *x_real.shape[2:], generator=gen).to(device), new, s["sigmas"],
+                      ch, cache, switch=switch, gen=gen).float().cpu()
     return turn_rate(torch.cat([x_real[:, :H], out], 1), pairs, H, ch, w)
 
 
@@ -245,6 +247,8 @@ def main(cfg):
     paths = [p for p in cfg.ckpts.split(",") if p]
     if not paths:
         raise BadInput("--ckpts names no checkpoint")
+    if cfg.probe != "none" and (cfg.json or cfg.md or cfg.schedule_file):
+        raise BadInput(f"--json, --md and --schedule_file belong to the benchmark, not to --probe={cfg.probe}")
     if cfg.probe == "react":
         tck = load_checkpoint(cfg.teacher, ["teacher"], "python teacher.py")
         gcks = [load_checkpoint(p, ["student", "longtune"], "python distill.py") for p in paths]

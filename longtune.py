@@ -189,7 +189,7 @@ def main(cfg):
     step, skipped = (ck["step"], ck["skipped"]) if ck else (0, 0)
     seed_rank(run, cfg.seed, step, gen)
     streams = Streams(cfg, stream, w.size, gen, device, run.batch)
-    n_updates, n_probe = capped(cfg.steps, cfg), 4 if cfg.max_steps > 0 else 24
+    n_updates, n_probe = capped(cfg.steps, cfg), capped(24, cfg, floor=4)
     save = checkpointer(path, run, gen, dict(stage="longtune", model_args=sck["model_args"], world=sck["world"],
                                              natural_step=sck["natural_step"], stream=stream, config=asdict(cfg),
                                              teacher=sck["teacher"], student=cfg.student or "student.pt"), **objs)

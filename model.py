@@ -53,6 +53,7 @@ class ModelConfig:
     depth: int = 4
     heads: int = 4
     n_events: int = 5    # + 1 null event for classifier-free guidance
+    gelu: str = "none"   # the MLP's GELU, nn.GELU's `approximate`: exact ("none"; the CPU's tanh kernel is 5x slower)
 
 
 def attention(q, k, v, mask=None):
@@ -114,15 +115,14 @@ class TimestepEmbedder(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, gelu):
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))   # exact GELU: the CPU's
-        # tanh-approximate kernel is 5x slower (measured); on a GPU both are fast
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate=gelu), nn.Linear(4 * dim, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, ang_q, ang_k, mask, past):
@@ -149,7 +149,7 @@ class VideoDiT(nn.Module):
         self.x_embedder = nn.Linear(mc.channels * p * p, D)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = nn.Embedding(mc.n_events + 1, D)           # last id = null event (CFG)
-        self.blocks = nn.ModuleList(Block(D, mc.heads) for _ in range(mc.depth))
+        self.blocks = nn.ModuleList(Block(D, mc.heads, mc.gelu) for _ in range(mc.depth))
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.final_layer = nn.Linear(D, mc.channels * p * p)
@@ -390,7 +390,7 @@ def rollout(model, noise, event, sigmas, chunk, cache, *, exit_step=None, switch
 
 def build(model_args, state=None, device="cpu"):
     """A VideoDiT from its arguments (a checkpoint's `model_args` dict), with `state` weights if given."""
-    m = VideoDiT(ModelConfig(**model_args))
+    m = VideoDiT(ModelConfig(**{"gelu": "tanh", **model_args}))   # checkpoints before 2026-12-01: the tanh GELU
     if state is not None:
         m.load_state_dict(state)
     return m.to(device)

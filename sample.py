@@ -5,8 +5,8 @@
 
 Generation streams chunk by chunk through the KV cache (sink + rolling window) and hands each
 chunk to the GIF/MP4 writer as it comes, so the generator's memory stays constant for any length.
-One stepper, Player, makes every chunk of every stream here, in the web page (serve.py), the
-benchmark (evaluate.py) and bench.py. Each video's noise (initial and re-noising) comes from its
+One stepper, Player, makes every chunk here, in the web page (serve.py), the benchmark
+(evaluate.py) and bench.py's streaming rows. Each video's noise (initial and re-noising) comes from its
 own generator seeded by its own seed, so a video never depends on which others share its batch.
 """
 import contextlib
@@ -83,9 +83,11 @@ def generate(g, ev, seeds, switch, on_chunk=None):
     player, outs, times = Player(g, seeds, switch), [], []
     for i in range(0, ev.shape[1], g.chunk):                     # rollout chunk by chunk = one long rollout
         t = time.perf_counter()
-        x = player.chunk(ev[:, i:i + g.chunk]).cpu()             # .cpu() waits for the work: the time is the work's
+        x = player.chunk(ev[:, i:i + g.chunk])
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()                             # time the work, not the launch nor the copy
         times.append(time.perf_counter() - t)
-        (on_chunk or outs.append)(x)
+        (on_chunk or outs.append)(x.cpu())
     return (torch.cat(outs, 1) if outs else None), times
 
 

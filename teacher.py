@@ -7,7 +7,7 @@ latency on switch clips, and stores the data's natural step (world.natural_step)
 Forcing uses as its unit of motion.
 
     python teacher.py                       # tiny on CPU, small on a GPU; writes out/teacher.pt
-    python teacher.py --preset=tiny --steps=2000 --resume=True
+    python teacher.py --resume=True         # continue from out/teacher.pt
     python teacher.py --max_steps=2         # a smoke run: every loop capped
     torchrun --nproc_per_node=8 teacher.py  # data parallel: the batch is split over 8 GPUs
 """

@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from config import Choice, Levels, Range, cli, field_checks, field_help
-from conftest import run
 
 SCRIPTS = ["teacher.py", "distill.py", "longtune.py", "sample.py", "evaluate.py", "serve.py", "bench.py"]
 
@@ -74,10 +73,14 @@ def test_presets_and_defaults_are_valid():
             check_config(cls(**preset))                          # raises if a preset breaks a declared range
 
 
-def test_help_prints_each_description():
-    r = run("longtune.py", "--help")
-    assert r.returncode == 0
-    line = next(l for l in r.stdout.splitlines() if l.strip().startswith("--tau="))
-    assert "trust radius" in line and "--max_steps=0" in r.stdout and "smoke runs" in r.stdout
-    assert {f.name for f in dataclasses.fields(config_of("longtune.py")[1])} <= {
-        l.split("=")[0].strip()[2:] for l in r.stdout.splitlines() if l.strip().startswith("--")}
+def test_help_prints_each_description(capsys, monkeypatch):
+    mod, cls = config_of("longtune.py")
+    monkeypatch.setattr(sys, "argv", ["longtune.py", "--help"])
+    with pytest.raises(SystemExit) as e:
+        cli(never, cls, mod.PRESETS)
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    line = next(l for l in out.splitlines() if l.strip().startswith("--tau="))
+    assert "trust radius" in line and "--max_steps=0" in out and "smoke runs" in out
+    assert {f.name for f in dataclasses.fields(cls)} <= {l.split("=")[0].strip()[2:] for l in out.splitlines()
+                                                          if l.strip().startswith("--")}

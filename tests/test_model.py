@@ -304,3 +304,8 @@ def test_precision_auto_bf16_where_the_cpu_multiplies_it_and_weights_stay_fp32(m
     common.set_precision("fp32", cpu)
     with common.autocast(cpu):
         assert m.blocks[0].qkv(torch.randn(2, 32)).dtype == torch.float32
+
+
+def test_checkpoints_from_before_the_exact_gelu_keep_their_tanh_gelu():
+    args = {k: v for k, v in MODEL_ARGS.items() if k != "gelu"}  # model_args as written before 2026-12-01
+    assert build(args).blocks[0].mlp[1].approximate == "tanh" and build(MODEL_ARGS).blocks[0].mlp[1].approximate == "none"
