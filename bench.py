@@ -35,7 +35,7 @@ import distill
 import longtune
 import sample
 import teacher
-from common import BF16, adamw, autocast, check_file, compile_, ema_copy, pick_device, set_precision
+from common import BF16, autocast, check_file, compile_, pick_device, set_precision
 from config import Config, Count, OneOf, Whole, cli
 from model import KVCache, build, pred_x0, rollout
 from world import natural_step, teacher_batch
@@ -165,9 +165,7 @@ def train_step_fn(what, tcfg, dcfg, lcfg, device, compiled, seed):
     torch.manual_seed(seed)
     args, gen = teacher.model_args(tcfg), torch.Generator().manual_seed(seed)
     if what == TEACHER:
-        model = build(args, device=device)
-        ema, opt = ema_copy(model), adamw(model.parameters(), lr=tcfg.lr, betas=(0.9, 0.99), weight_decay=tcfg.weight_decay)
-        compile_(model, compiled)
+        model, ema, opt = teacher.build_teacher(tcfg, device, compiled)
         x, ev = (a.to(device) for a in teacher_batch(teacher.world_of(tcfg), tcfg.batch, tcfg.frames, gen, tcfg.chunk))
         return lambda: teacher.train_step(model, ema, opt, x, ev, step=0, cfg=tcfg)
     stream_ = distill.stream_args(dcfg, tcfg.frames)

@@ -15,6 +15,7 @@ critic see each frame's own event: the student can only learn to react from data
 """
 import os
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -222,8 +223,8 @@ def load_teacher(cfg, world=1):
     if not os.path.exists(path) and not cfg.teacher:
         print(f"{path} is missing: training the teacher first (python teacher.py --preset={cfg.preset})")
         tcfg = teacher_stage.TeacherConfig(**teacher_stage.PRESETS[cfg.preset])
-        for k in ("preset", "out_dir", "device", "precision", "seed", "compile", "max_steps"):   # smoke run: smoke teacher
-            setattr(tcfg, k, getattr(cfg, k))
+        for f in dataclasses.fields(RunConfig):                  # every shared flag: a smoke run, a smoke teacher
+            setattr(tcfg, f.name, getattr(cfg, f.name))
         teacher_stage.main(tcfg)
     ck = load_checkpoint(path, ["teacher"], f"python teacher.py --preset={cfg.preset}")
     total = ck.get("total", ck["config"].get("max_steps", 0))   # before 2026-12-01 the length was max_steps

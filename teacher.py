@@ -157,20 +157,27 @@ def check_teacher(cfg):
         raise BadInput(f"--dim={cfg.dim} must split into --heads={cfg.heads} heads of an even width")
 
 
+def build_teacher(cfg, device, compiled):
+    """The teacher's set-up (teacher.py and bench.py): the network, its EMA and AdamW, compiled in
+    place if asked. -> (model, ema, opt)."""
+    model = build(model_args(cfg), device=device)
+    ema = ema_copy(model)
+    compile_(model, compiled)
+    return model, ema, adamw(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+
+
 def main(cfg):
     check_teacher(cfg)
     run = init_run(cfg, cfg.batch)
     path = os.path.join(cfg.out_dir, "teacher.pt")
-    model = build(model_args(cfg), device=run.device)              # the same seed: the same weights on every rank
-    ema = ema_copy(model)
-    opt = adamw(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    # the same seed: the same weights on every rank
+    model, ema, opt = build_teacher(cfg, run.device, compiled=cfg.compile and run.device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed)                   # the data stream, saved for resume
     w = world_of(cfg)
     m_nat = natural_step(w, cfg.frames, cfg.chunk)
     ck = resume(cfg, path, "teacher", "python teacher.py", gen, model=model, ema=ema, optimizer=opt)
     step, skipped = (ck["step"], ck["skipped"]) if ck else (0, 0)
     seed_rank(run, cfg.seed, step, gen)
-    compile_(model, cfg.compile and run.device.type == "cuda")
     n_steps = capped(cfg.steps, cfg)
     save = checkpointer(path, run, gen, dict(stage="teacher", model_args=model_args(cfg), world=asdict(w), natural_step=m_nat,
                                              config=asdict(cfg), total=n_steps), model=model, ema=ema, optimizer=opt)
