@@ -89,7 +89,18 @@ def rope_angles(t_pos, grid, head_dim, device):
 
 
 def apply_rope(x, ang):
-    """Rotate channel pairs of x (B,H,L,hd) by angles (L,hd/2)."""
+    """Rotate channel pairs of x (B,H,L,hd) by angles (L,hd/2), in fp32. On the CPU as one complex
+    multiply (pair = real, imaginary part): eager runs it as one kernel where rope_pairs takes
+    eight (docs/results.md has the time). On CUDA rope_pairs, which torch.compile fuses (its code
+    generation does not cover complex numbers)."""
+    if x.device.type != "cpu":
+        return rope_pairs(x, ang)
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))   # (B,H,L,hd/2) complex
+    return torch.view_as_real(xc * torch.polar(torch.ones_like(ang), ang)).flatten(-2).type_as(x)
+
+
+def rope_pairs(x, ang):
+    """RoPE written pair by pair: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)."""
     x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
     cos, sin = ang.cos(), ang.sin()
     # back to x's dtype: under bf16 autocast q, k and v then share one dtype, which flash requires

@@ -5,8 +5,8 @@ import torch
 
 import model as model_module
 from conftest import CH, SIGMAS, MC, MODEL_ARGS, B, T, randomized
-from model import (KVCache, VideoDiT, add_noise, build, chunk_switches, pred_x0, randn, recache,
-                   rope_angles, rollout, shift_sigma, stream as stream_step)
+from model import (KVCache, VideoDiT, add_noise, apply_rope, build, chunk_switches, pred_x0, randn, recache,
+                   rope_angles, rope_pairs, rollout, shift_sigma, stream as stream_step)
 
 
 def inputs(seed=0):
@@ -116,6 +116,17 @@ def test_rope_time_pairs_follow_the_frame_position():
     time_pairs = rope_angles(torch.zeros(1, dtype=torch.long), 4, 32, "cpu").abs().amax(0) == 0
     assert time_pairs.any() and (ang[0, :, time_pairs] == 0).all() and (ang[1, :, time_pairs] != 0).all()
     assert torch.equal(ang[0, :, ~time_pairs], ang[1, :, ~time_pairs])   # spatial pairs do not depend on time
+
+
+def test_cpu_rope_equals_the_pairwise_rotation():
+    """The CPU's complex multiply and the pairwise form (CUDA's) are one rotation, for fp32 and
+    bf16 inputs and for the non-contiguous q/k views the attention block passes in."""
+    ang = rope_angles(torch.arange(3), 4, 32, "cpu")                 # (3*16, 16)
+    qkv = torch.randn(2, 48, 3 * 4 * 32)                             # (B,L,3*H*hd), q/k/v are strided views
+    q = qkv.view(2, 48, 3, 4, 32)[:, :, 1].transpose(1, 2)           # (B,H,L,hd), the k slice
+    for x in (q, q.bfloat16()):
+        assert torch.allclose(apply_rope(x, ang).float(), rope_pairs(x, ang).float(), atol=1e-6, rtol=1e-5 if x.dtype == torch.float32 else 1e-2)
+    assert apply_rope(q.bfloat16(), ang).dtype == torch.bfloat16
 
 
 def test_sink_and_window_keep_memory_bounded():
