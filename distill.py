@@ -51,7 +51,9 @@ class DistillConfig(RunConfig):
     batch: Count = 16              # rollouts per update (the global batch under torchrun)
     lr: Positive = 5e-5            # the generator's learning rate
     critic_lr: Positive = 1e-5     # a fifth of the generator's, as Self Forcing (4e-7 / 2e-6) and LongLive
-    guidance: NonNegative = 1.0    # g of the real score: cond + g (cond - uncond) (Self Forcing: 3; not yet compared here)
+    guidance: NonNegative = 1.0    # g of the real score: cond + g (cond - uncond) (Self Forcing: 3)
+    # kept at 1: the teacher's own samples at g = 3 follow better but react less and recolour at twice the
+    # rate (docs/results.md, 2026-12-01); the student would inherit that. Not yet compared through DMD.
     grad_clip: Positive = 10.0     # gradient-norm clip
     ema: Prob = 0.99               # EMA decay of the generator
     ema_start: Whole = 50          # Self Forcing starts its EMA a third of the way in (step 200 of ~600)

@@ -3,6 +3,7 @@
     python evaluate.py --ckpts=out/student.pt,out/longtune.pt --first_seed=100 --seeds=16 --json=out/eval.json
     python evaluate.py --probe=react --teacher=out/teacher.pt --ckpts=out/student.pt --seeds=4
     python evaluate.py --probe=failures --ckpts=out/longtune_s0.pt,out/deltaforcing_s0.pt --first_seed=100 --seeds=16
+    python evaluate.py --probe=clips --ckpts=out/teacher.pt,out/student.pt --first_seed=777 --seeds=8
 
 benchmark (--probe=none): the same videos (schedules x seeds; video seed 1000 j + s for schedule j)
   through every checkpoint, scored with the world's exact metrics; mean +- 95% interval over
@@ -17,6 +18,9 @@ react: the bidirectional teacher sees a clean clip moving one way for the first 
 failures: how a generator loses the sprite after a switch, over the benchmark's built-in schedules
   and seeds: kept; no sprite (no valid frame before or after); a new colour or background
   straight away; or one after a dissolve (two or more frames without a valid sprite first).
+clips: teacher and generator checkpoints on the teacher's own evaluation clips (16 x --seeds
+  one-event and as many switch clips, noise seed --first_seed), scored as teacher.py and
+  distill.py score them at the end of training, which use seed 1234: report on fresh ones.
 """
 import json
 import math
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import distill
 import teacher as teacher_stage
 from common import autocast, check_file, load_checkpoint, pick_device
 from config import BadInput, Config, Count, OneOf, SwitchCache, Whole, cli
@@ -42,8 +47,8 @@ METRICS = ["react", "latency", "follow", "identity", "bias", "jumps", "valid", "
 @dataclass
 class EvalConfig(Config):
     ckpts: str = "out/longtune.pt"  # comma-separated generator checkpoints, one row (or pooled row) each
-    probe: OneOf("none", "react", "failures") = "none"   # none: the benchmark | react | failures (see the top of the file)
-    teacher: str = "out/teacher.pt"   # --probe=react: the teacher checkpoint
+    probe: OneOf("none", "react", "failures", "clips") = "none"   # none: the benchmark | react | failures | clips (see the top)
+    teacher: str = "out/teacher.pt"   # --probe=react and clips: the teacher checkpoint
     weights: OneOf("ema", "model") = "ema"   # ema | model (the raw weights)
     schedule_file: str = ""        # a JSON list of schedule strings, each --frames long (default: the built-in set)
     frames: Count = 96             # --schedule_file: the length of its videos
@@ -221,6 +226,16 @@ def generator_probe(gck, cfg, device, switch):
     return turn_rate(torch.cat([x_real[:, :H], out], 1), pairs, H, ch, w)
 
 
+@torch.no_grad()
+def clip_probe(path, tck, cfg, device):
+    """One checkpoint, teacher or generator, on the teacher's evaluation clips -> metrics."""
+    ck = load_checkpoint(path, ["teacher", "student", "longtune"], "python teacher.py")
+    model, n = build(ck["model_args"], ck[cfg.weights], device).eval(), 16 * cfg.seeds
+    if ck["stage"] == "teacher":
+        return teacher_stage.evaluate(model, teacher_stage.TeacherConfig(**ck["config"]), n, device, cfg.first_seed)[0]
+    return distill.evaluate(model, ck["stream"], tck, n, device, cfg.first_seed)[0]
+
+
 def failure_kind(tr, before, after):
     """One switch: 'kept', or how the first frame unlike the segment before it came about."""
     ref = look(tr, before)
@@ -259,6 +274,13 @@ def main(cfg):
             for switch in ("recache", "keep", "clear"):
                 r = generator_probe(gck, cfg, device, switch)
                 print(f"generator probe ({path}, cache {switch}): turned within one chunk in {round(r * n)}/{n} clips ({r:.2f})")
+        return
+    if cfg.probe == "clips":
+        tck = load_checkpoint(cfg.teacher, ["teacher"], "python teacher.py")
+        for path in paths:
+            m = clip_probe(path, tck, cfg, device)
+            print(f"{path} ({16 * cfg.seeds} + {16 * cfg.seeds} clips, noise seed {cfg.first_seed}): "
+                  + " | ".join(f"{k} {v:.3f}" for k, v in m.items()))
         return
     gens = [load_generator(p, device, cfg.weights) for p in paths]
     if cfg.probe == "failures":

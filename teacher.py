@@ -44,13 +44,14 @@ class TeacherConfig(RunConfig):
     # optimisation
     steps: Count = 5000           # optimiser steps (the learning-rate schedule's length)
     batch: Count = 32             # clips per step (the global batch under torchrun)
-    lr: Positive = 2e-3           # peak learning rate
+    lr: Positive = 3e-3           # peak learning rate
     warmup: Whole = 200           # linear warm-up steps, then cosine decay to 10%
     weight_decay: NonNegative = 0.01  # AdamW weight decay
     grad_clip: Positive = 1.0     # gradient-norm clip
     ema: Prob = 0.998             # EMA decay of the weights (from the end of warm-up)
     p_uncond: Prob = 0.1          # event dropout to the null event, for CFG
     sigma_mu: Real = 0.5          # training levels: sigma = sigmoid(mu + N(0,1)) (logit-normal, SD3), leaning noisy
+    p_frame: Prob = 0.5           # share of clips whose frames draw their levels independently (Diffusion Forcing)
     # sampling and evaluation
     sample_steps: Count = 32      # Euler steps of the sampler
     sample_shift: Positive = 2.0  # time shift of the sampler's grid
@@ -78,11 +79,14 @@ def model_args(cfg):
                               n_events=len(EVENTS)))
 
 
-def fm_loss(model, x0, event, sigma_mu):
-    """Flow matching with one level per clip, drawn logit-normal (SD3, Esser et al. 2024).
+def fm_loss(model, x0, event, sigma_mu, p_frame=0.0):
+    """Flow matching with one level per clip, drawn logit-normal (SD3, Esser et al. 2024); in a
+    share p_frame of the clips each frame draws its own level (Diffusion Forcing, Chen et al. 2024).
     Eq. rectified flow (Liu et al. 2022; Lipman et al. 2023): ||v(x_sigma) - (eps - x0)||^2."""
-    B = x0.shape[0]
-    sigma = torch.sigmoid(sigma_mu + torch.randn(B, device=x0.device))[:, None].expand(-1, x0.shape[1])
+    B, T = x0.shape[:2]
+    per_frame = torch.rand(B, 1, device=x0.device) < p_frame                     # (B,1)
+    z = torch.where(per_frame, torch.randn(B, T, device=x0.device), torch.randn(B, 1, device=x0.device))   # (B,T)
+    sigma = torch.sigmoid(sigma_mu + z)
     eps = torch.randn_like(x0)
     v = model(add_noise(x0, eps, sigma), sigma, event)
     return ((v.float() - (eps - x0)) ** 2).mean()                 # Rectified flow: velocity loss
@@ -139,7 +143,7 @@ def train_step(model, ema, opt, x, event, *, step, cfg, world=1):
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg)
     with autocast(x.device):
-        loss = fm_loss(model, x, event, cfg.sigma_mu)
+        loss = fm_loss(model, x, event, cfg.sigma_mu, cfg.p_frame)
     gnorm, applied = optimizer_step(model, opt, loss, cfg.grad_clip, world)
     ema_update(ema, model, cfg.ema if step >= cfg.warmup else 0.0)    # after a skipped step the weights are unchanged
     return loss, gnorm, applied

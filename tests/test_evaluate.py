@@ -93,3 +93,15 @@ def test_react_probes_run_on_the_teacher_and_a_generator(student_dir, capsys):
     out = capsys.readouterr().out
     assert "teacher probe" in out and "/12 clips" in out         # 12 ordered pairs of the moving events x 1 clip
     assert all(f"cache {s}): turned within one chunk" in out for s in ("recache", "keep", "clear"))
+
+
+def test_clips_probe_scores_teacher_and_generator_reproducibly(student_dir, capsys):
+    """--probe=clips: both kinds of checkpoint on the teacher's clips; the same seed, the same scores."""
+    cfg = dict(probe="clips", teacher=str(student_dir / "teacher.pt"), seeds=1, first_seed=777, device="cpu",
+               ckpts=f"{student_dir / 'teacher.pt'},{student_dir / 'student.pt'}")
+    outs = []
+    for _ in range(2):
+        evaluate.main(evaluate.EvalConfig(**cfg))
+        outs.append(capsys.readouterr().out)
+    lines = outs[0].strip().splitlines()
+    assert outs[0] == outs[1] and len(lines) == 2 and all("(16 + 16 clips, noise seed 777): follow" in ln for ln in lines)

@@ -109,7 +109,7 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch, teache
     ("sample.py", ["--weights=best"], ["ema, model"]),
     ("evaluate.py", ["--json=/proc/nope/e.json"], ["cannot write --json"]),
     ("evaluate.py", ["--schedule_file=/nonexistent.json"], ["cannot read --schedule_file"]),
-    ("evaluate.py", ["--probe=all"], ["none, react, failures"]),
+    ("evaluate.py", ["--probe=all"], ["none, react, failures, clips"]),
     ("bench.py", ["--compile=fast"], ["auto, on, off"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(student_dir, script, args, words, capsys, monkeypatch):

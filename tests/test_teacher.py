@@ -31,6 +31,22 @@ def test_training_lowers_loss_on_a_fixed_batch(tmp_path):
     assert loss().item() < 0.8 * first
 
 
+@pytest.mark.parametrize("p_frame", [0.0, 0.5, 1.0])
+def test_fm_loss_draws_one_level_per_clip_or_per_frame(p_frame):
+    """p_frame = 0: every frame of a clip shares its level (the sampler's case); p_frame = 1:
+    every frame draws its own (Diffusion Forcing); in between, about that share of the clips."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, sigma, event):
+            seen.append(sigma)
+            return torch.zeros_like(x)
+    torch.manual_seed(0)
+    teacher.fm_loss(Spy(), torch.zeros(400, 4, 3, 16, 16), torch.zeros(400, 4, dtype=torch.long), 0.5, p_frame)
+    per_frame = (seen[0].std(1) > 0).float().mean().item()      # share of clips whose frames differ in level
+    assert abs(per_frame - p_frame) < 0.08 and ((seen[0] > 0) & (seen[0] < 1)).all()
+
+
 def test_model_args_and_world_come_from_the_config(tmp_path):
     cfg = tiny_cfg(tmp_path, size=32, sprite=6, speed=1, rho=0.5)
     assert build(teacher.model_args(cfg)).mc.size == 32 and teacher.model_args(cfg)["dim"] == 32
