@@ -86,7 +86,7 @@ def fm_loss(model, x0, event, sigma_mu, p_frame=0.0):
     B, T = x0.shape[:2]
     per_frame = torch.rand(B, 1, device=x0.device) < p_frame                     # (B,1)
     z = torch.where(per_frame, torch.randn(B, T, device=x0.device), torch.randn(B, 1, device=x0.device))   # (B,T)
-    sigma = torch.sigmoid(sigma_mu + z)
+    sigma = torch.sigmoid(sigma_mu + z)                             # Diffusion Forcing: per-frame levels
     eps = torch.randn_like(x0)
     v = model(add_noise(x0, eps, sigma), sigma, event)
     return ((v.float() - (eps - x0)) ** 2).mean()                 # Rectified flow: velocity loss
