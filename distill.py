@@ -36,7 +36,7 @@ class DistillConfig(RunConfig):
     chunk: Count = 2               # frames per autoregressive chunk
     timesteps: Sigmas = "1,0.75,0.5,0.25"  # the few-step noise levels before the shift (Self Forcing's 1000, 750, 500, 250)
     shift: Positive = 5.0          # time shift of the levels and the DMD sigma draw, as Self Forcing
-    # (3 before 2026-12-01: on the same teacher, 5 gave react 0.85 against 0.79 over all schedules, docs/results.md)
+    # (3 before 2026-12-01: on the same teacher 5's student reacts more, 0.85 against 0.79; level after long tuning)
     n_sink: Whole = 2              # KV-cache sink: the first frames, kept for ever
     n_window: Count = 8            # KV-cache rolling window: the last frames
     # sink + window exceed the teacher's 8 frames, so distillation never evicts; LongLive's window (sink and
