@@ -58,10 +58,9 @@ class ModelConfig:
 
 def attention(q, k, v, mask=None):
     """The one attention function. q (B,H,Lq,hd), k/v (B,H,Lk,hd), mask: boolean, True = attend.
-    On CUDA, SDPA (flash where it can), never is_causal=True: with fewer queries than keys it
-    would build the wrong mask. On the CPU written out, softmax(q k^T / sqrt(hd)) v: at these
-    sizes it is as fast as the CPU's fused kernel in fp32, and in bf16 its matmuls run on the
-    matrix units where the fused kernel gets 3x slower (bench.py measures both precisions)."""
+    On CUDA, SDPA (flash where it can), never is_causal=True (with fewer queries than keys it
+    builds the wrong mask). On the CPU written out, softmax(q k^T / sqrt(hd)) v: as fast as the
+    fused kernel in fp32, and in bf16 on the matrix units, where the fused kernel is 3x slower."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     s = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)              # (B,H,Lq,Lk)
@@ -70,11 +69,9 @@ def attention(q, k, v, mask=None):
 
 def rope_angles(t_pos, grid, head_dim, device):
     """3D RoPE angles (Su et al. 2021) for frames at positions t_pos (T,) -> (T*grid*grid, head_dim/2).
-    Pairs are split time / row / col. The world is a torus, so the spatial frequencies are
-    k * 2 pi / grid, with k cycling over 1 .. grid/2 - 1: a sprite leaving one edge is one step
-    from the other edge. k = grid/2 (Nyquist) is left out: its sine is 0 at every integer
-    position, so those channels would encode only parity. At grid 4 every spatial pair uses
-    k = 1, whose angle alone already tells the four relative positions apart."""
+    Pairs split time / row / col. On the torus the spatial frequencies are k 2 pi / grid, k cycling
+    over 1 .. grid/2 - 1 (a sprite leaving one edge is one step from the other); Nyquist, whose sine
+    is 0 at every integer position, is left out. At grid 4 every spatial pair uses k = 1."""
     n_s = (head_dim // 2 - head_dim // 8) // 2                       # pairs for rows, and as many for cols
     n_t = head_dim // 2 - 2 * n_s                                    # the rest (about a quarter) for time
     f_t = 1.0 / (100 ** (torch.arange(n_t, device=device) / n_t))
@@ -89,10 +86,8 @@ def rope_angles(t_pos, grid, head_dim, device):
 
 
 def apply_rope(x, ang):
-    """Rotate channel pairs of x (B,H,L,hd) by angles (L,hd/2), in fp32. On the CPU as one complex
-    multiply (pair = real, imaginary part): eager runs it as one kernel where rope_pairs takes
-    eight (docs/results.md has the time). On CUDA rope_pairs, which torch.compile fuses (its code
-    generation does not cover complex numbers)."""
+    """Rotate channel pairs of x (B,H,L,hd) by angles (L,hd/2), in fp32: on the CPU one complex multiply
+    (one eager kernel, rope_pairs takes eight); on CUDA rope_pairs, which torch.compile can fuse."""
     if x.device.type != "cpu":
         return rope_pairs(x, ang)
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))   # (B,H,L,hd/2) complex
@@ -100,10 +95,10 @@ def apply_rope(x, ang):
 
 
 def rope_pairs(x, ang):
-    """RoPE written pair by pair: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)."""
+    """(x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos). Back in x's dtype: under bf16 autocast
+    q, k and v then share one dtype, which flash requires."""
     x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
     cos, sin = ang.cos(), ang.sin()
-    # back to x's dtype: under bf16 autocast q, k and v then share one dtype, which flash requires
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).type_as(x)
 
 
@@ -229,9 +224,8 @@ class KVCache:
     """Keys and values of clean past frames: the first n_sink frames (the sink) plus a rolling
     window of the last n_window frames, so memory and cost per frame stay constant forever
     (Self Forcing sec. 3.4, rolling KV cache; the sink as in StreamingLLM and LongLive).
-    The buffers are allocated at the first write and written in place as a ring. A streaming
-    forward always sees all of them (empty slots masked while the cache fills), so a compiled
-    step keeps its shapes: no recompiles as the stream grows, and a CUDA graph can replay.
+    Buffers are allocated at the first write, then written in place as a ring; a streaming forward
+    sees all of them (empty slots masked), so a compiled step keeps its shapes (no recompiles).
     Positions are assigned inside the cache (sink first, then the window by age), so RoPE
     distances stay in the range seen in training however long the stream runs. clear(mask)
     hides everything written so far from the streams in mask, and only from them."""
@@ -367,15 +361,13 @@ def chunk_switches(event, chunk, cache):
 
 
 def rollout(model, noise, event, sigmas, chunk, cache, *, exit_step=None, switch="recache", gen=None):
-    """The causal few-step generator, run chunk by chunk through the KV cache (Self Forcing
-    sec. 3.2, Algorithm 1). Training and inference both call this one function, so they cannot
-    drift apart. noise (B,T,C,H,W), event (B,T), sigmas: the denoising levels as host floats
-    (e.g. shift([1, .75, .5, .25]); on the host, so no step waits for the GPU). Each chunk:
-    predict x0 at sigmas[0], re-noise it with fresh noise to sigmas[1], ... and stop at `exit_step`
-    (default: the last), whose x0 is the chunk's output. Only the exit step keeps a graph. Then
-    the output is re-run at sigma=0 to write its clean keys/values to the cache. When a stream's
-    event differs from its cache's newest frame, `switch` says what happens to that stream's
-    cache: "recache" (under the new event, LongLive), "keep", or "clear". gen: the re-noising draws (see randn)."""
+    """The causal few-step generator, chunk by chunk through the KV cache (Self Forcing sec. 3.2,
+    Algorithm 1); training and inference both call it, so they cannot drift apart. noise (B,T,C,H,W),
+    event (B,T), sigmas: the levels as host floats (no step waits for the GPU). Each chunk: predict
+    x0 at sigmas[0], re-noise it with fresh noise to sigmas[1], ... up to `exit_step` (default: the
+    last, the only step with a graph), whose x0 is the output, re-run at sigma=0 to write clean keys/values.
+    When a stream's event differs from its cache's newest frame, `switch` says what its cache does:
+    "recache" (under the new event, LongLive), "keep", or "clear". gen: the re-noising draws (see randn)."""
     B, T = noise.shape[:2]
     exit_step = len(sigmas) - 1 if exit_step is None else exit_step
     switches = chunk_switches(event, chunk, cache) if switch != "keep" else []
