@@ -138,20 +138,22 @@ def dmd_loss(x, event, *, teacher, critic, guidance, shift):
     return per_frame, dict(sigma=sigma, real=real, fake=fake, grad=grad)
 
 
-def critic_loss(critic, x, event, shift):
+def critic_loss(critic, x, event, shift, frames=None):
     """The fake score learns the generator's current distribution by flow matching on detached
-    samples. Eq. DMD2 fake-score loss: ||v_fake(x_sigma) - (eps - x)||^2."""
+    samples, on the frames in the (T,) mask `frames` (None: all). Eq. DMD2 fake-score loss:
+    ||v_fake(x_sigma) - (eps - x)||^2."""
     B, T = x.shape[:2]
     sigma = dmd_sigma(B, shift, x.device)[:, None].expand(B, T)
     eps = torch.randn_like(x)
     v = critic(add_noise(x, eps, sigma), sigma, event)
-    return ((v.float() - (eps - x)) ** 2).mean()                 # DMD2: fake score, flow matching
+    per_frame = ((v.float() - (eps - x)) ** 2).mean(dim=(2, 3, 4))   # DMD2: fake score, flow matching
+    return per_frame.mean() if frames is None else per_frame[:, frames].mean()
 
 
-def critic_update(critic, opt_critic, x, event, *, shift, grad_clip, world=1):
+def critic_update(critic, opt_critic, x, event, *, shift, grad_clip, world=1, frames=None):
     """One fake-score step on detached generator samples (distill.py and longtune.py)."""
     with autocast(x.device):
-        loss = critic_loss(critic, x, event, shift)
+        loss = critic_loss(critic, x, event, shift, frames)
     optimizer_step(critic, opt_critic, loss, grad_clip, world)
     return loss
 

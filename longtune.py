@@ -40,6 +40,7 @@ class LongtuneConfig(RunConfig):
     context: Count = 2             # K detached context frames in each supervised window
     switch_cache: SwitchCache = "recache"  # at every event switch, per stream: recache | keep | clear
     window_events: OneOf("true", "current") = "true"   # true: each frame's own event | current: the newest frame's (LongLive)
+    critic_frames: OneOf("window", "new") = "window"   # the critic learns the whole window | only its new frames (LongLive)
     max_switches: Count = 3        # switches per long video: 1 .. max_switches
     steps: Count = 400             # generator updates
     critic_ratio: Count = 5        # critic updates per generator update, each on a freshly generated window
@@ -125,10 +126,9 @@ def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, sigm
     device = streams.device
     for _ in range(cfg.critic_ratio):                            # DMD2: 5 critic updates, each on fresh samples
         with torch.no_grad(), autocast(device):
-            window, ev, _, _ = streams.advance(student, sigmas, int(torch.randint(len(sigmas), ())))
-        # the critic learns the whole window, context included; LongLive masks its loss to the new frames
+            window, ev, new, _ = streams.advance(student, sigmas, int(torch.randint(len(sigmas), ())))
         closs = distill.critic_update(critic, opt_critic, window.float(), ev, shift=shift, grad_clip=cfg.grad_clip,
-                                      world=world)
+                                      world=world, frames=new if cfg.critic_frames == "new" else None)
     with autocast(device):
         window, ev, mask, switched = streams.advance(student, sigmas, int(torch.randint(len(sigmas), ())))
         per_frame, aux = distill.dmd_loss(window.float(), ev, teacher=teacher, critic=critic,

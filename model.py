@@ -330,24 +330,24 @@ def stream(model, x, sigma, event, cache, write=False):
 
 
 @torch.no_grad()
-def recache(model, cache, event, chunk):
+def recache(model, cache, event, chunk, sink=True):
     """LongLive's KV-recache: at an event switch, recompute the cached frames' keys and values
-    under the new event, chunk by chunk as they were written. event (B,): streams whose cache
-    already holds this event keep their keys and values untouched. The caller decides when to
-    call (rollout: only at chunks where some stream switched), so nothing here waits for the GPU."""
+    under the new event (B,), chunk by chunk as written; sink=False leaves the sink under its own
+    events, as LongLive's inference does. Streams whose frames already hold the event are untouched.
+    The caller decides when (rollout: only where some stream switched): nothing waits for the GPU."""
     n = len(cache)
     if n == 0:
         return
-    changed = (cache.events[:, :n] != event[:, None]).any(1)     # (B,) on the device: no host check
-    frames, _ = cache.ordered()                                  # (B,n,C,H,W) in stream order
+    frames, old = cache.ordered()                                # (B,n,C,H,W), (B,n) in stream order
+    new = torch.where(torch.arange(n, device=old.device) < (0 if sink else cache.n_sink), old, event[:, None])
+    changed = (old != new).any(1)                                # (B,) on the device: no host check
     fresh = KVCache(cache.n_sink, cache.n_window)
     for i in range(0, n, chunk):                                 # LongLive, KV-recache: old frames, new prompt
         f = frames[:, i:i + chunk]                               # (B,chunk,C,H,W)
-        stream(model, f, torch.zeros(f.shape[:2], device=f.device), event, fresh, write=True)
-    pos = cache.pos[:n]                                          # slot s of ours is slot pos[s] of the fresh cache
-    c = changed.view(1, 1, -1, 1, 1, 1, 1)                       # broadcasts over (depth,2,B,H,n,N,hd)
+        stream(model, f, torch.zeros(f.shape[:2], device=f.device), new[:, i:i + chunk], fresh, write=True)
+    pos, c = cache.pos[:n], changed.view(1, 1, -1, 1, 1, 1, 1)   # our slot s is fresh's slot pos[s]; c: over kv's dims
     cache.kv[:, :, :, :, :n] = torch.where(c, fresh.kv[:, :, :, :, pos], cache.kv[:, :, :, :, :n])
-    cache.events[:, :n] = torch.where(changed[:, None], event[:, None], cache.events[:, :n])
+    cache.events[:, :n] = new[:, pos]
 
 
 def chunk_switches(event, chunk, cache):
@@ -366,8 +366,8 @@ def rollout(model, noise, event, sigmas, chunk, cache, *, exit_step=None, switch
     event (B,T), sigmas: the levels as host floats (no step waits for the GPU). Each chunk: predict
     x0 at sigmas[0], re-noise it with fresh noise to sigmas[1], ... up to `exit_step` (default: the
     last, the only step with a graph), whose x0 is the output, re-run at sigma=0 to write clean keys/values.
-    When a stream's event differs from its cache's newest frame, `switch` says what its cache does:
-    "recache" (under the new event, LongLive), "keep", or "clear". gen: the re-noising draws (see randn)."""
+    At a stream's event switch its cache is "recache"d (LongLive), "recache_window" (the sink keeps its
+    own event), "keep" or "clear". gen: the re-noising draws (see randn)."""
     B, T = noise.shape[:2]
     exit_step = len(sigmas) - 1 if exit_step is None else exit_step
     switches = chunk_switches(event, chunk, cache) if switch != "keep" else []
@@ -375,8 +375,8 @@ def rollout(model, noise, event, sigmas, chunk, cache, *, exit_step=None, switch
     for i in range(0, T, chunk):
         x, ev = noise[:, i:i + chunk], event[:, i:i + chunk]     # (B,chunk,C,H,W), (B,chunk)
         if i // chunk in switches:                               # none of recache's work unless a stream switched
-            if switch == "recache":
-                recache(model, cache, ev[:, 0], chunk)           # (the changed streams only)
+            if switch.startswith("recache"):                    # (the changed streams only)
+                recache(model, cache, ev[:, 0], chunk, sink=switch == "recache")
             else:
                 cache.clear(cache.newest_events() != ev[:, 0])
         for k in range(exit_step + 1):                           # Self Forcing sec. 3.2: few-step denoising

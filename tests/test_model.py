@@ -165,6 +165,22 @@ def test_recache_changes_cache_only_when_event_changes():
     assert (cache.ordered()[1] == 3).all()
 
 
+def test_recache_window_leaves_the_sink_under_its_old_event():
+    """LongLive's inference recache: the sink keeps its keys and values bit for bit; the window
+    is what writing it under the new event after a sink under the old one gives."""
+    m = randomized()
+    x, _, _ = inputs()
+    old = torch.zeros(B, T, dtype=torch.long)
+    with torch.no_grad():
+        _, cache = stream(m, x, torch.zeros(B, T), old)
+        sink = cache.kv[:, :, :, :, :2].clone()
+        _, ref = stream(m, x, torch.zeros(B, T), torch.where(torch.arange(T) < 2, old, 3))
+        recache(m, cache, torch.full((B,), 3), CH, sink=False)
+    assert torch.equal(cache.kv[:, :, :, :, :2], sink)
+    assert torch.allclose(cache.kv[:, :, :, :, :len(cache)], ref.kv[:, :, :, :, :len(ref)], atol=1e-5)
+    assert cache.ordered()[1][:, :2].eq(0).all() and cache.ordered()[1][:, 2:].eq(3).all()
+
+
 def test_recache_touches_only_the_streams_whose_event_changed():
     m = randomized()
     x, _, _ = inputs()
@@ -192,7 +208,7 @@ def test_switch_chunks_are_found_once_per_rollout_and_recache_runs_only_there(mo
         assert chunk_switches(torch.full((2, 6), 4), 3, cache) == [0]   # the cache's newest frame was event 0
         assert chunk_switches(torch.zeros(2, 6, dtype=torch.long), 3, cache) == []
         real = model_module.recache
-        monkeypatch.setattr(model_module, "recache", lambda *a: calls.append(a[1].n_seen) or real(*a))
+        monkeypatch.setattr(model_module, "recache", lambda *a, **k: calls.append(a[1].n_seen) or real(*a, **k))
         rollout(m, torch.randn(2, 12, 3, 16, 16), ev, SIGMAS, 3, cache)
     assert calls == [9, 12]                                      # frames seen at chunks 2 and 3: recache twice
 

@@ -1,0 +1,200 @@
+"""Where drift comes from: the probes behind the conditional-bias question (Delta Forcing sec. 1:
+a teacher that is condition-aligned but trajectory-agnostic passes its bias to the generator).
+
+    python drift.py --ckpts=out/student.pt,out/longtune.pt --first_seed=100 --seeds=4
+    python drift.py --probe=verdicts --ckpts=out/longtune.pt --first_seed=100 --seeds=4
+
+videos: every checkpoint streams one switch, the old event for L frames (--lengths), then the new
+  one for --after frames, every ordered pair of the four moving events, under each cache policy at
+  the switch (--policies: recache; recache_window, the sink keeping its old event, as LongLive's
+  inference; keep). Per row: react, identity, the recolour rate toward the new event's canonical
+  colour (bias, over the switches whose sprite was not of that colour) and its onset (frames after
+  the switch until the sprite holds that colour for two frames in a row). Video seeds are shared
+  by every row, so the rows differ in the one thing they name.
+verdicts: the teacher's and the checkpoint's critic's x0 at fixed noise levels (--sigmas) on
+  teacher-length windows of the checkpoint's own videos (one switch after 2 windows), wholly
+  before, across and wholly after the switch, each frame under its own event as long tuning
+  gives them; and on real one-event clips whose sprite is not of the event's colour (the teacher's
+  view of a window after a switch). Over the frames whose sprite is not of their event's
+  canonical colour: does x0 keep the sprite's position (within a pixel), keep its colour, or
+  paint it the event's colour? A range of sigma where position is kept and colour is painted is
+  the noise band in which the teacher is biased but not blind.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common import autocast, check_file, load_checkpoint, pick_device
+from config import BadInput, Config, Count, OneOf, Whole, cli
+from evaluate import interval
+from model import add_noise, build, cfg_mix, pred_x0
+from sample import generate, load_generator
+from world import CANON, EVENTS, ordered_pairs, sample_videos, schedule_events, track, video_metrics
+
+
+@dataclass
+class DriftConfig(Config):
+    ckpts: str = "out/student.pt,out/longtune.pt"   # comma-separated generator checkpoints, a block of rows each
+    probe: OneOf("videos", "verdicts") = "videos"    # videos: cache policy x segment length | verdicts (see the top)
+    teacher: str = "out/teacher.pt"  # --probe=verdicts: the teacher checkpoint
+    lengths: str = "8,16,32"       # frames of the old event before the switch (multiples of the chunk)
+    after: Count = 32              # frames of the new event after the switch
+    policies: str = "recache,recache_window,keep"   # cache policies at the switch, one row each
+    sigmas: str = "0.3,0.5,0.7,0.8,0.9"   # --probe=verdicts: the fixed noise levels
+    seeds: Count = 4               # video seeds per ordered pair (12 pairs)
+    first_seed: Whole = 100        # seeds first_seed .. first_seed + seeds - 1
+    md: str = ""                   # also append the markdown table to this file
+
+
+PRESETS = {"tiny": {}, "small": {}}
+
+
+def numbers(flag, text, kind):
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BadInput(f"--{flag}={text!r}: expected comma-separated numbers") from None
+
+
+def check_drift(cfg, gens):
+    """Every check before any work."""
+    check_file("md", cfg.md)
+    lengths, sigmas = numbers("lengths", cfg.lengths, int), numbers("sigmas", cfg.sigmas, float)
+    for g in gens:
+        if not lengths or any(L < g.chunk or L % g.chunk for L in lengths) or cfg.after % g.chunk:
+            raise BadInput(f"--lengths={cfg.lengths} and --after={cfg.after} must be positive multiples of the chunk ({g.chunk})")
+    policies = [p for p in cfg.policies.split(",") if p]
+    bad = [p for p in policies if p not in ("recache", "recache_window", "keep", "clear")]
+    if bad or not policies:
+        raise BadInput(f"--policies={cfg.policies!r}: each one of recache, recache_window, keep, clear")
+    if not sigmas or not all(0 < s < 1 for s in sigmas):
+        raise BadInput(f"--sigmas={cfg.sigmas!r}: each level must lie in (0, 1)")
+    return lengths, policies, sigmas
+
+
+def switch_videos(g, L, after, seeds, policy):
+    """12 ordered pairs x seeds videos, old event for L frames, the new one for `after`, video seed
+    1000 i + s for pair i. -> events (N,T), videos (N,T,...), the pairs (N,2)."""
+    pairs = torch.tensor([p for p in ordered_pairs(4) for _ in seeds])          # (N,2) pair-major
+    ev = torch.stack([schedule_events([(int(a), 0), (int(b), L)], L + after, g.chunk) for a, b in pairs])
+    x, _ = generate(g, ev, [1000 * i + s for i in range(len(ordered_pairs(4))) for s in seeds], policy)
+    return ev, x, pairs
+
+
+def onset(tr, f, new):
+    """Frames after the switch at f until the sprite holds the new event's canonical colour for
+    two frames in a row (None: it never does)."""
+    c, ok = tr["color_id"] == CANON[new], tr["valid"]
+    hits = [t for t in range(f, len(c) - 1) if c[t] and c[t + 1] and ok[t] and ok[t + 1]]
+    return hits[0] - f if hits else None
+
+
+def video_rows(cfg, path, g, lengths, policies):
+    seeds, rows = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds)), []
+    for policy in policies:
+        for L in lengths:
+            ev, x, pairs = switch_videos(g, L, cfg.after, seeds, policy)
+            per, onsets = {k: [] for k in ("react", "identity", "bias")}, []
+            for v, e, (_, new) in zip(x, ev, pairs.tolist()):
+                m = video_metrics(v, e, g.world, first=g.chunk, chunk=g.chunk)
+                for k in per:
+                    per[k].append(m[k])
+                if m["bias"] == 1.0:
+                    onsets.append(onset(track(v, g.world), L, new))
+            cell = {k: interval(np.array(vals).reshape(-1, len(seeds))) for k, vals in per.items()}   # (pairs, seeds)
+            known = [o for o in onsets if o is not None]
+            rows.append(f"| {path} | {policy} | {L} | " + " | ".join(f"{cell[k]['mean']:.3f} +- {cell[k]['ci95']:.3f}"
+                        for k in per) + f" | {np.mean(known) if known else float('nan'):.1f} ({len(known)}) |")
+    return rows
+
+
+def kept_and_painted(x0, x, ev, w):
+    """Over the frames of x (N,T,...) whose valid sprite is not of its event's canonical colour:
+    the share of x0 frames that keep the sprite's position (within a pixel), keep its colour, and
+    paint it the event's colour. -> (position, colour, painted, frames counted)."""
+    pos = col = paint = n = 0
+    for a, b, e in zip(x, x0, ev.tolist()):
+        ta, tb = track(a, w), track(b, w)
+        for t, et in enumerate(e):
+            if not ta["valid"][t] or CANON[et] < 0 or ta["color_id"][t] == CANON[et]:
+                continue
+            d = (tb["pos"][t] - ta["pos"][t] + w.size / 2) % w.size - w.size / 2   # torus distance
+            n += 1
+            pos += bool(tb["valid"][t] and np.abs(d).max() <= 1)
+            col += bool(tb["valid"][t] and tb["color_id"][t] == ta["color_id"][t])
+            paint += bool(tb["valid"][t] and tb["color_id"][t] == CANON[et])
+    return (pos / max(n, 1), col / max(n, 1), paint / max(n, 1), n)
+
+
+@torch.no_grad()
+def x0_at(net, x, ev, sigma, seed, device, guidance=None):
+    """net's x0 prediction from x (N,T,...) noised to one level sigma, noise from `seed`; with
+    `guidance`, the teacher's as DMD's real score uses it: cond + g (cond - uncond)."""
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    s, ev = torch.full(ev.shape, sigma, device=device), ev.to(device)
+    xt = add_noise(x.to(device), eps.to(device), s)
+    with autocast(device):
+        if guidance is None:
+            v = net(xt, s, ev).float()
+        else:
+            v_c, v_u = net(xt.repeat(2, 1, 1, 1, 1), s.repeat(2, 1), torch.cat([ev, torch.full_like(ev, net.null_event)])).chunk(2)
+            v = cfg_mix(v_c.float(), v_u.float(), guidance)
+    return pred_x0(xt, v, s).cpu()
+
+
+def verdict_rows(cfg, path, g, tck, sigmas, device):
+    """The teacher's and the critic's verdicts on windows of g's videos and on real clips."""
+    W, seeds = tck["config"]["frames"], list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
+    teacher = build(tck["model_args"], tck["ema"], device).eval()
+    ck = load_checkpoint(path, ["student", "longtune"], "python distill.py")
+    critic, g_real = build(ck["model_args"], ck["critic"], device).eval(), ck["config"]["guidance"]
+    ev, x, _ = switch_videos(g, 2 * W, 2 * W, seeds, "recache")
+    kinds = {"before": slice(W, 2 * W), "across": slice(2 * W - W // 2, 2 * W + W // 2), "after": slice(3 * W, 4 * W)}
+    gen = torch.Generator().manual_seed(cfg.first_seed)
+    real_ev = torch.arange(len(x))[:, None].remainder(4).expand(-1, W)           # one-event clips, moving events
+    xr, color, _ = sample_videos(g.world, real_ev, gen)                            # uniform colours
+    off = torch.tensor(CANON)[real_ev[:, 0]] != color                              # the sprite not of its event's colour
+    rows = []
+    for sigma in sigmas:
+        for name, net, gd in (("teacher", teacher, g_real), ("critic", critic, None)):
+            for kind, s in kinds.items():
+                r = kept_and_painted(x0_at(net, x[:, s], ev[:, s], sigma, cfg.first_seed, device, gd), x[:, s], ev[:, s],
+                                     g.world)
+                rows.append(f"| {path} | {name} | {kind} | {sigma:.2f} | " + " | ".join(f"{v:.3f}" for v in r[:3]) + f" | {r[3]} |")
+        r = kept_and_painted(x0_at(teacher, xr[off], real_ev[off], sigma, cfg.first_seed, device, g_real), xr[off],
+                             real_ev[off], g.world)
+        rows.append(f"| real clips | teacher | one event | {sigma:.2f} | " + " | ".join(f"{v:.3f}" for v in r[:3]) + f" | {r[3]} |")
+    return rows
+
+
+def main(cfg):
+    device = pick_device(cfg.device, precision=cfg.precision)
+    paths = [p for p in cfg.ckpts.split(",") if p]
+    if not paths:
+        raise BadInput("--ckpts names no checkpoint")
+    gens = [load_generator(p, device) for p in paths]
+    lengths, policies, sigmas = check_drift(cfg, gens)
+    seeds = f"seeds {cfg.first_seed}-{cfg.first_seed + cfg.seeds - 1}, 12 ordered pairs each"
+    if cfg.probe == "videos":
+        head = [f"\n**One switch after L frames** ({seeds}; {cfg.after} frames after the switch; mean +- 95% interval "
+                "over seeds; onset: mean frames until the new canonical colour holds, over the n recolours)\n",
+                "| checkpoint | cache at the switch | L | react | identity | bias | onset (n) |", "|---|---|---:|---:|---:|---:|---:|"]
+        rows = [r for p, g in zip(paths, gens) for r in video_rows(cfg, p, g, lengths, policies)]
+    else:
+        tck = load_checkpoint(cfg.teacher, ["teacher"], "python teacher.py")
+        head = [f"\n**Colour verdicts of x0 at fixed noise levels** ({seeds}; over the frames whose sprite is not of "
+                f"their event's canonical colour; {', '.join(EVENTS[:4])})\n",
+                "| videos of | net | window | sigma | keeps position | keeps colour | paints the event's | frames |",
+                "|---|---|---|---:|---:|---:|---:|---:|"]
+        rows = [r for p, g in zip(paths, gens) for r in verdict_rows(cfg, p, g, tck, sigmas, device)]
+    text = "\n".join(head + rows)
+    print(text)
+    if cfg.md:
+        with open(cfg.md, "a") as f:
+            f.write(text + "\n")
+        print(f"appended the table to {cfg.md}")
+
+
+if __name__ == "__main__":
+    cli(main, DriftConfig, PRESETS)

@@ -1,0 +1,56 @@
+"""drift.py: the colour verdicts are exact on known frames, the onset is counted from the switch,
+and both probes run on a generator checkpoint, with one clear line for bad input."""
+import numpy as np
+import torch
+from conftest import assert_one_line_exit_2, run_cli
+
+import drift
+from world import BACKGROUNDS, CANON, SPRITE_COLORS, World, render
+
+
+def clip(color, cols, event, w=World()):
+    """One clip (1,T,3,S,S) of a sprite of palette colour `color` at columns `cols`, one event."""
+    pos = torch.tensor([[[4, c] for c in cols]])
+    return render(pos, SPRITE_COLORS[color:color + 1], BACKGROUNDS[:1], w.size, w.sprite), torch.full((1, len(cols)), event)
+
+
+def test_verdicts_are_exact_on_known_predictions():
+    w, right = World(), 0                                        # right's canonical colour is red (0)
+    x, ev = clip(2, [0, 2, 4, 6], right)                         # a blue sprite under `right`
+    assert drift.kept_and_painted(x, x, ev, w) == (1.0, 1.0, 0.0, 4)    # x0 = x: kept, not painted
+    painted, _ = clip(CANON[right], [0, 2, 4, 6], right)
+    assert drift.kept_and_painted(painted, x, ev, w) == (1.0, 0.0, 1.0, 4)   # recoloured in place
+    moved, _ = clip(2, [3, 5, 7, 9], right)
+    assert drift.kept_and_painted(moved, x, ev, w)[:3] == (0.0, 1.0, 0.0)   # 3 px off: position lost
+    red, ev_red = clip(0, [0, 2], right)
+    assert drift.kept_and_painted(red, red, ev_red, w)[3] == 0   # already the event's colour: not counted
+
+
+def test_onset_counts_frames_until_the_new_colour_holds_twice():
+    tr = dict(color_id=np.array([2, 2, 2, 0, 2, 0, 0, 0]), valid=np.ones(8, bool))
+    assert drift.onset(tr, 2, 0) == 3                            # frame 3 alone does not hold; 5 and 6 do
+    assert drift.onset(dict(color_id=np.full(8, 2), valid=np.ones(8, bool)), 2, 0) is None
+
+
+def test_video_probe_rows_per_policy_and_length(student_dir, capsys):
+    st = str(student_dir / "student.pt")
+    drift.main(drift.DriftConfig(ckpts=st, lengths="2,4", after=4, policies="recache,recache_window", seeds=1,
+                                 device="cpu"))
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"| {st} |")]
+    assert [r.split(" | ")[1:3] for r in rows] == [["recache", "2"], ["recache", "4"], ["recache_window", "2"],
+                                                   ["recache_window", "4"]]
+
+
+def test_verdict_probe_runs_teacher_critic_and_real_clips(student_dir, capsys):
+    drift.main(drift.DriftConfig(probe="verdicts", ckpts=str(student_dir / "student.pt"), seeds=1, sigmas="0.5",
+                                 teacher=str(student_dir / "teacher.pt"), device="cpu"))
+    out = capsys.readouterr().out
+    for net, kind in [("teacher", "before"), ("teacher", "after"), ("critic", "across"), ("teacher", "one event")]:
+        assert f"| {net} | {kind} | 0.50 |" in out, out
+
+
+def test_bad_lengths_and_policies_are_one_line(student_dir, capsys, monkeypatch):
+    st = f"--ckpts={student_dir / 'student.pt'}"
+    assert_one_line_exit_2(*run_cli("drift.py", [st, "--lengths=3"], capsys, monkeypatch), "--lengths=3", "chunk")
+    assert_one_line_exit_2(*run_cli("drift.py", [st, "--policies=recache,forget"], capsys, monkeypatch), "--policies")
+    assert_one_line_exit_2(*run_cli("drift.py", [st, "--sigmas=0.5,x"], capsys, monkeypatch), "--sigmas")
