@@ -26,7 +26,7 @@ from common import (adamw, autocast, check_in_sync, checkpointer, compile_, ema_
                     load_checkpoint, optimizer_step, resume, seed_rank)
 from config import BadInput, Count, NonNegative, Positive, Prob, RunConfig, Sigmas, Whole, capped, cli
 from model import KVCache, add_noise, build, cfg_mix, pred_x0, rollout, shift_sigma
-from world import World, clip_scores, eval_events, random_events, save_strip, save_video
+from world import clip_scores, eval_events, load_world, random_events, save_strip, save_video
 
 
 @dataclass
@@ -211,7 +211,7 @@ def evaluate(model, stream, tck, n, device, seed=1234):
     with autocast(device):
         x = rollout(model, noise.to(device), torch.cat([one, sw]).to(device), stream["sigmas"], ch,
                     KVCache(stream["n_sink"], stream["n_window"]), gen=gen).float().cpu()
-    return clip_scores(x, one, sw, World(**tck["world"]), first=ch, chunk=ch), x[:n], x[n:]
+    return clip_scores(x, one, sw, load_world(tck["world"]), first=ch, chunk=ch), x[:n], x[n:]
 
 
 def load_teacher(cfg, world=1):
@@ -311,7 +311,7 @@ def main(cfg):
     save(phase=phase, step=n_updates, skipped=int(skipped), metrics=metrics)
     save_video(os.path.join(cfg.out_dir, "student_samples.gif"), torch.cat(list(one[:5]) + list(sw[:5]), -1))
     k = min(5, n_eval)
-    _, t_one, t_sw = teacher_stage.evaluate(nets["teacher"], teacher_stage.TeacherConfig(**tc), k, device)
+    _, t_one, t_sw = teacher_stage.evaluate(nets["teacher"], teacher_stage.saved_config(tck), k, device)
     pairs = torch.stack([torch.cat([t_one, t_sw]), torch.cat([one[:k], sw[:k]])], 1).flatten(0, 1)   # teacher, student, ...
     save_strip(os.path.join(cfg.out_dir, "teacher_vs_student.png"), pairs)
     print(f"wrote {path}, {cfg.out_dir}/student_samples.gif and {cfg.out_dir}/teacher_vs_student.png")

@@ -38,7 +38,7 @@ from common import autocast, check_file, load_checkpoint, pick_device
 from config import BadInput, Config, Count, OneOf, SwitchCache, Whole, cli
 from model import KVCache, add_noise, build, rollout, stream
 from sample import check_frames, generate, load_generator, schedule_tensor
-from world import (World, batch_metrics, look, ordered_pairs, parse_schedule, sample_videos, segments, switches, track,
+from world import (batch_metrics, load_world, look, ordered_pairs, parse_schedule, sample_videos, segments, switches, track,
                    turned)
 
 METRICS = ["react", "latency", "follow", "identity", "bias", "jumps", "valid", "drift"]
@@ -192,7 +192,7 @@ def turn_rate(video, pairs, t0, n, w):
 
 @torch.no_grad()
 def teacher_probe(tck, cfg, device):
-    tc, w = tck["config"], World(**tck["world"])
+    tc, w = tck["config"], load_world(tck["world"])
     model = build(tck["model_args"], tck["ema"], device).eval()   # the teacher's EMA weights, as every stage uses
     T, H = tc["frames"], tc["frames"] // 2                        # H frames of real history, inpainted
     x_real, pairs = real_clips(w, T, cfg.seeds, cfg.seed)
@@ -209,7 +209,7 @@ def teacher_probe(tck, cfg, device):
 
 @torch.no_grad()
 def generator_probe(gck, cfg, device, switch):
-    s, w = gck["stream"], World(**gck["world"])
+    s, w = gck["stream"], load_world(gck["world"])
     model = build(gck["model_args"], gck[cfg.weights], device).eval()
     H, ch = s["window"] - s["chunk"], s["chunk"]                  # history: all but one chunk of a teacher window
     x_real, pairs = real_clips(w, H + ch, cfg.seeds, cfg.seed)
@@ -232,7 +232,7 @@ def clip_probe(path, tck, cfg, device):
     ck = load_checkpoint(path, ["teacher", "student", "longtune"], "python teacher.py")
     model, n = build(ck["model_args"], ck[cfg.weights], device).eval(), 16 * cfg.seeds
     if ck["stage"] == "teacher":
-        return teacher_stage.evaluate(model, teacher_stage.TeacherConfig(**ck["config"]), n, device, cfg.first_seed)[0]
+        return teacher_stage.evaluate(model, teacher_stage.saved_config(ck), n, device, cfg.first_seed)[0]
     return distill.evaluate(model, ck["stream"], tck, n, device, cfg.first_seed)[0]
 
 

@@ -29,7 +29,7 @@ from common import (autocast, check_in_sync, checkpointer, ema_update, init_run,
                     resume, seed_rank)
 from config import BadInput, Count, NonNegative, OneOf, Positive, Prob, RunConfig, SwitchCache, Whole, capped, cli
 from model import KVCache, rollout
-from world import World, batch_metrics, ordered_pairs, random_events, summarize
+from world import batch_metrics, load_world, ordered_pairs, random_events, summarize
 
 
 @dataclass
@@ -57,7 +57,7 @@ class LongtuneConfig(RunConfig):
     tr_weights: bool = True        # ablation, False: the DMD term at full weight (w = 1); the continuity gate keeps 1 - w
     tr_continuity: bool = True     # ablation, False: no continuity term (Eq. 5 and 5'), the trust-weighted DMD alone
     tau: Positive = 0.5            # Eq. 4, trust radius, in natural steps of latent delta (tuned on evaluation seeds 0-7)
-    mc_radius: NonNegative = 1.4   # Eq. 5, r: a new frame may move r natural steps (moving steps span 0.87-1.35)
+    mc_radius: NonNegative = 1.4   # Eq. 5, r: a new frame may move r natural steps (a step: 0.87-1.35 m, python world.py)
     lam: NonNegative = 1.0         # Eq. 6, lambda: the weight of the continuity term
     tr_appearance: bool = True     # ablation, False: Eq. 5 alone in the continuity term, without 5' (ours)
     ac_radius: NonNegative = 0.1   # Eq. 5', r_a: pooled-colour change a new frame may show, in natural steps
@@ -177,7 +177,7 @@ def by_window_kind(seen):
 def main(cfg):
     sck, tck = load_student(cfg)
     run = init_run(cfg, cfg.batch)
-    device, stream, w = run.device, sck["stream"], World(**sck["world"])
+    device, stream, w = run.device, sck["stream"], load_world(sck["world"])
     name = cfg.out_name or ("deltaforcing.pt" if cfg.trust_region else "longtune.pt")
     path = os.path.join(cfg.out_dir, name)
     nets, ema = distill.dmd_nets(sck["model_args"], teacher=tck["ema"], student=sck["ema"], critic=sck["critic"], cfg=cfg,

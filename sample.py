@@ -21,7 +21,7 @@ import torch
 from common import autocast, compile_, load_checkpoint, pick_device
 from config import BadInput, Config, Count, NonNegative, OneOf, SwitchCache, cli
 from model import KVCache, build, rollout
-from world import EVENTS, World, parse_schedule, schedule_events, to_rgb
+from world import EVENTS, World, load_world, parse_schedule, schedule_events, to_rgb
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Generator:
 def load_generator(path, device, weights="ema"):
     """Any causal generator checkpoint (student or long-tuned)."""
     ck = load_checkpoint(path, ["student", "longtune"], "python distill.py (or python longtune.py)")
-    return Generator(build(ck["model_args"], ck[weights], device).eval(), ck["stream"], World(**ck["world"]))
+    return Generator(build(ck["model_args"], ck[weights], device).eval(), ck["stream"], load_world(ck["world"]))
 
 
 class Player:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from common import (adamw, autocast, check_in_sync, checkpointer, compile_, ema_copy, ema_update, init_run,
                     optimizer_step, resume, seed_rank)
-from config import BadInput, Count, NonNegative, Positive, Prob, Real, RunConfig, Whole, capped, cli
+from config import BadInput, Count, NonNegative, OneOf, Positive, Prob, Real, RunConfig, Whole, capped, cli
 from model import ModelConfig, add_noise, build, cfg_mix, shift_sigma
 from world import EVENTS, World, clip_scores, eval_events, natural_step, save_video, teacher_batch
 
@@ -33,6 +33,7 @@ class TeacherConfig(RunConfig):
     sprite: Count = 4             # sprite side in pixels
     speed: Count = 2              # pixels per frame of a moving event
     rho: Prob = 0.9               # P(sprite colour = the first event's canonical colour): the planted bias
+    palette: OneOf("band", "saturated") = "band"   # sprite colours: band (a recolour small against a step) | saturated
     frames: Count = 8             # teacher clip length = the teacher window of later stages
     chunk: Count = 2              # the generator's chunk: switches in teacher clips fall on its boundaries
     p_switch: Prob = 0.5          # share of teacher clips that switch event once
@@ -70,8 +71,14 @@ PRESETS = {
 }
 
 
+def saved_config(ck):
+    """The TeacherConfig of a teacher checkpoint; those written before the band palette hold none:
+    theirs was saturated."""
+    return TeacherConfig(**{"palette": "saturated", **ck["config"]})
+
+
 def world_of(cfg):
-    return World(size=cfg.size, sprite=cfg.sprite, speed=cfg.speed, rho=cfg.rho)
+    return World(size=cfg.size, sprite=cfg.sprite, speed=cfg.speed, rho=cfg.rho, palette=cfg.palette)
 
 
 def model_args(cfg):

@@ -15,7 +15,7 @@ colour of the clip's *first* event with probability `rho`. A teacher window that
 after a switch sees only the new event and expects its colour, whatever colour the sprite had:
 condition-aligned but trajectory-agnostic guidance, the failure Delta Forcing targets.
 
-    python world.py            # writes out/world.gif (example clips) and prints step sizes
+    python world.py            # writes out/world.gif (example clips), prints step sizes for each palette
 """
 import math
 import os
@@ -28,7 +28,8 @@ from config import BadInput
 
 EVENTS = ["right", "left", "down", "up", "stay"]              # index = event id; id len(EVENTS) is the null event (CFG)
 DIRS = torch.tensor([[0, 1], [0, -1], [1, 0], [-1, 0], [0, 0]])  # (row, col) step of each event
-SPRITE_COLORS = torch.tensor([[1., -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]])  # red, green, blue, yellow
+HUES = torch.tensor([[1., -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]])   # red, green, blue, yellow
+PALETTES = {"saturated": HUES, "band": 0.6 + 0.2 * HUES}      # sprite colours: see World.palette
 COLOR_NAMES = ["red", "green", "blue", "yellow"]
 CANON = [0, 2, 3, 1, -1]                                      # right=red, left=blue, down=yellow, up=green, stay=none
 BACKGROUNDS = torch.tensor([[-.6, -.6, -.6], [-.6, 0., 0.], [0., -.6, 0.]])  # dark grey, dim teal, dim purple
@@ -40,6 +41,21 @@ class World:
     sprite: int = 4    # s, sprite side in pixels
     speed: int = 2     # pixels per frame: at 1 a step is a quarter of a 4-pixel token (python world.py)
     rho: float = 0.9   # P(sprite colour = the first event's canonical colour) in teacher clips
+    # band: bright hues that differ by small offsets (0.6 +- 0.2), so a recolour is small in L2 against
+    # the sprite on the background and a band of noise levels hides the colour but not the position,
+    # as coarse layout outlives identity in real video; saturated: +-1, a recolour larger than a step
+    palette: str = "band"
+
+    @property
+    def colors(self):
+        """(4,3) the sprite palette, in COLOR_NAMES order."""
+        return PALETTES[self.palette]
+
+
+def load_world(d):
+    """The World of a checkpoint's `world` dict; those written before the band palette hold none:
+    theirs was saturated."""
+    return World(**{"palette": "saturated", **d})
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -65,7 +81,7 @@ def sample_videos(w, ev, gen, rho=None):
     sprite and background palette indices. With `rho`, the colour is the first event's canonical
     colour with probability rho, else uniform (the planted conditional bias)."""
     B = ev.shape[0]
-    color = torch.randint(len(SPRITE_COLORS), (B,), generator=gen)
+    color = torch.randint(len(w.colors), (B,), generator=gen)
     if rho is not None:
         canon = torch.tensor(CANON)[ev[:, 0]]
         biased = (torch.rand(B, generator=gen) < rho) & (canon >= 0)
@@ -73,7 +89,7 @@ def sample_videos(w, ev, gen, rho=None):
     bg = torch.randint(len(BACKGROUNDS), (B,), generator=gen)
     pos0 = torch.randint(w.size, (B, 2), generator=gen)
     pos = trajectory(pos0, ev, w.speed, w.size)
-    return render(pos, SPRITE_COLORS[color], BACKGROUNDS[bg], w.size, w.sprite), color, bg
+    return render(pos, w.colors[color], BACKGROUNDS[bg], w.size, w.sprite), color, bg
 
 
 def random_events(B, T, chunk, gen, p_switch=0.5, max_switches=1, first=None):
@@ -198,15 +214,18 @@ def _n_blobs(mask):
 
 def track(video, w):
     """No learned model: per frame, background = median colour; sprite mask = pixels far from it;
-    sprite colour = mask mean snapped to the palette; position = circular (torus) mean of the mask.
+    sprite colour = the mean of its core (the pixels farthest from the background) snapped to the
+    palette; position = circular (torus) mean of the mask.
     video (T,3,S,S) -> dict of numpy arrays over T."""
     v = video.detach().float().cpu().clamp(-1, 1)
     T, S = v.shape[0], w.size
     flat = v.flatten(2)                                              # (T,3,S*S)
     bg = flat.median(-1).values                                      # (T,3)
-    mask = (flat - bg[..., None]).norm(dim=1) > 0.6                  # (T,S*S)
+    dist = (flat - bg[..., None]).norm(dim=1)                        # (T,S*S) each pixel's distance from it
+    mask = dist > 0.6
     area = mask.sum(-1)
-    color = (flat * mask[:, None]).sum(-1) / area.clamp(min=1)[:, None]   # (T,3)
+    core = mask & (dist >= 0.8 * dist.max(-1, keepdim=True).values)  # not the rim a blur mixes with the background
+    color = (flat * core[:, None]).sum(-1) / core.sum(-1).clamp(min=1)[:, None]   # (T,3)
     ang = torch.arange(S) * (2 * math.pi / S)
     rows, cols = ang.repeat_interleave(S), ang.repeat(S)             # angle of each pixel, (S*S,)
     m = mask.float()
@@ -215,7 +234,7 @@ def track(video, w):
     masks = mask.view(T, S, S).numpy()
     valid = np.array([bool(ok[t]) and _n_blobs(masks[t]) == 1 for t in range(T)])
     return dict(valid=valid, pos=pos.numpy() % S, area=area.numpy(), color=color.numpy(), bg=bg.numpy(),
-                color_id=torch.cdist(color, SPRITE_COLORS).argmin(-1).numpy(),
+                color_id=torch.cdist(color, w.colors).argmin(-1).numpy(),
                 bg_id=torch.cdist(bg, BACKGROUNDS).argmin(-1).numpy())
 
 
@@ -341,7 +360,7 @@ def step_sizes(w):
     """L2 sizes, in pixel space, of what a model must see: one step of motion at speeds 1 and 2,
     and a recolour of the sprite (the conditional bias). Printed by `python world.py`."""
     pos = torch.tensor([[[4, 4], [4, 4 + 1], [4, 4 + 2]]])           # (1,3,2): still, 1 px right, 2 px right
-    red, blue, bg = SPRITE_COLORS[0:1], SPRITE_COLORS[2:3], BACKGROUNDS[0:1]
+    red, blue, bg = w.colors[0:1], w.colors[2:3], BACKGROUNDS[0:1]
     x = render(pos, red, bg, w.size, w.sprite)[0]                     # (3,3,S,S)
     recolour = render(pos[:, :1], blue, bg, w.size, w.sprite)[0, 0] - x[0]
     return {"speed 1": float((x[1] - x[0]).norm()), "speed 2": float((x[2] - x[0]).norm()),
@@ -353,5 +372,11 @@ if __name__ == "__main__":
     x, event = teacher_batch(w, 6, 16, gen, chunk=2)                  # six teacher clips, about half switching
     save_video("out/world.gif", torch.cat(list(x), -1))              # (T,3,S,6*S): clips side by side
     print("clip events:", [" ".join(EVENTS[e] for e in ev[::2]) for ev in event.tolist()], "-> out/world.gif")
-    print("L2 size of a step and of a recolour:", {k: round(v, 2) for k, v in step_sizes(w).items()})
-    print(f"natural step m (median transition of teacher clips, speed {w.speed}): {natural_step(w, 8, 2):.2f}")
+    for p in PALETTES:
+        wp = World(palette=p)
+        m = natural_step(wp, 8, 2)
+        steps = [float((c - b).norm()) * (2 * wp.sprite * wp.speed) ** 0.5 for c in wp.colors for b in BACKGROUNDS]
+        print(f"{p} palette: L2 size of a step and of a recolour:", {k: round(v, 2) for k, v in step_sizes(wp).items()})
+        print(f"  natural step m (median transition of teacher clips, speed {wp.speed}): {m:.2f}; one 2-pixel step "
+              f"over every sprite and background colour: {min(steps) / m:.2f} m to {max(steps) / m:.2f} m "
+              "(the continuity radius must admit the largest)")

@@ -5,13 +5,13 @@ import torch
 from conftest import assert_one_line_exit_2, run_cli
 
 import drift
-from world import BACKGROUNDS, CANON, SPRITE_COLORS, World, render
+from world import BACKGROUNDS, CANON, World, render
 
 
 def clip(color, cols, event, w=World()):
     """One clip (1,T,3,S,S) of a sprite of palette colour `color` at columns `cols`, one event."""
     pos = torch.tensor([[[4, c] for c in cols]])
-    return render(pos, SPRITE_COLORS[color:color + 1], BACKGROUNDS[:1], w.size, w.sprite), torch.full((1, len(cols)), event)
+    return render(pos, w.colors[color:color + 1], BACKGROUNDS[:1], w.size, w.sprite), torch.full((1, len(cols)), event)
 
 
 def test_verdicts_are_exact_on_known_predictions():

@@ -10,7 +10,7 @@ from common import load_checkpoint
 from config import BadInput, parse_config
 from conftest import assert_one_line_exit_2, run, run_cli, tiny_cfg
 from model import build
-from world import BACKGROUNDS, SPRITE_COLORS, World, teacher_batch
+from world import BACKGROUNDS, World, teacher_batch
 
 
 def test_training_lowers_loss_on_a_fixed_batch(tmp_path):
@@ -67,7 +67,7 @@ def test_main_end_to_end_and_resume(tmp_path, capsys):
     teacher.main(tiny_cfg(tmp_path, steps=2))
     ck = load_checkpoint(str(tmp_path / "teacher.pt"), ["teacher"], "python teacher.py")
     assert ck["step"] == 2 and {"follow", "valid", "canon", "react", "latency"} <= set(ck["metrics"])
-    steps = [float((c - b).norm()) * (2 * 4 * 2) ** 0.5 for c in SPRITE_COLORS for b in BACKGROUNDS]
+    steps = [float((c - b).norm()) * (2 * 4 * 2) ** 0.5 for c in World().colors for b in BACKGROUNDS]
     assert min(abs(ck["natural_step"] - s) for s in steps) < 1e-4   # the median transition: one 2-pixel step
     teacher.main(tiny_cfg(tmp_path, steps=4, resume=True))
     assert "resumed" in capsys.readouterr().out

@@ -8,9 +8,9 @@ import torch
 
 import longtune
 import trust_region as tr
-from world import BACKGROUNDS, COLOR_NAMES, EVENTS, SPRITE_COLORS, World, natural_step, render, trajectory
+from world import BACKGROUNDS, COLOR_NAMES, EVENTS, World, natural_step, render, trajectory
 
-W = World()                                                      # speed 2
+W = World(palette="saturated")   # speed 2; the palette these knobs were calibrated on (the band world: later)
 M = natural_step(W, 8, 2)      # the data's natural step, about 6.79
 K = 2                                                            # committed frames of an 8-frame window
 RIGHT, LEFT, DOWN, UP, STAY = (EVENTS.index(e) for e in ("right", "left", "down", "up", "stay"))
@@ -29,7 +29,7 @@ def clip(pos0, moves, color=0, bg=0):
     -> (1, 1 + len(moves), 3, S, S)."""
     ev = torch.tensor([[STAY] + moves])
     pos = trajectory(torch.tensor([pos0]), ev, W.speed, W.size)
-    return render(pos, SPRITE_COLORS[[color]], BACKGROUNDS[[bg]], W.size, W.sprite)
+    return render(pos, W.colors[[color]], BACKGROUNDS[[bg]], W.size, W.sprite)
 
 
 def turn_window(color=0, bg=0):
@@ -244,16 +244,21 @@ def test_longtune_window_loss_with_full_trust_equals_the_baseline_exactly(contin
 
 # ----------------------------------------------------------------------------- known limits (see the report)
 
-PALETTES = [(c, b) for c in range(len(SPRITE_COLORS)) for b in range(len(BACKGROUNDS))]
+PALETTES = [(c, b) for c in range(len(W.colors)) for b in range(len(BACKGROUNDS))]
 
 
-def test_natural_motion_is_free_for_every_palette():
-    """m is one median over every palette, but one step's size depends on the colours (0.87 m to
-    1.35 m): r = 1.4 admits every one of them."""
-    costly = []
+@pytest.mark.parametrize("palette", ["saturated", pytest.param("band", marks=pytest.mark.xfail(strict=True, reason=(
+    "known limit: r = 1.4 was set on the saturated palette; on the band palette a step of yellow on grey is 1.47 m "
+    "and pays a little (r = 1.5 would free it but miss the saturated world's teleports)")))])
+def test_natural_motion_is_free_for_every_palette(palette):
+    """m is one median over every colour pair, but one step's size depends on the colours (0.87 m to
+    1.35 m saturated, 0.89 m to 1.47 m band): r = 1.4 admits every saturated one."""
+    w, costly = World(palette=palette), []
+    m = natural_step(w, 8, 2)
     for c, b in PALETTES:
-        window = turn_window(c, b)
-        if tr.monotonic_continuity(window[:, K:], window[:, K - 1], M, R).max() > 0:
+        pos = trajectory(torch.tensor([(5, 5)]), torch.tensor([[STAY, RIGHT] + [UP] * 6]), w.speed, w.size)
+        window = render(pos, w.colors[[c]], BACKGROUNDS[[b]], w.size, w.sprite)
+        if tr.monotonic_continuity(window[:, K:], window[:, K - 1], m, R).max() > 0:
             costly.append((COLOR_NAMES[c], b))
     assert costly == []
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from config import BadInput
-from world import (BACKGROUNDS, CANON, DIRS, EVENTS, SPRITE_COLORS, World, natural_step, parse_schedule, random_events,
+from world import (BACKGROUNDS, CANON, DIRS, EVENTS, PALETTES, World, natural_step, parse_schedule, random_events,
                    sample_videos, schedule_events, step_sizes, switches, teacher_batch, track, video_metrics)
 
 W = World()
@@ -26,10 +26,12 @@ def test_world_moves_two_pixels_a_frame():
     assert np.allclose((np.diff(pos[:, 1]) + 8) % 16 - 8, 2) and np.allclose(np.diff(pos[:, 0]), 0)
 
 
+@pytest.mark.parametrize("palette", PALETTES)
 @pytest.mark.parametrize("seed", range(6))
-def test_ground_truth_is_perfect(seed):
-    x, ev = schedule_video("right@0,down@7,left@12,up@18,stay@21", seed=seed)   # wraps the torus often
-    m = video_metrics(x, ev, W, first=2)
+def test_ground_truth_is_perfect(seed, palette):
+    w = World(palette=palette)
+    x, ev = schedule_video("right@0,down@7,left@12,up@18,stay@21", seed=seed, w=w)   # wraps the torus often
+    m = video_metrics(x, ev, w, first=2)
     assert m["follow"] == 1 and m["identity"] == 1 and m["jumps"] == 0 and m["valid"] == 1
     assert m["latency"] == 0 and m["drift"] < 1e-6
     assert m["react"] == 1 and m["n_react"] == 4                 # every switch, `stay` included, reacted
@@ -101,7 +103,9 @@ def test_random_events_draw_switch_frames_per_video():
 def test_natural_step_is_a_constant_of_the_data():
     """Drawn from a fixed seed, not a run's: the same for every run, clip length and sample count."""
     m = natural_step(W, 8, 2)
-    assert m == pytest.approx(step_sizes(W)["speed 2"]) and m == pytest.approx(6.79, abs=0.01)
+    steps = [float((c - b).norm()) * (2 * 4 * 2) ** 0.5 for c in W.colors for b in BACKGROUNDS]   # one 2-pixel step
+    assert min(abs(m - s) for s in steps) < 1e-4 and m == pytest.approx(6.04, abs=0.01)
+    assert natural_step(World(palette="saturated"), 8, 2) == pytest.approx(6.79, abs=0.01)
     assert natural_step(W, 4, 2) == m and natural_step(W, 8, 2, n=512) == m
     torch.manual_seed(1)
     state = torch.get_rng_state()
@@ -161,17 +165,49 @@ def test_turn_is_judged_on_the_first_chunk_after_the_switch():
     assert video_metrics(xs, ev, W, first=2, chunk=2)["react"] == 1
 
 
+def blur(x, shrink=0.9):
+    """Roughly a denoiser's x0 at sigma 0.75: a 3x3 circular box blur, then a shrink toward the mean."""
+    b = sum(torch.roll(x, (i, j), (-2, -1)) for i in (-1, 0, 1) for j in (-1, 0, 1)) / 9
+    mean = x.mean((-2, -1), keepdim=True)
+    return mean + shrink * (b - mean)
+
+
+@pytest.mark.parametrize("palette", PALETTES)
+@pytest.mark.parametrize("kind", ["blurred", "noisy"])
+def test_tracker_is_exact_on_blurred_and_noisy_frames_of_every_colour(palette, kind):
+    """Every sprite colour on every background, at every phase of a 2-pixel step: the tracker's
+    colour, background, position (to half a pixel) and validity hold on predictions, not only on
+    exact frames. In the band palette colours differ by 0.4 in one or two channels."""
+    w, g = World(palette=palette), torch.Generator().manual_seed(0)
+    for c in range(4):
+        for b in range(len(BACKGROUNDS)):
+            x = sample_videos(w, torch.zeros(1, 8, dtype=torch.long), g)[0][0]            # (8,3,S,S) moving right
+            truth = track(x, w)
+            is_bg = (x - BACKGROUNDS[truth["bg_id"][0]][:, None, None]).abs().sum(1, keepdim=True) < 1e-6
+            x = torch.where(is_bg, BACKGROUNDS[b][:, None, None], w.colors[c][:, None, None])
+            x = blur(x) if kind == "blurred" else x + 0.1 * torch.randn(x.shape, generator=g)
+            tr = track(x, w)
+            d = (tr["pos"] - truth["pos"] + w.size / 2) % w.size - w.size / 2
+            assert tr["valid"].all() and (tr["color_id"] == c).all() and (tr["bg_id"] == b).all(), (c, b)
+            assert np.abs(d).max() <= 0.5, (c, b, d)
+
+
+def test_band_palette_makes_a_recolour_small_against_a_step():
+    band, sat = step_sizes(World(palette="band")), step_sizes(World(palette="saturated"))
+    assert band["recolour"] < 0.35 * band["speed 2"] and sat["recolour"] > sat["speed 2"]
+
+
 # ----------------------------------------------------------------------------- planted failures
 
 def test_planted_recolour_lowers_identity():
     x, ev = schedule_video("right@0,up@12")
     tr = track(x, W)
-    new = (tr["color_id"][0] + 1) % len(SPRITE_COLORS)
+    new = (tr["color_id"][0] + 1) % len(W.colors)
     sprite = (x - BACKGROUNDS[tr["bg_id"][0]][:, None, None]).abs().sum(1, keepdim=True) > 0.1   # (T,1,S,S)
-    x2 = torch.where(sprite & (torch.arange(24) >= 16)[:, None, None, None], SPRITE_COLORS[new][:, None, None], x)
+    x2 = torch.where(sprite & (torch.arange(24) >= 16)[:, None, None, None], W.colors[new][:, None, None], x)
     assert video_metrics(x, ev, W)["identity"] == 1
     assert video_metrics(x2, ev, W)["identity"] == 0
-    x3 = torch.where(sprite & (torch.arange(24) >= 12)[:, None, None, None], SPRITE_COLORS[1][:, None, None], x)
+    x3 = torch.where(sprite & (torch.arange(24) >= 12)[:, None, None, None], W.colors[1][:, None, None], x)
     assert tr["color_id"][0] != 1                                # red, so green after "up" is the planted bias
     assert video_metrics(x3, ev, W)["bias"] == 1 and video_metrics(x, ev, W)["bias"] == 0
 
