@@ -3,6 +3,7 @@ a teacher that is condition-aligned but trajectory-agnostic passes its bias to t
 
     python drift.py --ckpts=out/student.pt,out/longtune.pt --first_seed=100 --seeds=4
     python drift.py --probe=verdicts --ckpts=out/longtune.pt --first_seed=100 --seeds=4
+    python drift.py --probe=band --teacher=out/teacher.pt --picture=out/band.png
 
 videos: every checkpoint streams one switch, the old event for L frames (--lengths), then the new
   one for --after frames, every ordered pair of the four moving events, under each cache policy at
@@ -11,14 +12,16 @@ videos: every checkpoint streams one switch, the old event for L frames (--lengt
   colour (bias, over the switches whose sprite was not of that colour) and its onset (frames after
   the switch until the sprite holds that colour for two frames in a row). Video seeds are shared
   by every row, so the rows differ in the one thing they name.
-verdicts: the teacher's and the checkpoint's critic's x0 at fixed noise levels (--sigmas) on
-  teacher-length windows of the checkpoint's own videos (one switch after 2 windows), wholly
-  before, across and wholly after the switch, each frame under its own event as long tuning
-  gives them; and on real one-event clips whose sprite is not of the event's colour (the teacher's
-  view of a window after a switch). Over the frames whose sprite is not of their event's
-  canonical colour: does x0 keep the sprite's position (within a pixel), keep its colour, or
-  paint it the event's colour? A range of sigma where position is kept and colour is painted is
-  the noise band in which the teacher is biased but not blind.
+verdicts: the teacher's (with the checkpoint's DMD guidance) and the checkpoint's critic's x0 at
+  fixed noise levels (--sigmas) on teacher-length windows of the checkpoint's own videos (one
+  switch after 2 windows), wholly before, across and wholly after the switch, each frame under its
+  own event as long tuning gives them.
+band: the teacher alone on real one-event clips whose sprite is not of the event's colour, which
+  is what it sees in a window wholly after a switch.
+Both count, over the frames whose sprite is not of their event's canonical colour, the x0 frames
+that keep the sprite's position (within a pixel), keep its colour, paint it the event's colour,
+and keep the position while painting: a range of sigma where the last is high is the noise band
+in which the teacher is biased but not blind (in real video, layout outlives identity).
 """
 from dataclasses import dataclass
 
@@ -30,20 +33,21 @@ from config import BadInput, Config, Count, OneOf, Whole, cli
 from evaluate import interval
 from model import add_noise, build, cfg_mix, pred_x0
 from sample import generate, load_generator
-from world import CANON, EVENTS, ordered_pairs, sample_videos, schedule_events, track, video_metrics
+from world import CANON, load_world, ordered_pairs, sample_videos, save_strip, schedule_events, track, video_metrics
 
 
 @dataclass
 class DriftConfig(Config):
     ckpts: str = "out/student.pt,out/longtune.pt"   # comma-separated generator checkpoints, a block of rows each
-    probe: OneOf("videos", "verdicts") = "videos"    # videos: cache policy x segment length | verdicts (see the top)
-    teacher: str = "out/teacher.pt"  # --probe=verdicts: the teacher checkpoint
+    probe: OneOf("videos", "verdicts", "band") = "videos"   # videos: cache policy x segment length | verdicts | band (top)
+    teacher: str = "out/teacher.pt"  # --probe=verdicts and band: the teacher checkpoint
     lengths: str = "8,16,32"       # frames of the old event before the switch (multiples of the chunk)
     after: Count = 32              # frames of the new event after the switch
     policies: str = "recache,recache_window,keep"   # cache policies at the switch, one row each
-    sigmas: str = "0.3,0.5,0.7,0.8,0.9"   # --probe=verdicts: the fixed noise levels
+    sigmas: str = "0.3,0.5,0.7,0.8,0.9"   # --probe=verdicts and band: the fixed noise levels
     seeds: Count = 4               # video seeds per ordered pair (12 pairs)
     first_seed: Whole = 100        # seeds first_seed .. first_seed + seeds - 1
+    picture: str = ""              # --probe=band: a PNG of one clip and the teacher's x0 at each level, 8x
     md: str = ""                   # also append the markdown table to this file
 
 
@@ -60,6 +64,7 @@ def numbers(flag, text, kind):
 def check_drift(cfg, gens):
     """Every check before any work."""
     check_file("md", cfg.md)
+    check_file("picture", cfg.picture)
     lengths, sigmas = numbers("lengths", cfg.lengths, int), numbers("sigmas", cfg.sigmas, float)
     for g in gens:
         if not lengths or any(L < g.chunk or L % g.chunk for L in lengths) or cfg.after % g.chunk:
@@ -111,20 +116,21 @@ def video_rows(cfg, path, g, lengths, policies):
 
 def kept_and_painted(x0, x, ev, w):
     """Over the frames of x (N,T,...) whose valid sprite is not of its event's canonical colour:
-    the share of x0 frames that keep the sprite's position (within a pixel), keep its colour, and
-    paint it the event's colour. -> (position, colour, painted, frames counted)."""
-    pos = col = paint = n = 0
+    the share of x0 frames that keep the sprite's position (within a pixel), keep its colour, paint
+    it the event's colour, and keep the position while painting it (biased, not blind).
+    -> (position, colour, painted, position and painted, frames counted)."""
+    hits, n = np.zeros(4), 0
     for a, b, e in zip(x, x0, ev.tolist()):
         ta, tb = track(a, w), track(b, w)
         for t, et in enumerate(e):
             if not ta["valid"][t] or CANON[et] < 0 or ta["color_id"][t] == CANON[et]:
                 continue
             d = (tb["pos"][t] - ta["pos"][t] + w.size / 2) % w.size - w.size / 2   # torus distance
+            pos, ok = np.abs(d).max() <= 1, tb["valid"][t]
+            paint = ok and tb["color_id"][t] == CANON[et]
+            hits += [ok and pos, ok and tb["color_id"][t] == ta["color_id"][t], paint, paint and pos]
             n += 1
-            pos += bool(tb["valid"][t] and np.abs(d).max() <= 1)
-            col += bool(tb["valid"][t] and tb["color_id"][t] == ta["color_id"][t])
-            paint += bool(tb["valid"][t] and tb["color_id"][t] == CANON[et])
-    return (pos / max(n, 1), col / max(n, 1), paint / max(n, 1), n)
+    return (*(hits / max(n, 1)).tolist(), n)
 
 
 @torch.no_grad()
@@ -143,51 +149,68 @@ def x0_at(net, x, ev, sigma, seed, device, guidance=None):
     return pred_x0(xt, v, s).cpu()
 
 
+def row(*cells, r):
+    return "| " + " | ".join([*map(str, cells), *(f"{v:.3f}" for v in r[:4]), str(r[4])]) + " |"
+
+
 def verdict_rows(cfg, path, g, tck, sigmas, device):
-    """The teacher's and the critic's verdicts on windows of g's videos and on real clips."""
+    """The teacher's and the critic's verdicts on windows of g's videos: before, across, after a switch."""
     W, seeds = tck["config"]["frames"], list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
     teacher = build(tck["model_args"], tck["ema"], device).eval()
     ck = load_checkpoint(path, ["student", "longtune"], "python distill.py")
     critic, g_real = build(ck["model_args"], ck["critic"], device).eval(), ck["config"]["guidance"]
     ev, x, _ = switch_videos(g, 2 * W, 2 * W, seeds, "recache")
     kinds = {"before": slice(W, 2 * W), "across": slice(2 * W - W // 2, 2 * W + W // 2), "after": slice(3 * W, 4 * W)}
-    gen = torch.Generator().manual_seed(cfg.first_seed)
-    real_ev = torch.arange(len(x))[:, None].remainder(4).expand(-1, W)           # one-event clips, moving events
-    xr, color, _ = sample_videos(g.world, real_ev, gen)                            # uniform colours
-    off = torch.tensor(CANON)[real_ev[:, 0]] != color                              # the sprite not of its event's colour
-    rows = []
+    return [row(path, name, kind, f"{sigma:.2f}", r=kept_and_painted(
+                x0_at(net, x[:, s], ev[:, s], sigma, cfg.first_seed, device, gd), x[:, s], ev[:, s], g.world))
+            for sigma in sigmas for name, net, gd in (("teacher", teacher, g_real), ("critic", critic, None))
+            for kind, s in kinds.items()]
+
+
+def band_rows(cfg, tck, sigmas, device):
+    """The teacher on real one-event clips whose sprite is not of the event's canonical colour: what
+    it sees in a window wholly after a switch. 64 clips per seed; --picture: one clip's x0 per level."""
+    w, W = load_world(tck["world"]), tck["config"]["frames"]
+    teacher, g_real = build(tck["model_args"], tck["ema"], device).eval(), tck["config"]["guidance"]
+    ev = torch.arange(64 * cfg.seeds)[:, None].remainder(4).expand(-1, W)        # the four moving events
+    x, color, _ = sample_videos(w, ev, torch.Generator().manual_seed(cfg.first_seed))   # uniform colours
+    off = torch.tensor(CANON)[ev[:, 0]] != color                                 # not the event's colour
+    x, ev, rows, pics = x[off], ev[off], [], [x[off][:1]]
     for sigma in sigmas:
-        for name, net, gd in (("teacher", teacher, g_real), ("critic", critic, None)):
-            for kind, s in kinds.items():
-                r = kept_and_painted(x0_at(net, x[:, s], ev[:, s], sigma, cfg.first_seed, device, gd), x[:, s], ev[:, s],
-                                     g.world)
-                rows.append(f"| {path} | {name} | {kind} | {sigma:.2f} | " + " | ".join(f"{v:.3f}" for v in r[:3]) + f" | {r[3]} |")
-        r = kept_and_painted(x0_at(teacher, xr[off], real_ev[off], sigma, cfg.first_seed, device, g_real), xr[off],
-                             real_ev[off], g.world)
-        rows.append(f"| real clips | teacher | one event | {sigma:.2f} | " + " | ".join(f"{v:.3f}" for v in r[:3]) + f" | {r[3]} |")
+        x0 = x0_at(teacher, x, ev, sigma, cfg.first_seed, device, g_real)
+        rows.append(row(cfg.teacher, f"{sigma:.2f}", r=kept_and_painted(x0, x, ev, w)))
+        pics.append(x0[:1])
+    if cfg.picture:
+        save_strip(cfg.picture, torch.cat(pics))                                  # rows: the clip, then x0 per level
     return rows
 
 
 def main(cfg):
     device = pick_device(cfg.device, precision=cfg.precision)
     paths = [p for p in cfg.ckpts.split(",") if p]
-    if not paths:
+    if not paths and cfg.probe != "band":
         raise BadInput("--ckpts names no checkpoint")
     gens = [load_generator(p, device) for p in paths]
     lengths, policies, sigmas = check_drift(cfg, gens)
-    seeds = f"seeds {cfg.first_seed}-{cfg.first_seed + cfg.seeds - 1}, 12 ordered pairs each"
+    seeds = f"seeds {cfg.first_seed}-{cfg.first_seed + cfg.seeds - 1}"
+    shares = "keeps position | keeps colour | paints the event's | position and paints | frames |"
     if cfg.probe == "videos":
-        head = [f"\n**One switch after L frames** ({seeds}; {cfg.after} frames after the switch; mean +- 95% interval "
-                "over seeds; onset: mean frames until the new canonical colour holds, over the n recolours)\n",
-                "| checkpoint | cache at the switch | L | react | identity | bias | onset (n) |", "|---|---|---:|---:|---:|---:|---:|"]
+        head = [f"\n**One switch after L frames** ({seeds}, 12 ordered pairs each; {cfg.after} frames after the switch; "
+                "mean +- 95% interval over seeds; onset: mean frames until the new canonical colour holds, over the n "
+                "recolours)\n", "| checkpoint | cache at the switch | L | react | identity | bias | onset (n) |",
+                "|---|---|---:|---:|---:|---:|---:|"]
         rows = [r for p, g in zip(paths, gens) for r in video_rows(cfg, p, g, lengths, policies)]
+    elif cfg.probe == "verdicts":
+        tck = load_checkpoint(cfg.teacher, ["teacher"], "python teacher.py")
+        head = [f"\n**Colour verdicts of x0 at fixed noise levels** ({seeds}, 12 ordered pairs each; over the frames "
+                "whose sprite is not of their event's canonical colour)\n", "| videos of | net | window | sigma | " + shares,
+                "|---|---|---|---:|" + "---:|" * 5]
+        rows = [r for p, g in zip(paths, gens) for r in verdict_rows(cfg, p, g, tck, sigmas, device)]
     else:
         tck = load_checkpoint(cfg.teacher, ["teacher"], "python teacher.py")
-        head = [f"\n**Colour verdicts of x0 at fixed noise levels** ({seeds}; over the frames whose sprite is not of "
-                f"their event's canonical colour; {', '.join(EVENTS[:4])})\n",
-                "| videos of | net | window | sigma | keeps position | keeps colour | paints the event's | frames |",
-                "|---|---|---|---:|---:|---:|---:|---:|"]
-        rows = [r for p, g in zip(paths, gens) for r in verdict_rows(cfg, p, g, tck, sigmas, device)]
+        head = [f"\n**The noise band** ({seeds}, 64 real one-event clips each, the sprite not of the event's colour; "
+                "the teacher's x0 with its DMD guidance)\n", "| teacher | sigma | " + shares, "|---|---:|" + "---:|" * 5]
+        rows = band_rows(cfg, tck, sigmas, device)
     text = "\n".join(head + rows)
     print(text)
     if cfg.md:

@@ -17,13 +17,13 @@ def clip(color, cols, event, w=World()):
 def test_verdicts_are_exact_on_known_predictions():
     w, right = World(), 0                                        # right's canonical colour is red (0)
     x, ev = clip(2, [0, 2, 4, 6], right)                         # a blue sprite under `right`
-    assert drift.kept_and_painted(x, x, ev, w) == (1.0, 1.0, 0.0, 4)    # x0 = x: kept, not painted
+    assert drift.kept_and_painted(x, x, ev, w) == (1.0, 1.0, 0.0, 0.0, 4)    # x0 = x: kept, not painted
     painted, _ = clip(CANON[right], [0, 2, 4, 6], right)
-    assert drift.kept_and_painted(painted, x, ev, w) == (1.0, 0.0, 1.0, 4)   # recoloured in place
-    moved, _ = clip(2, [3, 5, 7, 9], right)
-    assert drift.kept_and_painted(moved, x, ev, w)[:3] == (0.0, 1.0, 0.0)   # 3 px off: position lost
+    assert drift.kept_and_painted(painted, x, ev, w) == (1.0, 0.0, 1.0, 1.0, 4)   # recoloured in place: biased
+    moved, _ = clip(CANON[right], [3, 5, 7, 9], right)
+    assert drift.kept_and_painted(moved, x, ev, w)[:4] == (0.0, 0.0, 1.0, 0.0)   # 3 px off and red: blind
     red, ev_red = clip(0, [0, 2], right)
-    assert drift.kept_and_painted(red, red, ev_red, w)[3] == 0   # already the event's colour: not counted
+    assert drift.kept_and_painted(red, red, ev_red, w)[4] == 0   # already the event's colour: not counted
 
 
 def test_onset_counts_frames_until_the_new_colour_holds_twice():
@@ -45,8 +45,16 @@ def test_verdict_probe_runs_teacher_critic_and_real_clips(student_dir, capsys):
     drift.main(drift.DriftConfig(probe="verdicts", ckpts=str(student_dir / "student.pt"), seeds=1, sigmas="0.5",
                                  teacher=str(student_dir / "teacher.pt"), device="cpu"))
     out = capsys.readouterr().out
-    for net, kind in [("teacher", "before"), ("teacher", "after"), ("critic", "across"), ("teacher", "one event")]:
+    for net, kind in [("teacher", "before"), ("teacher", "after"), ("critic", "across")]:
         assert f"| {net} | {kind} | 0.50 |" in out, out
+
+
+def test_band_probe_runs_on_a_teacher_and_draws_its_picture(student_dir, tmp_path, capsys):
+    pic = tmp_path / "band.png"
+    drift.main(drift.DriftConfig(probe="band", ckpts="", teacher=str(student_dir / "teacher.pt"), seeds=1,
+                                 sigmas="0.5,0.9", picture=str(pic), device="cpu"))
+    out = capsys.readouterr().out
+    assert "| 0.50 |" in out and "| 0.90 |" in out and pic.stat().st_size > 0
 
 
 def test_bad_lengths_and_policies_are_one_line(student_dir, capsys, monkeypatch):
