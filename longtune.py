@@ -127,8 +127,9 @@ def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, sigm
     for _ in range(cfg.critic_ratio):                            # DMD2: 5 critic updates, each on fresh samples
         with torch.no_grad(), autocast(device):
             window, ev, new, _ = streams.advance(student, sigmas, int(torch.randint(len(sigmas), ())))
+        frames = new if cfg.critic_frames == "new" else None     # LongLive, streaming long tuning: critic masked too
         closs = distill.critic_update(critic, opt_critic, window.float(), ev, shift=shift, grad_clip=cfg.grad_clip,
-                                      world=world, frames=new if cfg.critic_frames == "new" else None)
+                                      world=world, frames=frames)
     with autocast(device):
         window, ev, mask, switched = streams.advance(student, sigmas, int(torch.randint(len(sigmas), ())))
         per_frame, aux = distill.dmd_loss(window.float(), ev, teacher=teacher, critic=critic,

@@ -69,6 +69,22 @@ def test_critic_loss_is_flow_matching_on_its_input():
     assert loss.item() > 0 and m.final_layer.weight.grad.abs().max() > 0
 
 
+def test_critic_loss_on_the_new_frames_only_is_their_share_of_the_mean():
+    """LongLive's critic mask: the loss over frames [F F T T] is the mean of those two frames' terms,
+    and with every frame in the mask it is the whole window's loss."""
+    m, x, ev = randomized(), torch.randn(2, 4, 3, 16, 16), torch.zeros(2, 4, dtype=torch.long)
+    losses = []
+    for frames in (None, torch.tensor([False, False, True, True]), torch.ones(4, dtype=torch.bool)):
+        torch.manual_seed(0)
+        losses.append(distill.critic_loss(m, x, ev, 3.0, frames))
+    torch.manual_seed(0)
+    sigma = distill.dmd_sigma(2, 3.0, x.device)[:, None].expand(2, 4)
+    eps = torch.randn_like(x)
+    v = m(add_noise(x, eps, sigma), sigma, ev)
+    per_frame = ((v - (eps - x)) ** 2).mean(dim=(2, 3, 4))
+    assert torch.allclose(losses[1], per_frame[:, 2:].mean()) and torch.allclose(losses[0], losses[2])
+
+
 def test_critic_update_steps_the_critic_only():
     critic, student = randomized(0), randomized(1)
     opt_critic = torch.optim.SGD(critic.parameters(), lr=0.1)

@@ -163,6 +163,7 @@ def test_tune_update_is_keyword_only():
     (dict(trust_region=True), "deltaforcing.pt"),
     (dict(switch_cache="clear"), "longtune.pt"),
     (dict(window_events="current"), "longtune.pt"),
+    (dict(critic_frames="new", switch_cache="recache_window"), "longtune.pt"),   # LongLive's critic mask and inference
     (dict(trust_region=True, switch_cache="clear", window_events="current", out_name="df_clear.pt"), "df_clear.pt"),
 ])
 def test_longtune_end_to_end(student_dir, tmp_path, kw, name, capsys):
