@@ -5,8 +5,8 @@ a teacher that is condition-aligned but trajectory-agnostic passes its bias to t
     python drift.py --probe=verdicts --ckpts=out/longtune.pt --first_seed=100 --seeds=4
     python drift.py --probe=band --teacher=out/teacher.pt --picture=out/band.png
 
-videos: every checkpoint streams one switch, the old event for L frames (--lengths), then the new
-  one for --after frames, every ordered pair of the four moving events, under each cache policy at
+videos: every checkpoint streams one switch, the old event for L frames (--lengths: 1, 2 and 4
+  teacher windows), then the new one for --after frames (4 windows), every ordered pair of the four moving events, under each cache policy at
   the switch (--policies: recache; recache_window, the sink keeping its old event, as LongLive's
   inference; keep). Per row: react, identity, the recolour rate toward the new event's canonical
   colour (bias, over the switches whose sprite was not of that colour) and its onset (frames after
@@ -41,8 +41,8 @@ class DriftConfig(Config):
     ckpts: str = "out/student.pt,out/longtune.pt"   # comma-separated generator checkpoints, a block of rows each
     probe: OneOf("videos", "verdicts", "band") = "videos"   # videos: cache policy x segment length | verdicts | band (top)
     teacher: str = "out/teacher.pt"  # --probe=verdicts and band: the teacher checkpoint
-    lengths: str = "8,16,32"       # frames of the old event before the switch (multiples of the chunk)
-    after: Count = 32              # frames of the new event after the switch
+    lengths: str = ""              # frames of the old event before the switch, multiples of the chunk (default: 1, 2, 4 windows)
+    after: Whole = 0               # frames of the new event after the switch (default: 4 teacher windows)
     policies: str = "recache,recache_window,keep"   # cache policies at the switch, one row each
     sigmas: str = "0.3,0.5,0.7,0.8,0.9"   # --probe=verdicts and band: the fixed noise levels
     seeds: Count = 4               # video seeds per ordered pair (12 pairs)
@@ -65,6 +65,8 @@ def check_drift(cfg, gens):
     """Every check before any work."""
     check_file("md", cfg.md)
     check_file("picture", cfg.picture)
+    W = gens[0].stream["window"] if gens else 8
+    cfg.lengths, cfg.after = cfg.lengths or f"{W},{2 * W},{4 * W}", cfg.after or 4 * W
     lengths, sigmas = numbers("lengths", cfg.lengths, int), numbers("sigmas", cfg.sigmas, float)
     for g in gens:
         if not lengths or any(L < g.chunk or L % g.chunk for L in lengths) or cfg.after % g.chunk:

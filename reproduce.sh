@@ -12,7 +12,8 @@
 # no appearance term) from the same student; the tau sweep (seed 0); LongLive's one-event windows
 # (seed 0); how identity fails; a strip; the rho = 0 control chain (teacher, student, baseline,
 # Delta Forcing); the benchmark on fresh evaluation seeds 100-115 (tau is tuned on seeds 0-7); the
-# cache-at-switch table.
+# cache-at-switch table; where drift comes from (drift.py: cache policy x segment length, the
+# teacher's and critic's colour verdicts, the noise band).
 # Writes $OUT_DIR/results.md (every table, with date, device and commands) and JSON beside it.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -135,6 +136,11 @@ ROWS="$O/student.pt,$(ck longtune)$(ck deltaforcing)"
 [ "$STAGES" = all ] && ROWS="$ROWS$(ck df_weights)$(ck df_continuity)$(ck df_second)"
 t $EVAL --json="$O/results.json" --md="$MD" --ckpts="$ROWS"
 [ "$STAGES" = main ] && { echo "wrote $MD"; exit 0; }
+
+printf "\n## Where drift comes from (seed 0)\n" >> "$MD"
+t $PY drift.py --preset="$P" --ckpts="$O/student.pt,$O/longtune_s0.pt,$O/deltaforcing_s0.pt" --seeds=${PS:-8} --first_seed=100 --md="$MD"
+t $PY drift.py --preset="$P" --probe=verdicts --teacher="$O/teacher.pt" --ckpts="$O/longtune_s0.pt" --seeds=${PS:-4} --first_seed=100 --md="$MD"
+t $PY drift.py --preset="$P" --probe=band --teacher="$O/teacher.pt" --picture="$O/band.png" --seeds=${PS:-4} --first_seed=100 --md="$MD"
 
 printf "\n## The tau frontier (seed 0; tuned on evaluation seeds 0-7, reported on 100-115)\n" >> "$MD"
 TAUS=""
