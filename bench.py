@@ -138,7 +138,7 @@ def host_syncs(fn):
 def stream_times(g, B, n, device):
     """Seconds of each chunk of one n-frame stream at batch B: sample.py's own streaming loop."""
     ev = torch.zeros(B, n, dtype=torch.long, device=device)
-    return sample.generate(g, ev, list(range(B)), "recache", on_chunk=lambda x: None)[1]
+    return sample.generate(g, ev, list(range(B)), "recache_window", on_chunk=lambda x: None)[1]
 
 
 @torch.no_grad()

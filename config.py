@@ -74,7 +74,7 @@ def OneOf(*choices):
 
 
 Device = OneOf("auto", "cpu", "cuda", "mps")
-SwitchCache = OneOf("recache", "recache_window", "keep", "clear")   # what happens to a stream's KV cache when its event switches
+SwitchCache = OneOf("recache_window", "recache", "keep", "clear")   # what happens to a stream's KV cache when its event switches
 
 
 @dataclass

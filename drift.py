@@ -7,8 +7,8 @@ a teacher that is condition-aligned but trajectory-agnostic passes its bias to t
 
 videos: every checkpoint streams one switch, the old event for L frames (--lengths: 1, 2 and 4
   teacher windows), then the new one for --after frames (4 windows), every ordered pair of the four moving events, under each cache policy at
-  the switch (--policies: recache; recache_window, the sink keeping its old event, as LongLive's
-  inference; keep). Per row: react, identity, the recolour rate toward the new event's canonical
+  the switch (--policies: recache_window, the default, the sink keeping its old event as in
+  LongLive's inference; recache, the sink relabelled too; keep). Per row: react, identity, the recolour rate toward the new event's canonical
   colour (bias, over the switches whose sprite was not of that colour) and its onset (frames after
   the switch until the sprite holds that colour for two frames in a row). Video seeds are shared
   by every row, so the rows differ in the one thing they name.
@@ -43,7 +43,7 @@ class DriftConfig(Config):
     teacher: str = "out/teacher.pt"  # --probe=verdicts and band: the teacher checkpoint
     lengths: str = ""              # frames of the old event before the switch, multiples of the chunk (default: 1, 2, 4 windows)
     after: Whole = 0               # frames of the new event after the switch (default: 4 teacher windows)
-    policies: str = "recache,recache_window,keep"   # cache policies at the switch, one row each
+    policies: str = "recache_window,recache,keep"   # cache policies at the switch, one row each
     sigmas: str = "0.3,0.5,0.7,0.8,0.9"   # --probe=verdicts and band: the fixed noise levels
     seeds: Count = 4               # video seeds per ordered pair (12 pairs)
     first_seed: Whole = 100        # seeds first_seed .. first_seed + seeds - 1
@@ -161,7 +161,7 @@ def verdict_rows(cfg, path, g, tck, sigmas, device):
     teacher = build(tck["model_args"], tck["ema"], device).eval()
     ck = load_checkpoint(path, ["student", "longtune"], "python distill.py")
     critic, g_real = build(ck["model_args"], ck["critic"], device).eval(), ck["config"]["guidance"]
-    ev, x, _ = switch_videos(g, 2 * W, 2 * W, seeds, "recache")
+    ev, x, _ = switch_videos(g, 2 * W, 2 * W, seeds, "recache_window")
     kinds = {"before": slice(W, 2 * W), "across": slice(2 * W - W // 2, 2 * W + W // 2), "after": slice(3 * W, 4 * W)}
     return [row(path, name, kind, f"{sigma:.2f}", r=kept_and_painted(
                 x0_at(net, x[:, s], ev[:, s], sigma, cfg.first_seed, device, gd), x[:, s], ev[:, s], g.world))

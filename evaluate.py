@@ -55,7 +55,7 @@ class EvalConfig(Config):
     seeds: Count = 8               # evaluation seeds (--probe=react: clips per ordered pair)
     first_seed: Whole = 0          # seeds first_seed .. first_seed + seeds - 1 (tune on some, report on fresh ones)
     pool: bool = True              # pool checkpoints named NAME_s<k>.pt (training seeds) into one row NAME
-    switch_cache: SwitchCache = "recache"   # at every event switch: recache | keep | clear
+    switch_cache: SwitchCache = "recache_window"   # at every event switch: recache_window | recache | keep | clear
     json: str = ""                 # also write the results here, as JSON
     md: str = ""                   # also append the markdown tables to this file
 
@@ -271,7 +271,7 @@ def main(cfg):
         r = teacher_probe(tck, cfg, device)
         print(f"teacher probe ({cfg.teacher}): turned in {round(r * n)}/{n} clips ({r:.2f})")
         for path, gck in zip(paths, gcks):
-            for switch in ("recache", "keep", "clear"):
+            for switch in ("recache_window", "recache", "keep", "clear"):
                 r = generator_probe(gck, cfg, device, switch)
                 print(f"generator probe ({path}, cache {switch}): turned within one chunk in {round(r * n)}/{n} clips ({r:.2f})")
         return

@@ -4,8 +4,9 @@ Forcing improves on; with --trust_region=True the window loss becomes Delta Forc
 The student rolls out long videos (default 8 teacher windows) chunk by chunk through its KV
 cache, with sink and rolling window; the rollout state persists across optimiser steps. Each
 video switches event 1..max_switches times at its own chunk boundaries, and at a switch that
-stream's cache is refreshed under the new event (--switch_cache). Each iteration advances every
-stream by F new frames and supervises the newest teacher-length window, K detached context
+stream's cache is recomputed under the new event, its sink keeping the old one (--switch_cache).
+Each iteration advances every stream by F new frames and supervises the newest teacher-length
+window, K detached context
 frames plus the F new ones, with the DMD loss of distill.py, masked to the new frames. The
 teacher and critic see each frame's own event, so no frame generated under one event is
 supervised under another; --window_events=current gives the whole window the newest frame's
@@ -38,7 +39,7 @@ class LongtuneConfig(RunConfig):
     student: str = ""              # default out_dir/student.pt
     windows: Count = 8             # rollout length, in teacher windows
     context: Count = 2             # K detached context frames in each supervised window
-    switch_cache: SwitchCache = "recache"  # at every event switch, per stream: recache | keep | clear
+    switch_cache: SwitchCache = "recache_window"  # at every switch, per stream: recache_window | recache | keep | clear
     window_events: OneOf("true", "current") = "true"   # true: each frame's own event | current: the newest frame's (LongLive)
     critic_frames: OneOf("window", "new") = "window"   # the critic learns the whole window | only its new frames (LongLive)
     max_switches: Count = 3        # switches per long video: 1 .. max_switches

@@ -360,14 +360,14 @@ def chunk_switches(event, chunk, cache):
     return [i for i, s in enumerate((starts != before).any(0).tolist()) if s]
 
 
-def rollout(model, noise, event, sigmas, chunk, cache, *, exit_step=None, switch="recache", gen=None):
+def rollout(model, noise, event, sigmas, chunk, cache, *, exit_step=None, switch="recache_window", gen=None):
     """The causal few-step generator, chunk by chunk through the KV cache (Self Forcing sec. 3.2,
     Algorithm 1); training and inference both call it, so they cannot drift apart. noise (B,T,C,H,W),
     event (B,T), sigmas: the levels as host floats (no step waits for the GPU). Each chunk: predict
     x0 at sigmas[0], re-noise it with fresh noise to sigmas[1], ... up to `exit_step` (default: the
     last, the only step with a graph), whose x0 is the output, re-run at sigma=0 to write clean keys/values.
-    At a stream's event switch its cache is "recache"d (LongLive), "recache_window" (the sink keeps its
-    own event), "keep" or "clear". gen: the re-noising draws (see randn)."""
+    At a stream's switch its cache is recomputed under the new event but the sink ("recache_window",
+    LongLive's inference), sink too ("recache"), "keep" or "clear". gen: the re-noising draws (see randn)."""
     B, T = noise.shape[:2]
     exit_step = len(sigmas) - 1 if exit_step is None else exit_step
     switches = chunk_switches(event, chunk, cache) if switch != "keep" else []

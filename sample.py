@@ -31,7 +31,7 @@ class SampleConfig(Config):
     events: str = "right@0,up@24,left@48"   # the schedule: EVENT@FRAME,... (--live: starts with the first event)
     frames: Count = 96             # video length
     out: str = "out/sample.gif"    # a .gif or .mp4 (and a PNG strip beside it); --live: the session
-    switch_cache: SwitchCache = "recache"   # at every event switch: recache | keep | clear
+    switch_cache: SwitchCache = "recache_window"   # at every event switch: recache_window | recache | keep | clear
     live: bool = False             # stream to the terminal; arrow keys switch the event, q quits and saves --out
     fps: NonNegative = 24.0        # --live: frames/s shown (0 = as fast as they are generated)
     compile: bool = True           # CUDA only: the streaming step as a CUDA graph
@@ -62,7 +62,7 @@ class Player:
     """Videos streaming chunk by chunk: one KV cache, one noise generator per video (seeded by
     its own seed, and nothing else), and chunk(event): the next chunk under per-video events."""
 
-    def __init__(self, g, seeds, switch="recache"):
+    def __init__(self, g, seeds, switch="recache_window"):
         self.g, self.switch, self.device = g, switch, next(g.model.parameters()).device
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.cache = KVCache(g.stream["n_sink"], g.stream["n_window"])

@@ -46,7 +46,7 @@ class ServeConfig(Config):
     ckpts: str = "out/deltaforcing.pt"   # generator checkpoints, comma-separated, one directory: the canvases
     weights: OneOf("ema", "model") = "ema"   # ema | model (the raw weights)
     event: OneOf(*EVENTS) = "right"   # the event every stream starts under (a key then steers)
-    switch_cache: SwitchCache = "recache"   # at every key that switches the event: recache | keep | clear
+    switch_cache: SwitchCache = "recache_window"   # at every key that switches the event: recache_window | recache | keep | clear
     fps: NonNegative = 24.0        # frames/s each stream is played at (0 = as fast as they are generated)
     host: str = "127.0.0.1"        # bind address (loopback unless you say otherwise)
     port: Port = 8000              # port to listen on; 0: any free one (the "serving" line names it)
