@@ -271,6 +271,6 @@ def test_missing_or_mismatched_teacher(teacher_dir, student_dir, tmp_path):
     with pytest.raises(BadInput, match="not found"):
         distill.main(distill_cfg(tmp_path, teacher=str(tmp_path / "none.pt")))
     with pytest.raises(BadInput, match="do not split into chunks"):
-        distill.main(distill_cfg(tmp_path, teacher=str(teacher_dir / "teacher.pt"), chunk=3))
+        distill.main(distill_cfg(tmp_path, teacher=str(teacher_dir / "teacher.pt"), chunk=3, n_window=3))
     r = run("distill.py", f"--out_dir={tmp_path}", f"--teacher={student_dir / 'student.pt'}")
     assert_one_line_error(r, "student checkpoint, not teacher", "python teacher.py")
