@@ -24,7 +24,7 @@ from tqdm import tqdm
 import teacher as teacher_stage
 from common import (adamw, autocast, check_in_sync, checkpointer, compile_, ema_copy, ema_update, init_run,
                     load_checkpoint, optimizer_step, resume, seed_rank)
-from config import BadInput, Count, NonNegative, Positive, Prob, RunConfig, Sigmas, Whole, capped, cli
+from config import BadInput, Count, NonNegative, Positive, Prob, RunConfig, Sigmas, SwitchCache, Whole, capped, cli
 from model import KVCache, add_noise, build, cfg_mix, pred_x0, rollout, shift_sigma
 from world import clip_scores, eval_events, load_world, random_events, save_strip, save_video
 
@@ -42,6 +42,7 @@ class DistillConfig(RunConfig):
     # shorter than the teacher's window, as LongLive's, so DMD trains eviction and the sink splice (8 before
     # 2026-12-01, which never evicted: on the same teacher 2's student follows 0.70 against 0.61 on the benchmark)
     p_switch: Prob = 0.5           # share of ODE pairs and rollouts whose schedule switches once
+    switch_cache: SwitchCache = "recache_window"   # the rollouts' cache at a switch (recache before 2026-12-01)
     # phase 1: ODE init
     ode_pairs: Count = 512         # teacher trajectories
     ode_steps: Whole = 600         # regression steps
@@ -183,7 +184,8 @@ def dmd_update(*, student, critic, teacher, opt, opt_critic, cfg, sigmas, shape,
     def fresh_rollout():
         event = random_events(B, T, cfg.chunk, gen, cfg.p_switch).to(device, non_blocking=True)   # no stream sync
         x = rollout(student, torch.randn(B, T, 3, S, S, device=device), event, sigmas, cfg.chunk,
-                    KVCache(cfg.n_sink, cfg.n_window), exit_step=int(torch.randint(len(sigmas), ())))   # Self Forcing sec. 3.2
+                    KVCache(cfg.n_sink, cfg.n_window), exit_step=int(torch.randint(len(sigmas), ())),   # Self Forcing sec. 3.2
+                    switch=cfg.switch_cache)
         return x, event
 
     for _ in range(cfg.critic_ratio):                            # DMD2: 5 critic updates per generator update
