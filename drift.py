@@ -102,7 +102,7 @@ def video_rows(cfg, path, g, lengths, policies):
     for policy in policies:
         for L in lengths:
             ev, x, pairs = switch_videos(g, L, cfg.after, seeds, policy)
-            per, onsets = {k: [] for k in ("react", "identity", "bias")}, []
+            per, onsets = {k: [] for k in ("react", "identity", "bias", "pull")}, []
             for v, e, (_, new) in zip(x, ev, pairs.tolist()):
                 m = video_metrics(v, e, g.world, first=g.chunk, chunk=g.chunk)
                 for k in per:
@@ -199,8 +199,8 @@ def main(cfg):
     if cfg.probe == "videos":
         head = [f"\n**One switch after L frames** ({seeds}, 12 ordered pairs each; {cfg.after} frames after the switch; "
                 "mean +- 95% interval over seeds; onset: mean frames until the new canonical colour holds, over the n "
-                "recolours)\n", "| checkpoint | cache at the switch | L | react | identity | bias | onset (n) |",
-                "|---|---|---:|---:|---:|---:|---:|"]
+                "recolours)\n", "| checkpoint | cache at the switch | L | react | identity | bias | pull | onset (n) |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"]
         rows = [r for p, g in zip(paths, gens) for r in video_rows(cfg, p, g, lengths, policies)]
     elif cfg.probe == "verdicts":
         tck = load_checkpoint(cfg.teacher, ["teacher"], "python teacher.py")

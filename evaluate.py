@@ -41,7 +41,7 @@ from sample import check_frames, generate, load_generator, schedule_tensor
 from world import (batch_metrics, load_world, look, ordered_pairs, parse_schedule, sample_videos, segments, switches, track,
                    turned)
 
-METRICS = ["react", "latency", "follow", "identity", "bias", "jumps", "valid", "drift"]
+METRICS = ["react", "latency", "follow", "identity", "bias", "pull", "jumps", "valid", "drift"]
 
 
 @dataclass

@@ -33,6 +33,7 @@ PALETTES = {"saturated": HUES, "band": 0.6 + 0.2 * HUES}      # sprite colours: 
 COLOR_NAMES = ["red", "green", "blue", "yellow"]
 CANON = [0, 2, 3, 1, -1]                                      # right=red, left=blue, down=yellow, up=green, stay=none
 BACKGROUNDS = torch.tensor([[-.6, -.6, -.6], [-.6, 0., 0.], [0., -.6, 0.]])  # dark grey, dim teal, dim purple
+PULL = 0.2   # `pull`: a segment's mean sprite colour moved this far toward a colour (half the band's 0.4 hue step)
 
 
 @dataclass
@@ -177,12 +178,12 @@ def eval_events(n, T, chunk):
 
 def clip_scores(x, one, sw, w, first, chunk):
     """Scores of the evaluation clips x = [one-event ; switch] (2n,T,...): follow, valid, jumps,
-    canon on the one-event clips; react, latency, identity, bias (and their valid) on the switches."""
+    canon on the one-event clips; react, latency, identity, bias, pull (and their valid) on the switches."""
     n = len(one)
     m1 = summarize(batch_metrics(x[:n], one, w, first=first, chunk=chunk))
     m2 = summarize(batch_metrics(x[n:], sw, w, first=first, chunk=chunk))
     out = {k: m1[k] for k in ("follow", "valid", "jumps", "canon")}
-    out.update({k: m2[k] for k in ("react", "latency", "identity", "bias")}, switch_valid=m2["valid"])
+    out.update({k: m2[k] for k in ("react", "latency", "identity", "bias", "pull")}, switch_valid=m2["valid"])
     return out
 
 
@@ -282,7 +283,7 @@ def video_metrics(video, ev, w, first=1, grace=2, tol=0.5, chunk=2):
     scored = np.arange(1, T) >= first
     for f, _, _ in sw:
         scored &= ~((np.arange(1, T) >= f) & (np.arange(1, T) < f + grace))
-    lat, ident, bias, react = [], [], [], []
+    lat, ident, bias, pull, react = [], [], [], [], []
     for i, (f, old, new) in enumerate(sw):
         end = bounds[i + 2]
         first_chunk = [t - 1 for t in range(f, min(f + chunk, end)) if pair[t - 1]]   # transitions into f..f+chunk-1
@@ -298,6 +299,9 @@ def video_metrics(video, ev, w, first=1, grace=2, tol=0.5, chunk=2):
         ident.append(float(all((tr["color_id"][t], tr["bg_id"][t]) == ref for t in after)))
         if CANON[new] >= 0 and ref[0] != CANON[new]:              # could the teacher's bias show here?
             bias.append(float(np.bincount(tr["color_id"][after]).argmax() == CANON[new]))
+        c, b, a = (w.colors[CANON[new]].numpy(), tr["color"][before].mean(0), tr["color"][after].mean(0))
+        if CANON[new] >= 0 and np.linalg.norm(b - c) >= PULL:      # the same, on mean colours: no palette snap
+            pull.append(float(np.linalg.norm(a - c) <= np.linalg.norm(b - c) - PULL))
     seg0 = [t for t in range(bounds[1]) if tr["valid"][t]]
     tail = [t for t in range(T - max(2, T // 8), T) if tr["valid"][t]]
     if seg0 and tail:   # colour distance normalised by the palette cube's diagonal, in [0, 1]
@@ -316,6 +320,7 @@ def video_metrics(video, ev, w, first=1, grace=2, tol=0.5, chunk=2):
         drift=float(drift),
         canon=float(np.bincount(tr["color_id"][seg0]).argmax() == canon) if seg0 and canon >= 0 else float("nan"),
         bias=float(np.mean(bias)) if bias else float("nan"),     # switches recoloured to the new event's canonical colour
+        pull=float(np.mean(pull)) if pull else float("nan"),     # switches whose colour moved PULL toward it
     )
 
 

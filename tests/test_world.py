@@ -210,6 +210,9 @@ def test_planted_recolour_lowers_identity():
     x3 = torch.where(sprite & (torch.arange(24) >= 12)[:, None, None, None], W.colors[1][:, None, None], x)
     assert tr["color_id"][0] != 1                                # red, so green after "up" is the planted bias
     assert video_metrics(x3, ev, W)["bias"] == 1 and video_metrics(x, ev, W)["bias"] == 0
+    assert video_metrics(x3, ev, W)["pull"] == 1 and video_metrics(x, ev, W)["pull"] == 0   # on mean colours too
+    half = torch.where(sprite & (torch.arange(24) >= 12)[:, None, None, None], (x + W.colors[1][:, None, None]) / 2, x)
+    assert video_metrics(half, ev, W)["pull"] == 1               # half-way to green: no palette entry, still a pull
 
 
 def test_planted_background_change_lowers_identity():
