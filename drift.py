@@ -24,12 +24,13 @@ and keep the position while painting: a range of sigma where the last is high is
 in which the teacher is biased but not blind (in real video, layout outlives identity).
 """
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 import torch
 
 from common import autocast, check_file, load_checkpoint, pick_device
-from config import BadInput, Config, Count, OneOf, Whole, cli
+from config import BadInput, Config, Count, OneOf, SwitchCache, Whole, cli
 from evaluate import interval
 from model import add_noise, build, cfg_mix, pred_x0
 from sample import generate, load_generator
@@ -72,9 +73,9 @@ def check_drift(cfg, gens):
         if not lengths or any(L < g.chunk or L % g.chunk for L in lengths) or cfg.after % g.chunk:
             raise BadInput(f"--lengths={cfg.lengths} and --after={cfg.after} must be positive multiples of the chunk ({g.chunk})")
     policies = [p for p in cfg.policies.split(",") if p]
-    bad = [p for p in policies if p not in ("recache", "recache_window", "keep", "clear")]
-    if bad or not policies:
-        raise BadInput(f"--policies={cfg.policies!r}: each one of recache, recache_window, keep, clear")
+    known = get_args(SwitchCache)[1].choices                     # the one list of cache policies (config.py)
+    if not policies or any(p not in known for p in policies):
+        raise BadInput(f"--policies={cfg.policies!r}: each one of {', '.join(known)}")
     if not sigmas or not all(0 < s < 1 for s in sigmas):
         raise BadInput(f"--sigmas={cfg.sigmas!r}: each level must lie in (0, 1)")
     return lengths, policies, sigmas

@@ -1,6 +1,5 @@
-"""The model, and only the model: one compact video transformer that serves as the bidirectional
-teacher, the causal few-step generator and the critic; its KV cache; the streaming rollout; the
-flow-matching helpers. It imports only torch and einops, so it can be copied alone into a notebook.
+"""The model, and only the model: one compact video transformer (bidirectional teacher, causal few-step
+generator, critic), its KV cache, the streaming rollout, the flow-matching helpers; torch and einops only.
 
 A DiT (Peebles & Xie 2023) over patch tokens of all frames, with per-frame AdaLN-Zero
 conditioning on (sigma, event) and 3D RoPE. It runs three ways:
@@ -290,8 +289,7 @@ class KVCache:
             self._update_valid()
 
     def _update_valid(self):
-        cap = self.n_sink + self.n_window
-        filled = self.born >= 0                                      # (cap,)
+        cap, filled = self.n_sink + self.n_window, self.born >= 0   # filled: (cap,)
         if self.cleared is not None:                                 # (B,cap): slots written after each stream's clear
             self.valid = filled[None] & (self.born[None] >= self.cleared[:, None])
         else:
@@ -331,20 +329,22 @@ def stream(model, x, sigma, event, cache, write=False):
 
 @torch.no_grad()
 def recache(model, cache, event, chunk, sink=True):
-    """LongLive's KV-recache: at an event switch, recompute the cached frames' keys and values
-    under the new event (B,), chunk by chunk as written; sink=False leaves the sink under its own
-    events, as LongLive's inference does. Streams whose frames already hold the event are untouched.
-    The caller decides when (rollout: only where some stream switched): nothing waits for the GPU."""
+    """LongLive's KV-recache: at a switch, the cached frames' keys and values recomputed under the new
+    event (B,) chunk by chunk as written; sink=False keeps the sink's (LongLive's inference). Streams
+    already under the event are untouched. Called only where some stream switched: no GPU wait."""
     n = len(cache)
     if n == 0:
         return
     frames, old = cache.ordered()                                # (B,n,C,H,W), (B,n) in stream order
     new = torch.where(torch.arange(n, device=old.device) < (0 if sink else cache.n_sink), old, event[:, None])
     changed = (old != new).any(1)                                # (B,) on the device: no host check
-    fresh = KVCache(cache.n_sink, cache.n_window)
+    fresh, kept = KVCache(cache.n_sink, cache.n_window), 0 if sink or cache.n_sink % chunk else min(n, cache.n_sink)
     for i in range(0, n, chunk):                                 # LongLive, KV-recache: old frames, new prompt
-        f = frames[:, i:i + chunk]                               # (B,chunk,C,H,W)
-        stream(model, f, torch.zeros(f.shape[:2], device=f.device), new[:, i:i + chunk], fresh, write=True)
+        f = frames[:, i:i + chunk]                               # (B,chunk,C,H,W); a kept sink is copied, not re-run
+        if i < kept:
+            fresh.write(f, old[:, i:i + chunk], cache.kv[:, :, :, :, i:i + chunk])
+        else:
+            stream(model, f, torch.zeros(f.shape[:2], device=f.device), new[:, i:i + chunk], fresh, write=True)
     pos, c = cache.pos[:n], changed.view(1, 1, -1, 1, 1, 1, 1)   # our slot s is fresh's slot pos[s]; c: over kv's dims
     cache.kv[:, :, :, :, :n] = torch.where(c, fresh.kv[:, :, :, :, pos], cache.kv[:, :, :, :, :n])
     cache.events[:, :n] = new[:, pos]
