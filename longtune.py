@@ -55,14 +55,16 @@ class LongtuneConfig(RunConfig):
     ema_start: Whole = 100         # updates before the EMA starts averaging
     log_every: Count = 20          # updates between log lines and checkpoints
     probe_every: Count = 100       # updates between small fixed switch probes, to see the metrics settle
-    trust_region: bool = False     # Delta Forcing (trust_region.py), Eq. 6: writes deltaforcing.pt
-    tr_weights: bool = True        # ablation, False: the DMD term at full weight (w = 1); the continuity gate keeps 1 - w
-    tr_continuity: bool = True     # ablation, False: no continuity term (Eq. 5 and 5'), the trust-weighted DMD alone
-    tau: Positive = 0.5            # Eq. 4, trust radius, in natural steps of latent delta (tuned on evaluation seeds 0-7)
-    mc_radius: NonNegative = 1.4   # Eq. 5, r: a new frame may move r natural steps (a step: 0.87-1.35 m, python world.py)
-    lam: NonNegative = 1.0         # Eq. 6, lambda: the weight of the continuity term
-    tr_appearance: bool = True     # ablation, False: Eq. 5 alone in the continuity term, without 5' (ours)
-    ac_radius: NonNegative = 0.1   # Eq. 5', r_a: pooled-colour change a new frame may show, in natural steps
+    trust_region: bool = False     # Delta Forcing (trust_region.py), Eq. 7: writes deltaforcing.pt
+    tr_step: bool = True           # ablation, False: the DMD step unscaled (no Eq. 5); the continuity gate keeps 1 - w
+    tr_continuity: bool = True     # ablation, False: no continuity term (Eq. 6 and 6'), the flagged step alone
+    tau: Positive = 0.01           # Eq. 4, trust radius: the conditional bias a window may pass on, in natural steps
+    band_levels: str = "0.4,0.45,0.5,0.55"   # Eq. 2: fixed noise levels inside the teacher's band (drift.py --probe=band)
+    trust_const: Prob = 0.0        # control, > 0: w held at this value in every window instead of Eq. 4 (0: off)
+    mc_radius: NonNegative = 1.4   # Eq. 6, r: a new frame may move r natural steps (a step: 0.87-1.35 m, python world.py)
+    lam: NonNegative = 1.0         # Eq. 7, lambda: the weight of the continuity term
+    tr_appearance: bool = False    # extra, True: Eq. 6' (ours, a toy invariant) joins the continuity term
+    ac_radius: NonNegative = 0.1   # Eq. 6', r_a: pooled-colour change a new frame may show, in natural steps
 
 
 # small: sized for about 6 min of the whole pipeline on one H100 (teacher.py): an update is 8.1 TFLOP (bench.py),
@@ -111,14 +113,27 @@ class Streams:
         return window, win_ev, torch.arange(W, device=self.device) >= W - n, switched
 
 
-def window_loss(per_frame, window, aux, mask, m, cfg):
+def window_loss(per_frame, window, ev, aux, mask, m, cfg, teacher):
     """The one place the supervised window's per-frame DMD loss becomes a scalar."""
     if cfg.trust_region:                                         # the flags by their own names, down to the equations
-        return trust_region.delta_forcing_loss(per_frame, window, aux, K=int((~mask).sum()), m=m, tau=cfg.tau,
-                                               lam=cfg.lam, mc_radius=cfg.mc_radius, ac_radius=cfg.ac_radius,
-                                               tr_weights=cfg.tr_weights, tr_continuity=cfg.tr_continuity,
-                                               tr_appearance=cfg.tr_appearance)
+        K = int((~mask).sum())
+        verdict = trust_region.band_verdict(teacher, window, ev, K=K, levels=band_levels(cfg)) if K else None
+        return trust_region.delta_forcing_loss(window, aux["grad"], verdict, K=K, m=m, tau=cfg.tau, lam=cfg.lam,
+                                               mc_radius=cfg.mc_radius, ac_radius=cfg.ac_radius, tr_step=cfg.tr_step,
+                                               tr_continuity=cfg.tr_continuity, tr_appearance=cfg.tr_appearance,
+                                               trust_const=cfg.trust_const)
     return per_frame[:, mask].mean(), {}                         # LongLive, streaming long tuning: DMD masked to the new frames
+
+
+def band_levels(cfg):
+    """--band_levels as floats, each in (0, 1)."""
+    try:
+        levels = [float(v) for v in cfg.band_levels.split(",") if v.strip()]
+    except ValueError:
+        levels = []
+    if not levels or not all(0 < v < 1 for v in levels):
+        raise BadInput(f"--band_levels={cfg.band_levels!r}: expected comma-separated noise levels in (0, 1)")
+    return levels
 
 
 def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, sigmas, shift, m, world=1):
@@ -136,7 +151,7 @@ def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, sigm
         window, ev, mask, switched = streams.advance(student, sigmas, int(torch.randint(len(sigmas), ())))
         per_frame, aux = distill.dmd_loss(window.float(), ev, teacher=teacher, critic=critic,
                                            guidance=cfg.guidance, shift=shift)
-        loss, logs = window_loss(per_frame, window.float(), aux, mask, m, cfg)
+        loss, logs = window_loss(per_frame, window.float(), ev, aux, mask, m, cfg, teacher)
     gnorm, applied = optimizer_step(student, opt, loss, cfg.grad_clip, world)
     return loss, closs, gnorm, applied, logs, switched
 
@@ -161,6 +176,7 @@ def load_student(cfg):
     path = cfg.student or os.path.join(cfg.out_dir, "student.pt")
     ck = load_checkpoint(path, ["student"], f"python distill.py --preset={cfg.preset}")
     W, ch = ck["stream"]["window"], ck["stream"]["chunk"]
+    band_levels(cfg)
     if not 0 < cfg.context < W or (W - cfg.context) % ch:
         raise BadInput(f"--context={cfg.context} must leave a whole number of {ch}-frame chunks in a {W}-frame teacher window")
     tck = load_checkpoint(ck["teacher"], ["teacher"], f"python teacher.py --preset={cfg.preset}")

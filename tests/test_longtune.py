@@ -174,7 +174,7 @@ def test_longtune_end_to_end(student_dir, tmp_path, kw, name, capsys):
     out = capsys.readouterr().out
     assert f"switch cache {ck['config']['switch_cache']}" in out and f"window events {ck['config']['window_events']}" in out
     if kw.get("trust_region"):                                   # Delta Forcing logs its trust weights
-        assert " w " in out and " k " in out
+        assert " w " in out and " s " in out
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -195,6 +195,6 @@ def test_the_loss_takes_each_knob_by_its_flag_name_and_holds_no_default():
     import inspect
     sig = inspect.signature(trust_region.delta_forcing_loss).parameters
     knobs = [n for n, p in sig.items() if p.kind == p.KEYWORD_ONLY and n not in ("K", "m")]
-    assert set(knobs) <= {f.name for f in dataclasses.fields(longtune.LongtuneConfig)} and len(knobs) == 7
+    assert set(knobs) <= {f.name for f in dataclasses.fields(longtune.LongtuneConfig)} and len(knobs) == 8
     assert all(sig[n].default is inspect.Parameter.empty for n in knobs)
     assert dataclasses.asdict(longtune.LongtuneConfig())["window_events"] == "true"

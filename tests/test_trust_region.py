@@ -1,45 +1,49 @@
-"""Delta Forcing's trust region (trust_region.py) on exact world frames
-(speed 2, m = world.natural_step), and with the teacher's and critic's x0 predictions T and G
-blurred as a denoiser's prediction at sigma 0.75 would be. The first reading's tests (natural
-step measured on the window's own context, trust from steps away from the previous frame) are
-gone with it: that reading collapsed on a static history and on turns."""
+"""Delta Forcing's trust region (trust_region.py), third reading, on exact world frames (speed 2,
+m = world.natural_step) and with x0 predictions blurred as a denoiser's would be at sigma 0.75.
+The signal is the condition's verdict on the committed frames (teacher with the event minus
+without it); the step keeps everything but its component along the bias direction. The second
+reading's tests (k = rms(T - G) on the committed frames, one weight for the whole window) went
+with it; its figures are in docs/history.md."""
 import pytest
 import torch
 
+import distill
 import longtune
 import trust_region as tr
 from world import BACKGROUNDS, COLOR_NAMES, EVENTS, World, natural_step, render, trajectory
 
-W = World(palette="saturated")   # speed 2; the palette these knobs were calibrated on (the band world: later)
-M = natural_step(W, 8, 2)      # the data's natural step, about 6.79
+W = World(palette="saturated")   # the palette the continuity radius was calibrated on (band: see the limits below)
+B_ = World()                     # the band world, the default
+M = natural_step(W, 8, 2)        # the data's natural step, about 6.79
 K = 2                                                            # committed frames of an 8-frame window
 RIGHT, LEFT, DOWN, UP, STAY = (EVENTS.index(e) for e in ("right", "left", "down", "up", "stay"))
-TAU, R = 0.5, 1.4                                                # longtune's defaults
-KNOBS = ("tau", "lam", "mc_radius", "ac_radius", "tr_weights", "tr_continuity", "tr_appearance")
+R = 1.4                                                          # longtune's mc_radius
+KNOBS = ("tau", "lam", "mc_radius", "ac_radius", "tr_step", "tr_continuity", "tr_appearance", "trust_const")
 DEFAULTS = {k: getattr(longtune.LongtuneConfig(), k) for k in KNOBS}   # the one source of every default
+TAU = DEFAULTS["tau"]
 
 
-def dfl(per_frame, window, aux, **kw):
+def dfl(window, grad, verdict, **kw):
     """delta_forcing_loss with longtune's defaults for every knob not given."""
-    return tr.delta_forcing_loss(per_frame, window, aux, **(DEFAULTS | kw))
+    return tr.delta_forcing_loss(window, grad, verdict, **(DEFAULTS | dict(K=K, m=M) | kw))
 
 
-def clip(pos0, moves, color=0, bg=0):
+def clip(pos0, moves, color=0, bg=0, w=W):
     """One sprite (red on dark grey by default) at pos0, then one frame per move (an event id):
     -> (1, 1 + len(moves), 3, S, S)."""
     ev = torch.tensor([[STAY] + moves])
-    pos = trajectory(torch.tensor([pos0]), ev, W.speed, W.size)
-    return render(pos, W.colors[[color]], BACKGROUNDS[[bg]], W.size, W.sprite)
+    pos = trajectory(torch.tensor([pos0]), ev, w.speed, w.size)
+    return render(pos, w.colors[[color]], BACKGROUNDS[[bg]], w.size, w.sprite)
 
 
-def turn_window(color=0, bg=0):
+def turn_window(color=0, bg=0, w=W):
     """K = 2 committed frames moving right, then 6 new frames moving up (a turn after a switch)."""
-    return clip((5, 5), [RIGHT] + [UP] * 6, color, bg)
+    return clip((5, 5), [RIGHT] + [UP] * 6, color, bg, w)
 
 
 def blur(x, shrink=0.9):
     """What a denoiser predicts for x at sigma 0.75, roughly: a 3x3 circular box blur, then a
-    shrink toward each frame's mean colour."""
+    shrink toward each frame's mean colour (both keep every channel's spatial mean)."""
     b = sum(torch.roll(x, (i, j), (-2, -1)) for i in (-1, 0, 1) for j in (-1, 0, 1)) / 9
     mean = x.mean((-2, -1), keepdim=True)
     return mean + shrink * (b - mean)
@@ -49,10 +53,9 @@ EXACT, BLURRED = (lambda x: x), blur
 PREDICTIONS = pytest.mark.parametrize("pred", [EXACT, BLURRED], ids=["exact", "blurred"])
 
 
-def loss_and_logs(window, real, fake, per_frame=None, **kw):
-    per_frame = torch.rand(window.shape[:2], generator=torch.Generator().manual_seed(0)) if per_frame is None else per_frame
-    args = dict(K=K, m=M, tau=TAU, lam=1.0, mc_radius=R) | kw
-    return (per_frame, *dfl(per_frame, window, dict(real=real, fake=fake), **args))
+def verdict(with_event, without, n=4):
+    """V of Eq. 2 from two predictions of the window, as n band levels would give it: (1,n,K,...)."""
+    return (with_event[:, :K] - without[:, :K])[:, None].expand(-1, n, -1, -1, -1, -1)
 
 
 def test_natural_step_of_the_world():
@@ -61,19 +64,33 @@ def test_natural_step_of_the_world():
     assert tr.frame_norm(x[:, 1:] - x[:, :1]).item() == pytest.approx(M)
 
 
-# ----------------------------------------------------------------------------- (a) a turn is trusted
+# ----------------------------------------------------------------------------- (a) a turn is trusted, and kept
 
 @PREDICTIONS
-def test_turn_after_a_switch_keeps_full_trust_and_costs_nothing_on_every_frame(pred):
+def test_a_condition_that_changes_nothing_in_history_keeps_full_trust(pred):
     window = turn_window()
-    straight = clip((5, 5), [RIGHT] * 7)                         # the critic: the generator would go on right
-    real, fake = pred(window), pred(straight)                    # the teacher turns up; T == G on the committed frames
-    assert torch.equal(real[:, :K], fake[:, :K]) and not torch.equal(real[:, K:], fake[:, K:])
-    per_frame, loss, logs = loss_and_logs(window, real, fake)
-    assert logs["w"].tolist() == [1.0] and logs["k"].tolist() == [0.0]
-    mc = tr.monotonic_continuity(window[:, K:], window[:, K - 1], M, R)
-    assert mc.shape == (1, 6) and (mc == 0).all(), mc            # every new frame, not only the first
-    assert torch.equal(loss, baseline(per_frame))
+    straight = clip((5, 5), [RIGHT] * 7)                         # without the event the teacher goes on right
+    V = verdict(pred(window), pred(straight))                    # equal on the committed frames: the event turns only the new ones
+    grad = pred(straight) - pred(window)
+    loss, logs = dfl(window, grad, V)
+    assert logs["w"].tolist() == [1.0] and logs["s"].tolist() == [0.0]
+    assert torch.equal(loss, tr.dmd_per_frame(window, grad)[:, K:].mean())   # the baseline, exactly
+
+
+@pytest.mark.parametrize("c0, c1", [(c0, c1) for c0 in range(4) for c1 in range(4) if c0 != c1])
+@pytest.mark.parametrize("bg", range(len(BACKGROUNDS)))
+def test_a_turn_keeps_most_of_its_step_when_the_recolour_is_flagged(c0, c1, bg):
+    """Eq. 5 at w = 0 on the band world: the recolour step c0 -> c1 is removed entirely, a turn's
+    step (sprite minus background, at the old and the new place) keeps its component off the
+    recolour: the median pair keeps 96% of its norm, the worst (one channel shared with the
+    background's offset, e.g. green on teal toward yellow) 54%, never less."""
+    x, recol = turn_window(c0, bg, B_), turn_window(c1, bg, B_)
+    b = (recol - x).mean((3, 4))[:, :K].mean(1)                  # the bias direction: toward c1
+    w0 = torch.zeros(1)
+    assert tr.flagged_step(recol - x, b, w0).abs().max() < 1e-5  # the flagged recolour: gone
+    turn = clip((5, 5), [RIGHT] + [UP] * 6, c0, bg, B_) - clip((5, 5), [RIGHT] * 7, c0, bg, B_)
+    kept = tr.frame_norm(tr.flagged_step(turn, b, w0))[:, K:] / tr.frame_norm(turn)[:, K:]
+    assert kept.min() >= 0.53, (COLOR_NAMES[c0], COLOR_NAMES[c1], bg, kept)
 
 
 @pytest.mark.parametrize("direction", [LEFT, DOWN, UP, STAY, RIGHT])
@@ -82,51 +99,70 @@ def test_one_natural_step_in_any_direction_costs_nothing(direction):
     assert (tr.monotonic_continuity(window[:, K:], window[:, K - 1], M, R) == 0).all()
 
 
-# ----------------------------------------------------------------------------- (b) a recolour of history is not
+# ----------------------------------------------------------------------------- (b) a condition that recolours history is not
 
 @PREDICTIONS
-@pytest.mark.parametrize("new_color", [1, 2])                    # red -> green (up's colour), red -> blue (left's)
-def test_teacher_recolouring_the_committed_frames_loses_trust(pred, new_color):
-    window = turn_window()
-    recoloured = turn_window(color=new_color)
-    real, fake = pred(window.clone()), pred(window.clone())
-    real[:, :K] = pred(recoloured)[:, :K]                        # T repaints what already happened; G does not
-    _, _, logs = loss_and_logs(window, real, fake)
-    assert logs["k"].item() > TAU and logs["w"].item() < 1
+@pytest.mark.parametrize("world", [W, B_], ids=["saturated", "band"])
+def test_a_condition_that_recolours_the_committed_frames_loses_trust(pred, world):
+    for c0 in range(4):
+        for c1 in set(range(4)) - {c0}:
+            window, recoloured = turn_window(c0, w=world), turn_window(c1, w=world)
+            s, b = tr.transition_consistency(verdict(pred(recoloured), pred(window)), M)
+            w = tr.trust_weight(s, TAU)
+            assert w.item() < 0.2 and s.item() > 0.05, (COLOR_NAMES[c0], COLOR_NAMES[c1], s)
+            direction = (world.colors[c1] - world.colors[c0]) / (world.colors[c1] - world.colors[c0]).norm()
+            assert torch.allclose(b[0] / b[0].norm(), direction, atol=1e-5)   # b points to the condition's colour
 
 
-@pytest.mark.parametrize("c0", range(4))
-@pytest.mark.parametrize("c1", range(4))
-def test_every_recolour_of_the_committed_frames_loses_trust_on_exact_frames(c0, c1):
-    if c0 == c1:
-        return
-    window = turn_window(color=c0)
-    real = window.clone()
-    real[:, :K] = turn_window(color=c1)[:, :K]
-    _, _, logs = loss_and_logs(window, real, window.clone())
-    assert logs["w"].item() < 1, (COLOR_NAMES[c0], COLOR_NAMES[c1], logs)
+def test_the_signal_is_the_same_on_exact_and_blurred_predictions():
+    window, recoloured = turn_window(), turn_window(color=3)
+    exact = tr.transition_consistency(verdict(recoloured, window), M)
+    blurred = tr.transition_consistency(verdict(blur(recoloured), blur(window)), M)
+    assert torch.allclose(exact[0], blurred[0], rtol=1e-5) and torch.allclose(exact[1], blurred[1], atol=1e-6)
+    moved = tr.transition_consistency(verdict(torch.roll(recoloured, (3, 5), (-2, -1)), window), M)   # motion: pooled, invariant
+    assert torch.allclose(exact[0], moved[0], rtol=1e-5)
 
 
-def test_trust_weight_is_detached_and_shrinks_with_the_delta():
-    real = torch.randn(1, 4, 3, 16, 16, requires_grad=True)
-    window, fake = torch.randn(1, 4, 3, 16, 16, requires_grad=True), torch.randn(1, 4, 3, 16, 16)
-    k = tr.transition_consistency(tr.latent_delta(real, fake), 2, 1.0)
-    w = tr.trust_weight(k, 0.1)
-    assert k.shape == (1,) and not w.requires_grad and (w < 1).all()
-    assert tr.trust_weight(torch.tensor([0.5, 2.0, 4.0]), 1.0).tolist() == pytest.approx([1.0, 0.5, 0.25], rel=1e-5)
-    per_frame = torch.rand(1, 4, requires_grad=True)
-    loss, _ = dfl(per_frame, window, dict(real=real, fake=fake), K=2, m=1.0, tau=0.1)
+def test_trust_weight_is_detached_and_bounds_the_accepted_bias():
+    s = torch.tensor([0.5, 2.0, 4.0], requires_grad=True)
+    w = tr.trust_weight(s, 1.0)
+    assert not w.requires_grad and w.tolist() == pytest.approx([1.0, 0.5, 0.25], rel=1e-5)
+    assert ((w * s).detach() <= 1.0 + 1e-5).all()                # w s never exceeds tau
+
+
+class Teacher(torch.nn.Module):
+    """A stub teacher: with an event it paints the clean frames' mean plus `bias` in channel 0 (a
+    recolour), without it (the null event) the mean alone; x0 = x - sigma v."""
+    null_event = len(EVENTS)
+
+    def __init__(self, bias):
+        super().__init__()
+        self.bias = bias
+
+    def forward(self, x, sigma, event):
+        x0 = torch.zeros_like(x)
+        x0[:, :, 0] += self.bias * (event != self.null_event)[..., None, None].float()
+        return (x - x0) / sigma[..., None, None, None]
+
+
+def test_band_verdict_asks_each_level_and_keeps_only_the_committed_frames():
+    window, ev = torch.randn(2, 8, 3, 16, 16), torch.zeros(2, 8, dtype=torch.long)
+    V = tr.band_verdict(Teacher(0.3), window, ev, K=K, levels=[0.4, 0.5, 0.55])
+    assert V.shape == (2, 3, K, 3, 16, 16)
+    assert torch.allclose(V[:, :, :, 0], torch.full_like(V[:, :, :, 0], 0.3), atol=1e-5) and V[:, :, :, 1:].abs().max() < 1e-5
+    s, b = tr.transition_consistency(V, M)
+    assert s.tolist() == pytest.approx([0.3 * 16 / M] * 2, rel=1e-4) and b[:, 0].tolist() == pytest.approx([0.3] * 2, rel=1e-4)
+
+
+def test_no_gradient_reaches_history_or_the_teacher():
+    window = torch.randn(1, 8, 3, 16, 16, requires_grad=True)
+    grad = torch.randn(1, 8, 3, 16, 16)
+    V = tr.band_verdict(Teacher(0.5), window, torch.zeros(1, 8, dtype=torch.long), K=K, levels=[0.5])
+    assert not V.requires_grad
+    loss, logs = dfl(window, grad, V)
     loss.backward()
-    assert real.grad is None                                     # nothing flows into the proposals through w
-    assert window.grad[:, 2:].abs().max() > 0 and window.grad[:, :2].abs().max() == 0   # continuity on new frames only
-
-
-def test_transition_consistency_looks_only_at_the_committed_frames():
-    delta = torch.zeros(2, 5, 3, 4, 4)
-    delta[0, :2] = 1.0                                           # stream 0: the teacher changes the committed frames
-    delta[1, 2:] = 5.0                                           # stream 1: only the new ones (a reaction)
-    k = tr.transition_consistency(delta, 2, 2.0)
-    assert k[0].item() == pytest.approx((3 * 16) ** 0.5 / 2) and k[1].item() == 0
+    assert logs["w"].item() < 1
+    assert window.grad[:, :K].abs().max() == 0 and window.grad[:, K:].abs().max() > 0   # new frames only
 
 
 # ----------------------------------------------------------------------------- (c) jumps in the new frames cost
@@ -153,85 +189,80 @@ def test_recolour_teleport_and_background_change_cost_on_that_frame(kind, at):
     assert (mc[:at] == 0).all() and (mc[at + 1:] == 0).all()     # and nowhere else: the frames after move naturally
 
 
-@PREDICTIONS
-def test_continuity_pulls_on_the_jump_once_trust_is_low(pred):
-    window = jumped("teleport", 3).requires_grad_()
-    real, fake = pred(window.detach().clone()), pred(window.detach().clone())
-    real[:, :K] = pred(turn_window(color=1))[:, :K]              # the teacher also repaints history: w < 1
-    per_frame = torch.zeros(1, 8, dtype=torch.float64)
-    _, loss, logs = loss_and_logs(window, real, fake, per_frame=per_frame)
-    assert logs["w"].item() < 1 and loss > 0
-    loss.backward()
-    g = window.grad.flatten(2).norm(dim=-1)[0]
-    assert g[K + 3] > 0 and g[:K].sum() == 0                     # the gradient reaches the jumping frame, never history
-
-
-# ----------------------------------------------------------------------------- (d) a static history changes nothing
-
-@PREDICTIONS
-def test_static_history_keeps_the_data_constant_and_natural_motion_free(pred):
-    still = clip((5, 5), [STAY] + [RIGHT] * 6)                   # committed frames identical, then moving right
-    assert torch.equal(still[:, 0], still[:, 1])
-    real, fake = pred(still), pred(still)
-    per_frame, loss, logs = loss_and_logs(still, real, fake)
-    mc = tr.monotonic_continuity(still[:, K:], still[:, K - 1], M, R)
-    assert (mc == 0).all() and logs["w"].item() == 1 and torch.equal(loss, baseline(per_frame))
-    moving = turn_window()                                       # the same deltas under a moving history: the same k
-    real2 = real.clone()
-    real2[:, :K] += 0.5
-    still_k = loss_and_logs(still, real2, fake)[2]["k"]
-    moving_k = loss_and_logs(moving, real2, fake)[2]["k"]
-    assert torch.equal(still_k, moving_k) and still_k.item() == pytest.approx((3 * 256 * 0.25) ** 0.5 / M)
 
 
 # ----------------------------------------------------------------------------- (e), (f) the baseline, exactly
 
 def random_window(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 8, 3, 16, 16, generator=g), dict(real=torch.randn(2, 8, 3, 16, 16, generator=g),
-                                                            fake=torch.randn(2, 8, 3, 16, 16, generator=g)))
+    return torch.randn(2, 8, 3, 16, 16, generator=g), torch.randn(2, 8, 3, 16, 16, generator=g), \
+        torch.randn(2, 4, K, 3, 16, 16, generator=g)
 
 
-def baseline(per_frame):
-    """The LongLive baseline's loss, per_frame[:, K:].mean(), as longtune computes it: on a
-    contiguous copy (a mean over a strided view may sum in another order: the last bit differs)."""
-    return per_frame[:, K:].contiguous().mean()
-
-
-@pytest.mark.parametrize("kw", [dict(tr_weights=False, tr_continuity=False), dict(tau=1e12), dict(tau=1e12, tr_continuity=False)])
-@pytest.mark.parametrize("seed", range(5))
-def test_switched_off_or_infinite_trust_is_exactly_the_baseline(kw, seed):
-    window, aux = random_window(seed)
-    per_frame = torch.rand(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    loss, logs = dfl(per_frame, window, aux, K=K, m=M, **kw)
-    assert torch.equal(loss, baseline(per_frame)) and torch.equal(loss, per_frame[:, torch.arange(8) >= K].mean())
-    assert torch.allclose(loss, per_frame[:, K:].mean(), rtol=1e-15, atol=0)
-    assert logs["w"].shape == logs["k"].shape == (2,) and (logs["k"] > 0).all()
-    gate = tr.trust_weight(logs["k"], kw.get("tau", DEFAULTS["tau"]))
+@pytest.mark.parametrize("kw", [dict(tr_step=False, tr_continuity=False), dict(tau=1e12), dict(tau=1e12, tr_continuity=False),
+                                dict(trust_const=1.0), dict(trust_const=1.0, tr_continuity=False)])
+@pytest.mark.parametrize("seed", range(3))
+def test_switched_off_or_full_trust_is_exactly_the_baseline(kw, seed):
+    """Value and gradient equal distill.dmd_loss's per-frame loss masked to the new frames."""
+    window, grad, V = random_window(seed)
+    real = torch.randn_like(window)
+    x = window.clone().requires_grad_()
+    per_frame, aux = distill.dmd_loss(x, torch.zeros(2, 8, dtype=torch.long), teacher=Oracle(real), critic=Oracle(real + grad),
+                                      guidance=0.0, shift=5.0)
+    base = per_frame[:, K:].contiguous().mean()
+    y = window.clone().requires_grad_()
+    loss, logs = dfl(y, aux["grad"], V, **kw)
+    assert torch.equal(loss, base)
+    base.backward(), loss.backward()
+    assert torch.equal(x.grad, y.grad)
+    assert logs["w"].shape == logs["s"].shape == (2,) and (logs["s"] > 0).all()
+    gate = torch.full((2,), kw["trust_const"]) if "trust_const" in kw else tr.trust_weight(logs["s"], kw.get("tau", TAU))
     assert torch.equal(logs["w"], gate)                          # the log is the one gate, also when a term is off
-    assert (logs["w"] == 1).all() or kw.get("tr_weights") is False
 
 
-def test_first_window_without_history_is_the_plain_mean():
-    window, aux = random_window()
-    per_frame = torch.rand(2, 8, dtype=torch.float64)
-    loss, logs = dfl(per_frame, window, aux, K=0, m=M, tau=1e-3)
-    assert torch.equal(loss, per_frame.mean()) and logs == {}
-    loss, logs = dfl(per_frame[:1], window[:1], aux, K=0, m=M, tr_weights=False, tr_continuity=False)
-    assert torch.equal(loss, per_frame[:1].mean()) and logs == {}
+class Oracle(torch.nn.Module):
+    """A stub net whose x0 is a fixed tensor whatever the noise: v = (x - x0) / sigma."""
+    null_event = len(EVENTS)
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = x0
+
+    def forward(self, x, sigma, event):
+        x0 = self.x0.repeat(x.shape[0] // self.x0.shape[0], 1, 1, 1, 1)
+        return (x - x0) / sigma[..., None, None, None]
+
+
+def test_the_constant_trust_control_differs_only_in_w():
+    window, grad, V = random_window()
+    adaptive, logs = dfl(window, grad, V, tau=TAU)
+    const, clogs = dfl(window, grad, V, trust_const=0.5)
+    assert (clogs["w"] == 0.5).all() and torch.equal(clogs["s"], logs["s"]) and not torch.equal(logs["w"], clogs["w"])
+    w = logs["w"]
+    again, _ = dfl(window, grad, V, trust_const=float(w[0]))     # the same w in both windows as the adaptive one's first
+    one, _ = dfl(window[:1], grad[:1], V[:1], tau=TAU)
+    same, _ = dfl(window[:1], grad[:1], V[:1], trust_const=float(w[0]))
+    assert torch.allclose(one, same, rtol=1e-6)
+
+
+def test_first_window_without_history_is_the_plain_dmd_mean():
+    window, grad, _ = random_window()
+    loss, logs = dfl(window, grad, None, K=0, tau=1e-3)
+    assert torch.equal(loss, tr.dmd_per_frame(window, grad).mean()) and logs == {}
 
 
 @pytest.mark.parametrize("continuity", [False, True])
 def test_longtune_window_loss_with_full_trust_equals_the_baseline_exactly(continuity):
-    """Value and gradient, through longtune.window_loss, the one place the window's loss is made."""
-    base, aux = random_window()
-    mask = torch.arange(8) >= 2
+    """Value and gradient, through longtune.window_loss, the one place the window's loss is made;
+    the stub teacher's event changes nothing, so s = 0 and w = 1 at the default tau."""
+    base, grad, _ = random_window()
+    mask, ev = torch.arange(8) >= 2, torch.zeros(2, 8, dtype=torch.long)
     grads = []
     for trust in (False, True):
         x = base.clone().requires_grad_()
-        per_frame = ((x - 1.0) ** 2).mean(dim=(2, 3, 4)).double()
-        cfg = longtune.LongtuneConfig(trust_region=trust, tau=1e12, tr_continuity=continuity)
-        loss, logs = longtune.window_loss(per_frame, x, aux, mask, M, cfg)
+        per_frame = tr.dmd_per_frame(x, grad)
+        cfg = longtune.LongtuneConfig(trust_region=trust, tr_continuity=continuity)
+        loss, logs = longtune.window_loss(per_frame, x, ev, dict(grad=grad), mask, M, cfg, Teacher(0.0))
         loss.backward()
         grads.append((loss.detach(), x.grad))
         if trust:
@@ -265,7 +296,7 @@ def test_natural_motion_is_free_for_every_palette(palette):
 
 @pytest.mark.xfail(strict=True, reason="known limit of pixel space, documented in trust_region.py: a teleport is "
                                        "sqrt(2) steps, 1.22 m to 1.41 m, under r m = 1.4 m for most palettes, so the "
-                                       "continuity term misses it and leaves it to the trust weight")
+                                       "continuity term misses it and leaves it to the flagged step")
 def test_teleport_costs_for_every_palette():
     free = []
     for c, b in PALETTES:
@@ -276,16 +307,6 @@ def test_teleport_costs_for_every_palette():
     assert free == []
 
 
-@pytest.mark.parametrize("tau", [TAU, pytest.param(1.0, marks=pytest.mark.xfail(strict=True, reason=(
-    "the first default, tau = 1, missed it: a one-channel recolour (red <-> yellow, green <-> yellow) is 1.18 m on "
-    "exact frames but 0.92 m once T and G are blurred, so k < 1 and w = 1; tau = 0.5 catches it")))])
-def test_blurred_recolour_to_yellow_loses_trust(tau):
-    window = turn_window()                                       # red: `down` would repaint it yellow (the bias)
-    real, fake = blur(window.clone()), blur(window.clone())
-    real[:, :K] = blur(turn_window(color=3))[:, :K]
-    _, _, logs = loss_and_logs(window, real, fake, tau=tau)
-    assert logs["w"].item() < 1, logs
-
 
 # ----------------------------------------------------------------------------- (5') appearance conservation
 
@@ -295,6 +316,7 @@ def fade(window, steps, to_bg=1.0):
     bg = last.flatten(3).median(-1).values[..., None, None]       # (1,1,3,1,1) the background colour
     a = torch.linspace(1, 6, 6).clamp(max=steps)[None, :, None, None, None] / steps * to_bg
     return torch.cat([window[:, :K], (1 - a) * last + a * bg], 1)
+
 
 
 @pytest.mark.parametrize("direction", [LEFT, DOWN, UP, STAY, RIGHT])
@@ -321,14 +343,23 @@ def test_a_recolour_or_background_change_costs_appearance(change):
 
 def test_appearance_term_only_joins_the_gated_continuity():
     window = fade(turn_window(color=2), steps=3).requires_grad_(True)
-    real, fake = blur(window.detach()), blur(window.detach())
-    per_frame = torch.rand(window.shape[:2], generator=torch.Generator().manual_seed(0))
-    full, _ = dfl(per_frame, window, dict(real=real, fake=fake), K=K, m=M, tau=1e12, tr_appearance=True)
-    assert torch.equal(full, baseline(per_frame))                # w = 1: no continuity, with or without (5')
-    fake = fake.clone()
-    fake[:, :K] += 1.0                                           # distrust: w < 1
-    low, logs = dfl(per_frame, window, dict(real=real, fake=fake), K=K, m=M, tr_appearance=True)
-    off, _ = dfl(per_frame, window, dict(real=real, fake=fake), K=K, m=M, tr_appearance=False)
+    grad = torch.zeros_like(window)
+    full, _ = dfl(window, grad, verdict(window.detach(), window.detach()), tr_appearance=True)
+    assert full == 0                                             # w = 1: no continuity, with or without (6')
+    biased = verdict(turn_window(color=1), turn_window(color=2))   # distrust: w < 1
+    low, logs = dfl(window, grad, biased, tr_appearance=True)
+    off, _ = dfl(window, grad, biased, tr_appearance=False)
     assert logs["w"].item() < 1 and low > off                    # the fade costs only with the appearance term
     low.backward()
     assert window.grad[:, :K].abs().max() == 0 and window.grad[:, K:].abs().max() > 0
+
+
+@PREDICTIONS
+def test_continuity_pulls_on_the_jump_once_trust_is_low(pred):
+    window = jumped("teleport", 3).requires_grad_()
+    V = verdict(pred(turn_window(color=1)), pred(turn_window()))  # the condition repaints history: w < 1
+    loss, logs = dfl(window, torch.zeros_like(window), V)
+    assert logs["w"].item() < 1 and loss > 0
+    loss.backward()
+    g = window.grad.flatten(2).norm(dim=-1)[0]
+    assert g[K + 3] > 0 and g[:K].sum() == 0                     # the gradient reaches the jumping frame, never history
