@@ -4,6 +4,7 @@ a teacher that is condition-aligned but trajectory-agnostic passes its bias to t
     python drift.py --ckpts=out/student.pt,out/longtune.pt --first_seed=100 --seeds=4
     python drift.py --probe=verdicts --ckpts=out/longtune.pt --first_seed=100 --seeds=4
     python drift.py --probe=band --teacher=out/teacher.pt --picture=out/band.png
+    python drift.py --probe=signals --ckpts=out/student.pt,out/longtune.pt --seeds=4
 
 videos: every checkpoint streams one switch, the old event for L frames (--lengths: 1, 2 and 4
   teacher windows), then the new one for --after frames (4 windows), every ordered pair of the four moving events, under each cache policy at
@@ -18,6 +19,10 @@ verdicts: the teacher's (with the checkpoint's DMD guidance) and the checkpoint'
   own event as long tuning gives them.
 band: the teacher alone on real one-event clips whose sprite is not of the event's colour, which
   is what it sees in a window wholly after a switch.
+signals: which consistency signal tells the windows long tuning trains on apart (Delta Forcing's
+  Eq. 3): the checkpoint's own streams as longtune.py rolls them out, each window scored by every
+  candidate, AUC between windows whose last committed sprite is not of the newest event's
+  canonical colour and windows whose sprite is (95% interval: bootstrap over windows).
 Both count, over the frames whose sprite is not of their event's canonical colour, the x0 frames
 that keep the sprite's position (within a pixel), keep its colour, paint it the event's colour,
 and keep the position while painting: a range of sigma where the last is high is the noise band
@@ -29,9 +34,12 @@ from typing import get_args
 import numpy as np
 import torch
 
+import longtune
+import trust_region as tr
 from common import autocast, check_file, load_checkpoint, pick_device
 from config import BadInput, Config, Count, OneOf, SwitchCache, Whole, cli
 from evaluate import interval
+from distill import dmd_sigma
 from model import add_noise, build, cfg_mix, pred_x0
 from sample import generate, load_generator
 from world import CANON, load_world, ordered_pairs, sample_videos, save_strip, schedule_events, track, video_metrics
@@ -40,13 +48,14 @@ from world import CANON, load_world, ordered_pairs, sample_videos, save_strip, s
 @dataclass
 class DriftConfig(Config):
     ckpts: str = "out/student.pt,out/longtune.pt"   # comma-separated generator checkpoints, a block of rows each
-    probe: OneOf("videos", "verdicts", "band") = "videos"   # videos: cache policy x segment length | verdicts | band (top)
+    probe: OneOf("videos", "verdicts", "band", "signals") = "videos"   # videos | verdicts | band | signals (top)
     teacher: str = "out/teacher.pt"  # --probe=verdicts and band: the teacher checkpoint
     lengths: str = ""              # frames of the old event before the switch, multiples of the chunk (default: 1, 2, 4 windows)
     after: Whole = 0               # frames of the new event after the switch (default: 4 teacher windows)
     policies: str = "recache_window,recache,keep"   # cache policies at the switch, one row each
     sigmas: str = "0.3,0.5,0.7,0.8,0.9"   # --probe=verdicts and band: the fixed noise levels
-    seeds: Count = 4               # video seeds per ordered pair (12 pairs)
+    seeds: Count = 4               # video seeds per ordered pair (12 pairs); --probe=signals: stream seeds, 8 streams each
+    windows: Count = 40            # --probe=signals: windows per stream seed
     first_seed: Whole = 100        # seeds first_seed .. first_seed + seeds - 1
     picture: str = ""              # --probe=band: a PNG of one clip and the teacher's x0 at each level, 8x
     md: str = ""                   # also append the markdown table to this file
@@ -188,6 +197,74 @@ def band_rows(cfg, tck, sigmas, device):
     return rows
 
 
+def auc(score, label, boot=1000):
+    """P(a mismatched window scores above a matched one), ties half; 95% interval by bootstrap."""
+    def one(s, y):
+        a, b = s[y], s[~y]
+        if not len(a) or not len(b):
+            return float("nan")
+        return float(((a[:, None] > b[None]) + 0.5 * (a[:, None] == b[None])).mean())
+    rng, n = np.random.default_rng(0), len(score)
+    boots = [one(score[i], label[i]) for i in (rng.integers(0, n, n) for _ in range(boot))]
+    return one(score, label), *np.percentile(boots, [2.5, 97.5])
+
+
+@torch.no_grad()
+def window_scores(nets, window, ev, K, m, shift, levels):
+    """Every candidate signal for a batch of training windows (B,) each, from the committed frames."""
+    teacher, critic = nets
+    B, Wn, hw = window.shape[0], window.shape[1], window.shape[-1] * window.shape[-2]
+    def x0s(sigma):                                              # teacher with the event, without it, with CFG; the critic
+        xt = add_noise(window, torch.randn_like(window), sigma)
+        v_c, v_u = teacher(xt.repeat(2, 1, 1, 1, 1), sigma.repeat(2, 1), torch.cat([ev, torch.full_like(ev, teacher.null_event)])).chunk(2)
+        tc, tu = pred_x0(xt, v_c.float(), sigma), pred_x0(xt, v_u.float(), sigma)
+        return tc, tu, cfg_mix(tc, tu, 1.0), pred_x0(xt, critic(xt, sigma, ev).float(), sigma)
+    k = lambda d: tr.frame_norm(d[:, :K]).pow(2).mean(1).sqrt() / m                       # rms over the committed frames
+    pooled = lambda d: tr.transition_consistency(d[:, None, :K], m)[0]                    # their per-channel means
+    sigma = dmd_sigma(B, shift, window.device)[:, None].expand(B, Wn)
+    tc, tu, t, g = x0s(sigma)
+    _, _, t5, g5 = x0s(torch.full_like(sigma, 0.5))
+    return dict(sigma=sigma[:, 0], k=k(t - g), k_fixed=k(t5 - g5), appearance_D=pooled(t - g), verdict_dmd=pooled(tc - tu),
+                verdict_band=tr.transition_consistency(tr.band_verdict(teacher, window, ev, K=K, levels=levels), m)[0])
+
+
+SIGNALS = {"k": "k = rms(T - G) / m at the DMD level (second reading)", "k_norm": "k per noise level (k / median k of its sigma octile)",
+           "k_fixed": "rms(T - G) / m at sigma 0.5 (one more forward)", "appearance_D": "per-channel means of T - G at the DMD level",
+           "verdict_dmd": "condition's verdict T^e - T^0, per-channel means, at the DMD level (free)",
+           "verdict_band": "condition's verdict, per-channel means, at the band levels (Eq. 3, the default)",
+           "switch": "reference: the window holds a switch (the schedule, not a signal)"}
+
+
+def signal_rows(cfg, path, tck, device):
+    """Training windows of `path` as longtune.py streams them; every candidate's AUC."""
+    ck = load_checkpoint(path, ["student", "longtune"], "python distill.py")
+    lt = longtune.LongtuneConfig()
+    nets = build(tck["model_args"], tck["ema"], device).eval(), build(ck["model_args"], ck["critic"], device).eval()
+    gen_net, w, stream = build(ck["model_args"], ck["ema"], device).eval(), load_world(ck["world"]), ck["stream"]
+    scores, labels = {}, []
+    for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
+        torch.manual_seed(seed)
+        streams = longtune.Streams(lt, stream, w.size, torch.Generator().manual_seed(seed), device, 8)
+        for _ in range(cfg.windows):
+            with torch.no_grad(), autocast(device):
+                window, ev, mask, switched = streams.advance(gen_net, stream["sigmas"], int(torch.randint(len(stream["sigmas"]), ())))
+                K = int((~mask).sum())
+                sc = window_scores(nets, window.float(), ev, K, ck["natural_step"], stream["shift"], longtune.band_levels(lt)) if K else {}
+            for b in range(window.shape[0] if K else 0):
+                tr_, e = track(window[b, K - 1:K].float(), w), int(ev[b, -1])
+                if tr_["valid"][0] and CANON[e] >= 0:
+                    labels.append(tr_["color_id"][0] != CANON[e])
+                    for name, v in [*sc.items(), ("switch", switched.float())]:
+                        scores.setdefault(name, []).append(float(v[b]))
+    if not labels:
+        raise BadInput(f"{path}: no training window has a tracked sprite under an event with a colour (an untrained generator?)")
+    sc, y = {k: np.array(v) for k, v in scores.items()}, np.array(labels)
+    octile = np.clip(np.searchsorted(np.quantile(sc["sigma"], np.linspace(0, 1, 9)[1:-1]), sc["sigma"]), 0, 7)
+    sc["k_norm"] = sc["k"] / np.array([np.median(sc["k"][octile == i]) if (octile == i).any() else 1.0 for i in range(8)])[octile]
+    return [f"| {path} | {text} | " + "{:.3f} [{:.3f}, {:.3f}]".format(*auc(sc[name], y)) + f" | {y.sum()} / {len(y)} |"
+            for name, text in SIGNALS.items()]
+
+
 def main(cfg):
     device = pick_device(cfg.device, precision=cfg.precision)
     paths = [p for p in cfg.ckpts.split(",") if p]
@@ -209,6 +286,13 @@ def main(cfg):
                 "whose sprite is not of their event's canonical colour)\n", "| videos of | net | window | sigma | " + shares,
                 "|---|---|---|---:|" + "---:|" * 5]
         rows = [r for p, g in zip(paths, gens) for r in verdict_rows(cfg, p, g, tck, sigmas, device)]
+    elif cfg.probe == "signals":
+        tck = load_checkpoint(cfg.teacher, ["teacher"], "python teacher.py")
+        head = [f"\n**Which signal tells the training windows apart** (streams {seeds} of 8, {cfg.windows} windows each, as longtune.py "
+                "rolls them out; AUC between windows whose last committed sprite is not of the newest event's canonical colour "
+                "and windows whose sprite is; 95% bootstrap interval)\n", "| windows of | signal | AUC | mismatched / windows |",
+                "|---|---|---:|---:|"]
+        rows = [r for p in paths for r in signal_rows(cfg, p, tck, device)]
     else:
         tck = load_checkpoint(cfg.teacher, ["teacher"], "python teacher.py")
         head = [f"\n**The noise band** ({seeds}, 64 real one-event clips each, the sprite not of the event's colour; "

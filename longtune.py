@@ -217,12 +217,14 @@ def main(cfg):
               f"{cfg.context} context + {stream['window'] - cfg.context} new frames, switch cache {cfg.switch_cache}, "
               f"window events {cfg.window_events}, {n_updates} updates at lr {cfg.lr:g} (critic {cfg.critic_lr:g})")
 
-    t0, t_start, seen = time.time(), time.time(), {}            # trust-region logs by window kind
+    t0, t_start, seen, trust = time.time(), time.time(), {}, torch.zeros(2, device=device)   # logs by window kind; sum, count of w
     for step in tqdm(range(step, n_updates), initial=step, total=n_updates, desc="longtune", mininterval=5,
                      disable=run.rank > 0):
         loss, closs, gnorm, applied, logs, switched = tune_update(
             streams, **nets, cfg=cfg, sigmas=stream["sigmas"], shift=stream["shift"], m=sck["natural_step"], world=run.world)
         skipped = skipped + ~applied                              # a skipped step is counted on the device
+        if "w" in logs:                                           # the run's mean trust, for the constant-w control
+            trust += torch.stack([logs["w"].sum(), torch.tensor(float(len(logs["w"])), device=device)])
         ema_update(ema, nets["student"], cfg.ema if step >= cfg.ema_start else 0.0)   # (a skipped step left the weights as they were)
         for kind, sel in (("switch", switched), ("plain", ~switched)):   # summed on the device: no sync per step
             for k, v in logs.items():
@@ -244,6 +246,8 @@ def main(cfg):
         return
     metrics = probe(ema, stream, w, n_probe, device)
     metrics["train_minutes"] = (time.time() - t_start) / 60
+    if trust[1] > 0:
+        metrics["mean_w"] = float(trust[0] / trust[1])           # over the windows with history since the (re)start
     print(f"probe {n_updates} (ema): " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     save(step=n_updates, skipped=int(skipped), metrics=metrics)
     print(f"wrote {path}; evaluate it with `python evaluate.py --ckpts={path}`")

@@ -57,6 +57,23 @@ def test_band_probe_runs_on_a_teacher_and_draws_its_picture(student_dir, tmp_pat
     assert "| 0.50 |" in out and "| 0.90 |" in out and pic.stat().st_size > 0
 
 
+def test_auc_counts_pairs_and_ties():
+    y = np.array([True, True, False, False])
+    assert drift.auc(np.array([3., 4, 1, 2]), y)[0] == 1.0 and drift.auc(np.array([1., 2, 3, 4]), y)[0] == 0.0
+    assert drift.auc(np.ones(4), y)[0] == 0.5 and drift.auc(np.array([3., 1, 2, 0]), y)[0] == 0.75
+    auc, lo, hi = drift.auc(np.array([3., 1, 2, 0] * 10), np.array([True, True, False, False] * 10))
+    assert lo <= auc <= hi
+
+
+def test_signal_probe_scores_training_windows_with_every_candidate(student_dir, capsys, monkeypatch):
+    calls = iter(range(10 ** 6))                                 # the test generator is untrained: a tracker that labels
+    monkeypatch.setattr(drift, "track", lambda v, w: dict(valid=[True], color_id=[next(calls) % 4]))   # windows in turn
+    drift.main(drift.DriftConfig(probe="signals", ckpts=str(student_dir / "student.pt"), seeds=1, windows=4,
+                                 teacher=str(student_dir / "teacher.pt"), device="cpu"))
+    out = capsys.readouterr().out
+    assert all(text in out for text in drift.SIGNALS.values()), out
+
+
 def test_bad_lengths_and_policies_are_one_line(student_dir, capsys, monkeypatch):
     st = f"--ckpts={student_dir / 'student.pt'}"
     assert_one_line_exit_2(*run_cli("drift.py", [st, "--lengths=3"], capsys, monkeypatch), "--lengths=3", "chunk")
