@@ -213,7 +213,7 @@ def auc(score, label, boot=1000):
 def window_scores(nets, window, ev, K, m, shift, levels):
     """Every candidate signal for a batch of training windows (B,) each, from the committed frames."""
     teacher, critic = nets
-    B, Wn, hw = window.shape[0], window.shape[1], window.shape[-1] * window.shape[-2]
+    B, Wn = window.shape[:2]
     def x0s(sigma):                                              # teacher with the event, without it, with CFG; the critic
         xt = add_noise(window, torch.randn_like(window), sigma)
         v_c, v_u = teacher(xt.repeat(2, 1, 1, 1, 1), sigma.repeat(2, 1), torch.cat([ev, torch.full_like(ev, teacher.null_event)])).chunk(2)

@@ -38,7 +38,7 @@ from common import autocast, check_file, load_checkpoint, pick_device
 from config import BadInput, Config, Count, OneOf, SwitchCache, Whole, cli
 from model import KVCache, add_noise, build, rollout, stream
 from sample import check_frames, generate, load_generator, schedule_tensor
-from world import (batch_metrics, load_world, look, ordered_pairs, parse_schedule, sample_videos, segments, switches, track,
+from world import (save_strip, batch_metrics, load_world, look, ordered_pairs, parse_schedule, sample_videos, segments, switches, track,
                    turned)
 
 METRICS = ["react", "latency", "follow", "identity", "bias", "pull", "jumps", "valid", "drift"]
@@ -58,6 +58,7 @@ class EvalConfig(Config):
     switch_cache: SwitchCache = "recache_window"   # at every event switch: recache_window | recache | keep | clear
     json: str = ""                 # also write the results here, as JSON
     md: str = ""                   # also append the markdown tables to this file
+    png: str = ""                  # also draw the frontier: react against identity failures and pull, a dot per row
 
 
 PRESETS = {"tiny": {}, "small": {}}
@@ -97,6 +98,7 @@ def check_eval(cfg, gens, schedules):
     """Every check of an evaluation, before any work."""
     check_file("json", cfg.json)
     check_file("md", cfg.md)
+    check_file("png", cfg.png)
     for _, s, n in schedules:
         check_frames(n, gens[0].chunk)
         parse_schedule(s, n)
@@ -167,7 +169,35 @@ def benchmark(cfg, paths, gens):
         with open(cfg.json, "w") as f:
             json.dump(dict(schedules=schedules, seeds=seeds, results=result), f, indent=1)
         print(f"wrote {cfg.json}")
+    if cfg.png:
+        frontier_png(cfg.png, result)
+        print(f"wrote {cfg.png}: " + ", ".join(f"{r} {c}" for r, c in zip(result, DOT_NAMES)))
     return result
+
+
+DOTS = torch.tensor([[1., 1, 1], [1, -1, -1], [1, 1, -1], [-1, 1, -1], [-1, 1, 1], [-1, -1, 1], [1, -1, 1], [0, 0, 0]])
+DOT_NAMES = ["white", "red", "yellow", "green", "cyan", "blue", "magenta", "grey"]
+
+
+def frontier_png(path, result, group="all", size=96):
+    """Two panels, react (y, 0.8 to 1) against identity failures 1 - identity and against pull (x, 0 to 0.6):
+    a 5-pixel dot per row, in DOT_NAMES order, its x interval (95%) as a whisker; grid every 0.05 / 0.1."""
+    img = torch.full((3, size, 2 * size + 4), -0.8)
+    for panel, key in enumerate(("identity", "pull")):
+        x0 = panel * (size + 4)
+        for v in (0.85, 0.9, 0.95):                              # grid: react every 0.05, x every 0.1
+            img[:, size - 1 - round((v - 0.8) / 0.2 * (size - 1)), x0:x0 + size] = -0.5
+        for v in (0.1, 0.2, 0.3, 0.4, 0.5):
+            img[:, :, x0 + round(v / 0.6 * (size - 1))] = -0.5
+        for i, r in enumerate(result.values()):
+            m = r[group]
+            x = (1 - m[key]["mean"]) if key == "identity" else m[key]["mean"]
+            px = x0 + round(min(max(x / 0.6, 0), 1) * (size - 1))
+            py = size - 1 - round(min(max((m["react"]["mean"] - 0.8) / 0.2, 0), 1) * (size - 1))
+            half = round(m[key]["ci95"] / 0.6 * (size - 1))
+            img[:, py, max(px - half, x0):min(px + half, x0 + size - 1) + 1] = DOTS[i % len(DOTS), :, None]
+            img[:, max(py - 2, 0):py + 3, max(px - 2, x0):px + 3] = DOTS[i % len(DOTS), :, None, None]
+    save_strip(path, img[None, None], scale=3)
 
 
 # ----------------------------------------------------------------------------- the probes
@@ -262,8 +292,8 @@ def main(cfg):
     paths = [p for p in cfg.ckpts.split(",") if p]
     if not paths:
         raise BadInput("--ckpts names no checkpoint")
-    if cfg.probe != "none" and (cfg.json or cfg.md or cfg.schedule_file):
-        raise BadInput(f"--json, --md and --schedule_file belong to the benchmark, not to --probe={cfg.probe}")
+    if cfg.probe != "none" and (cfg.json or cfg.md or cfg.schedule_file or cfg.png):
+        raise BadInput(f"--json, --md, --png and --schedule_file belong to the benchmark, not to --probe={cfg.probe}")
     if cfg.probe == "react":
         tck = load_checkpoint(cfg.teacher, ["teacher"], "python teacher.py")
         gcks = [load_checkpoint(p, ["student", "longtune"], "python distill.py") for p in paths]

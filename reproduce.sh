@@ -7,9 +7,10 @@
 #   bash reproduce.sh gpu-check DIR   # one GPU slot (580 s): the CUDA tests, `reproduce.sh small`, a GIF, bench.py,
 #                                     # each under its own time limit, going on past a failure; 8 files in DIR
 #   REHEARSE=1 bash reproduce.sh gpu-check DIR   # the same on the CPU: 2 steps of batch 4 per loop, bench tiny
-# Steps: teacher, distillation and the two probes; for training seeds 0-2
-# the long-tuning baseline, Delta Forcing and its three ablations (weights only, continuity only,
-# no appearance term) from the same student; the tau sweep (seed 0); LongLive's one-event windows
+# Steps: teacher, distillation and the two probes; for training seeds 0-2 the long-tuning baseline,
+# Delta Forcing and the constant-w control (w held at that seed's mean trust) from the same student;
+# the ablations (seed 0: step only, continuity only, with 6'); the signal AUC table (drift.py
+# --probe=signals); the tau frontier (seed 0) and its picture; LongLive's one-event windows
 # (seed 0); how identity fails; a strip; the rho = 0 control chain (teacher, student, baseline,
 # Delta Forcing); the benchmark on fresh evaluation seeds 100-115 (tau is tuned on seeds 0-7); the
 # cache-at-switch table; where drift comes from (drift.py: cache policy x segment length, the
@@ -118,24 +119,37 @@ $PY evaluate.py --preset="$P" --probe=react --teacher="$O/teacher.pt" --ckpts="$
 printf "\`\`\`\n" >> "$MD"
 
 SEEDS="0 1 2"; [ "$STAGES" = main ] && SEEDS="0"
+meanw() { $PY -c "import torch, sys; print(torch.load(sys.argv[1], map_location='cpu', weights_only=True)['metrics']['mean_w'])" "$1"; }
 for s in $SEEDS; do
   t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --out_name=longtune_s$s.pt $X
   t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --out_name=deltaforcing_s$s.pt $X
-  if [ "$STAGES" = all ]; then
-    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --tr_continuity=False --out_name=df_weights_s$s.pt
-    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --tr_weights=False --out_name=df_continuity_s$s.pt
-    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --tr_appearance=False --out_name=df_second_s$s.pt
+  if [ "$STAGES" = all ]; then                                  # the control: w held at this seed's mean trust, all else equal
+    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --trust_const="$(meanw "$O/deltaforcing_s$s.pt")" \
+      --out_name=df_constw_s$s.pt $X
   fi
 done
+if [ "$STAGES" = all ]; then                                    # ablations (seed 0): step only, continuity only, with (6')
+  t $PY longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tr_continuity=False --out_name=df_step.pt $X
+  t $PY longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tr_step=False --out_name=df_continuity.pt $X
+  t $PY longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tr_appearance=True --out_name=df_appearance.pt $X
+fi
 cp "$O/longtune_s0.pt" "$O/longtune.pt"
 cp "$O/deltaforcing_s0.pt" "$O/deltaforcing.pt"
 ck() { for s in $SEEDS; do printf "%s/%s_s%d.pt," "$O" "$1" $s; done; }
 EVAL="$PY evaluate.py --preset=$P --seeds=$NS --first_seed=100"
 printf "\n## Long tuning and Delta Forcing (evaluation seeds 100-115)\n" >> "$MD"
 ROWS="$O/student.pt,$(ck longtune)$(ck deltaforcing)"
-[ "$STAGES" = all ] && ROWS="$ROWS$(ck df_weights)$(ck df_continuity)$(ck df_second)"
+[ "$STAGES" = all ] && ROWS="$ROWS$(ck df_constw)"
 t $EVAL --json="$O/results.json" --md="$MD" --ckpts="$ROWS"
 [ "$STAGES" = main ] && { echo "wrote $MD"; exit 0; }
+
+printf "\n## Ablations (seed 0)\n" >> "$MD"
+t $EVAL --pool=False --json="$O/ablations.json" --md="$MD" \
+  --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt,$O/df_step.pt,$O/df_continuity.pt,$O/df_appearance.pt,$O/df_constw_s0.pt"
+
+printf "\n## Which consistency signal tells training windows apart (Eq. 3)\n" >> "$MD"
+t $PY drift.py --preset="$P" --probe=signals --teacher="$O/teacher.pt" --ckpts="$O/student.pt,$(ck longtune)" \
+  --seeds=${PS:-4} --first_seed=100 --md="$MD"
 
 printf "\n## Where drift comes from (seed 0)\n" >> "$MD"
 t $PY drift.py --preset="$P" --ckpts="$O/student.pt,$O/longtune_s0.pt,$O/deltaforcing_s0.pt" --seeds=${PS:-8} --first_seed=100 --md="$MD"
@@ -144,13 +158,13 @@ t $PY drift.py --preset="$P" --probe=band --teacher="$O/teacher.pt" --picture="$
 
 printf "\n## The tau frontier (seed 0; tuned on evaluation seeds 0-7, reported on 100-115)\n" >> "$MD"
 TAUS=""
-for tau in 0.125 0.25 1; do
+for tau in 0.0025 0.005 0.02; do
   t $PY longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tau=$tau --out_name=df_tau$tau.pt
   TAUS="$TAUS$O/df_tau$tau.pt,"
 done
 $PY evaluate.py --preset="$P" --seeds=8 --first_seed=0 --pool=False --json="$O/tau_tuning.json" \
   --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt,$TAUS"
-t $EVAL --pool=False --json="$O/tau.json" --md="$MD" --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt,$TAUS"
+t $EVAL --pool=False --json="$O/tau.json" --md="$MD" --png="$O/frontier.png" --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt,$TAUS"
 
 printf "\n## LongLive's one-event windows (--window_events=current, seed 0)\n" >> "$MD"
 t $PY longtune.py --preset="$P" --out_dir="$O" --window_events=current --out_name=longtune_current.pt
@@ -164,15 +178,15 @@ $PY - "$O" <<'PY'
 import sys, torch
 import sample
 from world import save_strip
-o, text, seed, j = sys.argv[1], "right@0,down@12,left@24,up@36", 114, 4   # the README's strip: schedule 4, seed 114
+# The rule, fixed before looking: the first long schedule of evaluate.py, the first fresh seed (100), every 2nd frame from 16.
+o, text, seed, j = sys.argv[1], "left@0,up@24,right@48", 100, 6
 rows = []
 for name in ("longtune_s0", "deltaforcing_s0"):
     g = sample.load_generator(f"{o}/{name}.pt", torch.device("cpu"))
-    n = 6 * g.stream["window"]
-    x, _ = sample.generate(g, sample.schedule_tensor(text, n, g.chunk, 1, "cpu"), [1000 * j + seed], "recache")
-    rows.append(x[0, 18::2][:16])
-save_strip(f"{o}/strip_multi_{seed}.png", torch.stack(rows))
-print(f"wrote {o}/strip_multi_{seed}.png")
+    x, _ = sample.generate(g, sample.schedule_tensor(text, 64, g.chunk, 1, "cpu"), [1000 * j + seed], "recache_window")
+    rows.append(x[0, 16::2][:24])
+save_strip(f"{o}/strip_long_{seed}.png", torch.stack(rows))
+print(f"wrote {o}/strip_long_{seed}.png")
 PY
 
 printf "\n## The rho = 0 control (no colour prior per event)\n" >> "$MD"

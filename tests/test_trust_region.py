@@ -3,7 +3,7 @@ m = world.natural_step) and with x0 predictions blurred as a denoiser's would be
 The signal is the condition's verdict on the committed frames (teacher with the event minus
 without it); the step keeps everything but its component along the bias direction. The second
 reading's tests (k = rms(T - G) on the committed frames, one weight for the whole window) went
-with it; its figures are in docs/history.md."""
+with it; its figures are in docs/results.md (the old chain)."""
 import pytest
 import torch
 
