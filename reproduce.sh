@@ -119,15 +119,18 @@ $PY evaluate.py --preset="$P" --probe=react --teacher="$O/teacher.pt" --ckpts="$
 printf "\`\`\`\n" >> "$MD"
 
 SEEDS="0 1 2"; [ "$STAGES" = main ] && SEEDS="0"
-meanw() { $PY -c "import torch, sys; print(torch.load(sys.argv[1], map_location='cpu', weights_only=True)['metrics']['mean_w'])" "$1"; }
+meanw() { $PY -c "import sys, torch; print(sum(torch.load(p, map_location='cpu', weights_only=True)['metrics']['mean_w']
+  for p in sys.argv[1:]) / len(sys.argv[1:]))" "$@"; }
 for s in $SEEDS; do
   t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --out_name=longtune_s$s.pt $X
   t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --out_name=deltaforcing_s$s.pt $X
-  if [ "$STAGES" = all ]; then                                  # the control: w held at this seed's mean trust, all else equal
-    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --trust_const="$(meanw "$O/deltaforcing_s$s.pt")" \
-      --out_name=df_constw_s$s.pt $X
-  fi
 done
+if [ "$STAGES" = all ]; then                                    # the control: w held at the default's mean trust, all else equal
+  W=$(meanw $(for s in $SEEDS; do echo "$O/deltaforcing_s$s.pt"; done))
+  for s in $SEEDS; do
+    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --trust_const="$W" --out_name=df_constw_s$s.pt $X
+  done
+fi
 if [ "$STAGES" = all ]; then                                    # ablations (seed 0): step only, continuity only, with (6')
   t $PY longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tr_continuity=False --out_name=df_step.pt $X
   t $PY longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tr_step=False --out_name=df_continuity.pt $X
@@ -158,7 +161,7 @@ t $PY drift.py --preset="$P" --probe=band --teacher="$O/teacher.pt" --picture="$
 
 printf "\n## The tau frontier (seed 0; tuned on evaluation seeds 0-7, reported on 100-115)\n" >> "$MD"
 TAUS=""
-for tau in 0.0025 0.005 0.02; do
+for tau in 0.0025 0.01 0.02; do                               # and the default, 0.005 (deltaforcing_s0)
   t $PY longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tau=$tau --out_name=df_tau$tau.pt
   TAUS="$TAUS$O/df_tau$tau.pt,"
 done
