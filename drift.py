@@ -238,7 +238,7 @@ SIGNALS = {"k": "k = rms(T - G) / m at the DMD level (second reading)", "k_norm"
 def signal_rows(cfg, path, tck, device):
     """Training windows of `path` as longtune.py streams them; every candidate's AUC."""
     ck = load_checkpoint(path, ["student", "longtune"], "python distill.py")
-    lt = longtune.LongtuneConfig()
+    lt = longtune.LongtuneConfig(**longtune.PRESETS[cfg.preset])   # the windows of this preset's long tuning
     nets = build(tck["model_args"], tck["ema"], device).eval(), build(ck["model_args"], ck["critic"], device).eval()
     gen_net, w, stream = build(ck["model_args"], ck["ema"], device).eval(), load_world(ck["world"]), ck["stream"]
     scores, labels = {}, []

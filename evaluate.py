@@ -192,9 +192,12 @@ def frontier_png(path, result, group="all", size=96):
         for i, r in enumerate(result.values()):
             m = r[group]
             x = (1 - m[key]["mean"]) if key == "identity" else m[key]["mean"]
+            if not math.isfinite(x) or not math.isfinite(m["react"]["mean"]):
+                continue                                         # a row without a value has no dot
+            ci = m[key]["ci95"] if math.isfinite(m[key]["ci95"]) else 0.0   # one seed: no interval
             px = x0 + round(min(max(x / 0.6, 0), 1) * (size - 1))
             py = size - 1 - round(min(max((m["react"]["mean"] - 0.8) / 0.2, 0), 1) * (size - 1))
-            half = round(m[key]["ci95"] / 0.6 * (size - 1))
+            half = round(ci / 0.6 * (size - 1))
             img[:, py, max(px - half, x0):min(px + half, x0 + size - 1) + 1] = DOTS[i % len(DOTS), :, None]
             img[:, max(py - 2, 0):py + 3, max(px - 2, x0):px + 3] = DOTS[i % len(DOTS), :, None, None]
     save_strip(path, img[None, None], scale=3)

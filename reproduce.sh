@@ -8,7 +8,7 @@
 #                                     # each under its own time limit, going on past a failure; 8 files in DIR
 #   REHEARSE=1 bash reproduce.sh gpu-check DIR   # the same on the CPU: 2 steps of batch 4 per loop, bench tiny
 # Steps: teacher, distillation and the two probes; for training seeds 0-2 the long-tuning baseline,
-# Delta Forcing and the constant-w control (w held at that seed's mean trust) from the same student;
+# Delta Forcing and the constant-w control (w held at the default runs' mean trust) from the same student;
 # the ablations (seed 0: step only, continuity only, with 6'); the signal AUC table (drift.py
 # --probe=signals); the tau frontier (seed 0) and its picture; LongLive's one-event windows
 # (seed 0); how identity fails; a strip; the rho = 0 control chain (teacher, student, baseline,
@@ -181,13 +181,16 @@ $PY - "$O" <<'PY'
 import sys, torch
 import sample
 from world import save_strip
-# The rule, fixed before looking: the first long schedule of evaluate.py, the first fresh seed (100), every 2nd frame from 16.
-o, text, seed, j = sys.argv[1], "left@0,up@24,right@48", 100, 6
-rows = []
+from evaluate import builtin_schedules
+# The rule, fixed before looking: the first long schedule of evaluate.py, the first fresh seed (100),
+# every 2nd frame from the second teacher window on, as the benchmark streams it (video seed 1000 j + seed).
+o, seed, rows = sys.argv[1], 100, []
 for name in ("longtune_s0", "deltaforcing_s0"):
     g = sample.load_generator(f"{o}/{name}.pt", torch.device("cpu"))
-    x, _ = sample.generate(g, sample.schedule_tensor(text, 64, g.chunk, 1, "cpu"), [1000 * j + seed], "recache_window")
-    rows.append(x[0, 16::2][:24])
+    W = g.stream["window"]
+    j, (_, text, n) = next((j, s) for j, s in enumerate(builtin_schedules(W)) if s[0] == "long")
+    x, _ = sample.generate(g, sample.schedule_tensor(text, n, g.chunk, 1, "cpu"), [1000 * j + seed], "recache_window")
+    rows.append(x[0, 2 * W::2])
 save_strip(f"{o}/strip_long_{seed}.png", torch.stack(rows))
 print(f"wrote {o}/strip_long_{seed}.png")
 PY

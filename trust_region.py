@@ -5,10 +5,11 @@ The paper's equations are not public (only its abstract is); this is our reading
 switchable. One supervised window y = [c_1..c_K ; z_1..z_F]: committed history (detached), new
 frames (with graph). T and G are the teacher's (with CFG) and the critic's x0 predictions at the
 DMD level from the same noisy window under the same per-frame events; the DMD step on every
-frame is g = (G - T) / n (Eq. 7-8 of DMD). mu = per-channel spatial mean, HW pixels; sg = stop-gradient.
+frame is g = (G - T) / N, N DMD's normaliser (Eq. 7-8 of DMD). mu = per-channel spatial mean, HW pixels;
+sg = stop-gradient.
 
   (1) natural step    m: a constant of the data (world.natural_step), stored by the teacher
-  (2) latent delta    V_ij = T^e_j - T^0_j on the committed frames j <= K, at n fixed levels       band_verdict
+  (2) latent delta    V_ij = T^e_j - T^0_j on the committed frames j <= K, at fixed levels         band_verdict
                       sigma_i inside the noise band (teacher with the event e, without it: null)
   (3) consistency     s = sqrt(HW) sqrt(mean_ij ||mu(V_ij)||^2) / m,  b = mean_ij mu(V_ij)      transition_consistency
   (4) trust region    w = min(1, tau / (s + eps)), sg; w = 1 when K = 0                            trust_weight
@@ -34,7 +35,10 @@ its mean b over levels and frames is the direction in channel space the conditio
 Why (5) keeps reactivity by construction: a turn moves the sprite, which changes pixels along
 sprite - background, a direction the recolour b^ barely shares; only the component of the DMD
 step along b^ is scaled, and only by what the window's bias exceeds tau (the accepted bias w s
-never exceeds tau: TRPO's bound on the step, the trust region). w = 1 is the baseline exactly.
+never exceeds tau: TRPO's bound on the step, the trust region). w = 1 is the baseline's update
+exactly (the verdict's noise draws shift the random stream, so a whole run is not the same run).
+The verdict runs under the stage's autocast (bf16 on CUDA and on CPUs with bf16 units): its
+rounding is part of the signal's floor, and tau was set with it.
 Why (6), monotonic: each new frame may move about one natural step from the one before, in any
 direction, so natural motion costs nothing (it never fights a turn), while recolours, teleports
 and background changes do; it takes the weight (1 - w) the teacher gave up. In pixel space r must
@@ -60,11 +64,11 @@ def band_verdict(teacher, window, event, *, K, levels):
     B, n = window.shape[0], len(levels)
     x = window.detach().repeat(n, 1, 1, 1, 1)                    # (n B, W, ...), level-major
     sigma = torch.tensor(levels, device=x.device).repeat_interleave(B)[:, None].expand(n * B, window.shape[1])
-    xt = add_noise(x, torch.randn_like(x), sigma)
+    xt = add_noise(x, torch.randn_like(x), sigma)                # Eq. 2, Delta Forcing: the window at each band level
     null = torch.full_like(event, teacher.null_event).repeat(n, 1)
     v = teacher(xt.repeat(2, 1, 1, 1, 1), sigma.repeat(2, 1), torch.cat([event.repeat(n, 1), null])).float()
     v_e, v_0 = v.chunk(2)
-    V = pred_x0(xt, v_e, sigma) - pred_x0(xt, v_0, sigma)        # (n B, W, ...)
+    V = pred_x0(xt, v_e, sigma) - pred_x0(xt, v_0, sigma)        # Eq. 2, Delta Forcing: with the event minus without (n B, W, ...)
     return V[:, :K].reshape(n, B, K, *window.shape[2:]).transpose(0, 1)   # (B,n,K,C,H,W)
 
 
@@ -86,9 +90,9 @@ def trust_weight(s, tau, eps=1e-6):
 def flagged_step(grad, b, w, eps=1e-12):
     """Eq. (5): g'(p) = g(p) - (1 - w) <g(p), b^> b^ at every pixel, the DMD step with its component
     along the bias direction b^ scaled by w. grad (B,T,C,H,W), b (B,C), w (B,) -> (B,T,C,H,W)."""
-    bh = (b / (b.norm(dim=-1, keepdim=True) + eps))[:, None, :, None, None]   # (B,1,C,1,1)
-    along = (grad * bh).sum(2, keepdim=True)                    # (B,T,1,H,W): <g(p), b^>
-    return grad - (1 - w)[:, None, None, None, None] * along * bh
+    bh = (b / (b.norm(dim=-1, keepdim=True) + eps))[:, None, :, None, None]   # (B,1,C,1,1) b^
+    along = (grad * bh).sum(2, keepdim=True)                    # Eq. 5, Delta Forcing: <g(p), b^>, (B,T,1,H,W)
+    return grad - (1 - w)[:, None, None, None, None] * along * bh   # Eq. 5, Delta Forcing: the flagged component scaled
 
 
 def dmd_per_frame(x, grad):

@@ -273,7 +273,7 @@ def test_longtune_window_loss_with_full_trust_equals_the_baseline_exactly(contin
     assert grads[0][1][:, :2].abs().max() == 0                   # the context frames get no gradient
 
 
-# ----------------------------------------------------------------------------- known limits (see the report)
+# ----------------------------------------------------------------------------- known limits (trust_region.py's docstring)
 
 PALETTES = [(c, b) for c in range(len(W.colors)) for b in range(len(BACKGROUNDS))]
 
@@ -308,7 +308,7 @@ def test_teleport_costs_for_every_palette():
 
 
 
-# ----------------------------------------------------------------------------- (5') appearance conservation
+# ----------------------------------------------------------------------------- (6') appearance conservation
 
 def fade(window, steps, to_bg=1.0):
     """The new frames fade the last committed sprite into the background, linearly over `steps` frames."""
