@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline for one preset, and the results tables made from it.
-#   bash reproduce.sh tiny            # CPU: about 6-7 h on 2 cores (3 seeds, ablations, rho = 0 chain included)
+#   bash reproduce.sh tiny            # CPU: about 9 h on 2 cores (3 seeds, controls, ablations, rho = 0 chain included)
 #   bash reproduce.sh small           # one GPU: teacher, distill, probes, baseline and Delta Forcing (seed 0), the
 #                                     # evaluation; the small preset's steps are sized for about 6 min on one H100
 #   STAGES=main bash reproduce.sh tiny   # only teacher, distill, probes, baseline and Delta Forcing (seed 0): ~1 h
@@ -10,7 +10,8 @@
 # Steps: teacher, distillation and the two probes; for training seeds 0-2 the long-tuning baseline,
 # Delta Forcing and the constant-w control (w held at the default runs' mean trust) from the same student;
 # the ablations (seed 0: step only, continuity only, with 6'); the signal AUC table (drift.py
-# --probe=signals); the tau frontier (seed 0) and its picture; LongLive's one-event windows
+# --probe=signals); training with the sink relabelled (seeds 0, 1); the tau frontier (seed 0) and its
+# picture; LongLive's one-event windows
 # (seed 0); how identity fails; a strip; the rho = 0 control chain (teacher, student, baseline,
 # Delta Forcing); the benchmark on fresh evaluation seeds 100-115 (tau is tuned on seeds 0-7); the
 # cache-at-switch table; where drift comes from (drift.py: cache policy x segment length, the
@@ -149,6 +150,13 @@ t $EVAL --json="$O/results.json" --md="$MD" --ckpts="$ROWS"
 printf "\n## Ablations (seed 0)\n" >> "$MD"
 t $EVAL --pool=False --json="$O/ablations.json" --md="$MD" \
   --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt,$O/df_step.pt,$O/df_continuity.pt,$O/df_appearance.pt,$O/df_constw_s0.pt"
+
+printf "\n## The training policy: the sink relabelled in training (seeds 0, 1)\n" >> "$MD"
+for s in 0 1; do
+  t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --switch_cache=recache --out_name=longtune_rc_s$s.pt
+  t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --switch_cache=recache --trust_region=True --out_name=df_rc_s$s.pt
+done
+t $EVAL --json="$O/policy.json" --md="$MD" --ckpts="$O/longtune_rc_s0.pt,$O/longtune_rc_s1.pt,$O/df_rc_s0.pt,$O/df_rc_s1.pt"
 
 printf "\n## Which consistency signal tells training windows apart (Eq. 3)\n" >> "$MD"
 t $PY drift.py --preset="$P" --probe=signals --teacher="$O/teacher.pt" --ckpts="$O/student.pt,$(ck longtune)" \
