@@ -48,15 +48,20 @@ class Choice:
 
 
 class Levels:
-    """Noise levels in (0, 1], strictly decreasing, comma-separated: a few-step schedule."""
+    """Noise levels in (0, 1], comma-separated; strictly decreasing unless `decreasing=False`
+    (a few-step schedule is; a set of fixed levels need not be)."""
+
+    def __init__(self, decreasing=True):
+        self.decreasing = decreasing
 
     def error(self, v):
         try:
             s = [float(x) for x in v.split(",")]
         except ValueError:
             s = []
-        ok = s and all(0 < a <= 1 for a in s) and all(a > b for a, b in zip(s, s[1:]))
-        return None if ok else "must be noise levels in (0, 1], decreasing, separated by commas (e.g. 1,0.75,0.5,0.25)"
+        ok = s and all(0 < a <= 1 for a in s) and (not self.decreasing or all(a > b for a, b in zip(s, s[1:])))
+        order = "decreasing, " if self.decreasing else ""
+        return None if ok else f"must be noise levels in (0, 1], {order}separated by commas (e.g. 1,0.75,0.5,0.25)"
 
 
 Count = Annotated[int, Range(1, what="a positive integer")]
@@ -67,6 +72,7 @@ Real = Annotated[float, Range()]
 Prob = Annotated[float, Range(0, 1, what="a probability in [0, 1]")]
 Port = Annotated[int, Range(0, 65535, what="a port in 0-65535 (0: any free port)")]
 Sigmas = Annotated[str, Levels()]
+BandLevels = Annotated[str, Levels(decreasing=False)]
 
 
 def OneOf(*choices):

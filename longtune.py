@@ -28,7 +28,7 @@ import distill
 import trust_region
 from common import (autocast, check_in_sync, checkpointer, ema_update, init_run, load_checkpoint, optimizer_step,
                     resume, seed_rank)
-from config import BadInput, Count, NonNegative, OneOf, Positive, Prob, RunConfig, SwitchCache, Whole, capped, cli
+from config import BadInput, BandLevels, Count, NonNegative, OneOf, Positive, Prob, RunConfig, SwitchCache, Whole, capped, cli
 from model import KVCache, rollout
 from world import batch_metrics, load_world, ordered_pairs, random_events, summarize
 
@@ -59,7 +59,7 @@ class LongtuneConfig(RunConfig):
     tr_step: bool = True           # ablation, False: the DMD step unscaled (no Eq. 5); the continuity gate keeps 1 - w
     tr_continuity: bool = True     # ablation, False: no continuity term (Eq. 6 and 6'), the flagged step alone
     tau: Positive = 0.005          # Eq. 4, trust radius: the conditional bias a window may pass on, in natural steps (tuned on seeds 0-7)
-    band_levels: str = "0.4,0.45,0.5,0.55"   # Eq. 2: fixed noise levels inside the teacher's band (drift.py --probe=band)
+    band_levels: BandLevels = "0.4,0.45,0.5,0.55"   # Eq. 2: fixed noise levels inside the teacher's band (drift.py --probe=band)
     trust_const: Prob = 0.0        # control, > 0: w held at this value in every window instead of Eq. 4 (0: off)
     mc_radius: NonNegative = 1.4   # Eq. 6, r: a new frame may move r natural steps (a step: 0.87-1.35 m, python world.py)
     lam: NonNegative = 1.0         # Eq. 7, lambda: the weight of the continuity term
@@ -126,14 +126,8 @@ def window_loss(per_frame, window, ev, aux, mask, m, cfg, teacher):
 
 
 def band_levels(cfg):
-    """--band_levels as floats, each in (0, 1)."""
-    try:
-        levels = [float(v) for v in cfg.band_levels.split(",") if v.strip()]
-    except ValueError:
-        levels = []
-    if not levels or not all(0 < v < 1 for v in levels):
-        raise BadInput(f"--band_levels={cfg.band_levels!r}: expected comma-separated noise levels in (0, 1)")
-    return levels
+    """--band_levels as floats (config.py's BandLevels checked them when the flags were read)."""
+    return [float(v) for v in cfg.band_levels.split(",")]
 
 
 def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, sigmas, shift, m, world=1):
@@ -176,7 +170,6 @@ def load_student(cfg):
     path = cfg.student or os.path.join(cfg.out_dir, "student.pt")
     ck = load_checkpoint(path, ["student"], f"python distill.py --preset={cfg.preset}")
     W, ch = ck["stream"]["window"], ck["stream"]["chunk"]
-    band_levels(cfg)
     if not 0 < cfg.context < W or (W - cfg.context) % ch:
         raise BadInput(f"--context={cfg.context} must leave a whole number of {ch}-frame chunks in a {W}-frame teacher window")
     tck = load_checkpoint(ck["teacher"], ["teacher"], f"python teacher.py --preset={cfg.preset}")

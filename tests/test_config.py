@@ -24,7 +24,7 @@ def bad_values(typ, check):
     if isinstance(check, Choice):
         return ["bogus"]
     if isinstance(check, Levels):
-        return ["1,2", "0.5,0.75", "0,x"]
+        return ["1,2", "0,x"] + (["0.5,0.75"] if check.decreasing else [])   # increasing: bad for a schedule only
     vals = ["nan", "inf"] if typ is float else ["1.5"]
     if math.isfinite(check.lo):
         vals.append(str(typ(check.lo)) if check.open_lo else str(typ(check.lo - 1)))
