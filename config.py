@@ -185,6 +185,8 @@ def cli(main, cls, presets):
     """The entry point of every script: parse, run, and turn BadInput into one line and exit code 2."""
     try:
         main(parse_config(cls, presets, sys.argv[1:]))
+        if "RANK" in os.environ and torch.distributed.is_initialized():
+            torch.distributed.barrier()   # why: rank 0 still saves while rank 1 is done; no rank tears gloo down early
     except BadInput as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(2)
