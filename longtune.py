@@ -61,6 +61,7 @@ class LongtuneConfig(RunConfig):
     tau: Positive = 0.005          # Eq. 4, trust radius: the conditional bias a window may pass on, in natural steps (tuned on seeds 0-7)
     band_levels: BandLevels = "0.4,0.45,0.5,0.55"   # Eq. 2: fixed noise levels inside the teacher's band (drift.py --probe=band)
     trust_const: Prob = 0.0        # control, > 0: w held at this value in every window instead of Eq. 4 (0: off)
+    tr_floor: bool = False         # Eq. 4 (ours), True: tau bounds the bias above the teacher's floor f (Floor), not s itself
     mc_radius: NonNegative = 1.4   # Eq. 6, r: a new frame may move r natural steps (a step: 0.87-1.35 m, python world.py)
     lam: NonNegative = 1.0         # Eq. 7, lambda: the weight of the continuity term
     tr_appearance: bool = False    # extra, True: Eq. 6' (ours, a toy invariant) joins the continuity term
@@ -106,6 +107,7 @@ class Streams:
         if self.cfg.window_events == "current":
             win_ev = win_ev[:, -1:].expand(-1, W)                    # LongLive: the newest event for the whole window
         switched = (self.events[:, self.t + n - W:self.t + n] != self.events[:, self.t + n - 1:self.t + n]).any(1)
+        self.unswitched = (self.events[:, :self.t + n] == self.events[:, :1]).all(1)   # (B,) no switch yet in this video
         self.context = new[:, -K:].detach()                          # committed history: context, never a graph
         self.t += n
         if self.t >= self.L:
@@ -113,7 +115,27 @@ class Streams:
         return window, win_ev, torch.arange(W, device=self.device) >= W - n, switched
 
 
-def window_loss(per_frame, window, ev, aux, mask, m, cfg, teacher):
+class Floor:
+    """Eq. 4's f with --tr_floor (ours): the running median of s over the windows, among the last
+    `size` supervised ones, whose video has not switched yet. There the condition still agrees with
+    the history the student painted under it, so s is the verdict's floor (its noise draws, the
+    teacher's imperfection), not bias; a teacher without a colour prior shows the same s everywhere.
+    inf (every window trusted, w = 1) until `least` such windows were seen. Earlier updates only:
+    a window's w never depends on the windows beside it. On the device, no sync."""
+
+    def __init__(self, device, size=256, least=16):
+        self.buf, self.least = torch.full((size,), float("nan"), device=device), least
+
+    def value(self):
+        seen = (~self.buf.isnan()).sum()
+        return torch.where(seen >= self.least, self.buf.nanmedian(), torch.inf)
+
+    def add(self, s, unswitched):
+        """s (B,) of this update's windows; unswitched (B,) bool: which count."""
+        self.buf = torch.cat([self.buf[len(s):], torch.where(unswitched, s.float(), torch.nan)])
+
+
+def window_loss(per_frame, window, ev, aux, mask, m, cfg, teacher, floor=0.0):
     """The one place the supervised window's per-frame DMD loss becomes a scalar."""
     if cfg.trust_region:                                         # the flags by their own names, down to the equations
         K = int((~mask).sum())
@@ -121,7 +143,7 @@ def window_loss(per_frame, window, ev, aux, mask, m, cfg, teacher):
         return trust_region.delta_forcing_loss(window, aux["grad"], verdict, K=K, m=m, tau=cfg.tau, lam=cfg.lam,
                                                mc_radius=cfg.mc_radius, ac_radius=cfg.ac_radius, tr_step=cfg.tr_step,
                                                tr_continuity=cfg.tr_continuity, tr_appearance=cfg.tr_appearance,
-                                               trust_const=cfg.trust_const)
+                                               trust_const=cfg.trust_const, floor=floor)
     return per_frame[:, mask].mean(), {}                         # LongLive, streaming long tuning: DMD masked to the new frames
 
 
@@ -130,10 +152,11 @@ def band_levels(cfg):
     return [float(v) for v in cfg.band_levels.split(",")]
 
 
-def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, sigmas, shift, m, world=1):
+def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, sigmas, shift, m, world=1, floor=None):
     """One long-tuning iteration: cfg.critic_ratio critic updates, each on the streams' next
     window generated without a graph, then one generator update on the window after that
-    (graph at one exit step shared by its chunks). -> (loss, critic loss, gnorm, applied, logs, switched)."""
+    (graph at one exit step shared by its chunks); floor: a Floor with --tr_floor, updated here.
+    -> (loss, critic loss, gnorm, applied, logs, switched)."""
     device = streams.device
     for _ in range(cfg.critic_ratio):                            # DMD2: 5 critic updates, each on fresh samples
         with torch.no_grad(), autocast(device):
@@ -145,7 +168,11 @@ def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, sigm
         window, ev, mask, switched = streams.advance(student, sigmas, int(torch.randint(len(sigmas), ())))
         per_frame, aux = distill.dmd_loss(window.float(), ev, teacher=teacher, critic=critic,
                                            guidance=cfg.guidance, shift=shift)
-        loss, logs = window_loss(per_frame, window.float(), ev, aux, mask, m, cfg, teacher)
+        f = floor.value() if floor is not None else 0.0          # from earlier updates only
+        loss, logs = window_loss(per_frame, window.float(), ev, aux, mask, m, cfg, teacher, floor=f)
+    if floor is not None and "s" in logs:
+        floor.add(logs["s"], streams.unswitched)
+        logs["floor"] = f.expand_as(logs["s"])
     gnorm, applied = optimizer_step(student, opt, loss, cfg.grad_clip, world)
     return loss, closs, gnorm, applied, logs, switched
 
@@ -201,6 +228,7 @@ def main(cfg):
     step, skipped = (ck["step"], ck["skipped"]) if ck else (0, 0)
     seed_rank(run, cfg.seed, step, gen)
     streams = Streams(cfg, stream, w.size, gen, device, run.batch)
+    floor = Floor(device) if cfg.trust_region and cfg.tr_floor else None   # refilled after a resume (w = 1 meanwhile)
     n_updates, n_probe = capped(cfg.steps, cfg), capped(24, cfg, floor=4)
     save = checkpointer(path, run, gen, dict(stage="longtune", model_args=sck["model_args"], world=sck["world"],
                                              natural_step=sck["natural_step"], stream=stream, config=asdict(cfg),
@@ -214,7 +242,8 @@ def main(cfg):
     for step in tqdm(range(step, n_updates), initial=step, total=n_updates, desc="longtune", mininterval=5,
                      disable=run.rank > 0):
         loss, closs, gnorm, applied, logs, switched = tune_update(
-            streams, **nets, cfg=cfg, sigmas=stream["sigmas"], shift=stream["shift"], m=sck["natural_step"], world=run.world)
+            streams, **nets, cfg=cfg, sigmas=stream["sigmas"], shift=stream["shift"], m=sck["natural_step"], world=run.world,
+            floor=floor)
         skipped = skipped + ~applied                              # a skipped step is counted on the device
         if "w" in logs:                                           # the run's mean trust, for the constant-w control
             trust += torch.stack([logs["w"].sum(), torch.tensor(float(len(logs["w"])), device=device)])

@@ -12,14 +12,15 @@ sg = stop-gradient.
   (2) latent delta    V_ij = T^e_j - T^0_j on the committed frames j <= K, at fixed levels         band_verdict
                       sigma_i inside the noise band (teacher with the event e, without it: null)
   (3) consistency     s = sqrt(HW) sqrt(mean_ij ||mu(V_ij)||^2) / m,  b = mean_ij mu(V_ij)      transition_consistency
-  (4) trust region    w = min(1, tau / (s + eps)), sg; w = 1 when K = 0                            trust_weight
+  (4) trust region    w = min(1, tau / (relu(s - f) + eps)), sg; w = 1 when K = 0                  trust_weight
+                      f = 0, or with --tr_floor (ours) the teacher's floor, longtune.Floor
   (5) flagged step    g'_f(p) = g_f(p) - (1 - w) <g_f(p), b^> b^ at every pixel p, b^ = b / ||b||  flagged_step
                       L_DMD,f = 0.5 ||z_f - sg(z_f - g'_f)||^2
   (6) continuity      L_MC,f = relu(||z_f - z_{f-1}|| - r m)^2 / m^2, z_0 = c_K                    monotonic_continuity
   (7) loss            L = mean_f L_DMD,f + lambda (1 - w) mean_f L_MC,f                           delta_forcing_loss
   (6') appearance     L_AC,f = relu(sqrt(HW) ||mu(z_f) - mu(c_K)|| / m - r_a)^2, added to (6) with
                       --tr_appearance (ours, off by default: a toy invariant, below)               appearance_conservation
-Flags: tau (4), band_levels (2), mc_radius = r (6), ac_radius = r_a (6'), lam = lambda (7);
+Flags: tau (4), tr_floor (4), band_levels (2), mc_radius = r (6), ac_radius = r_a (6'), lam = lambda (7);
 tr_step, tr_continuity, tr_appearance switch terms; trust_const holds w constant (the control).
 
 Why the committed frames, and why the condition's verdict: those frames already happened. Asked
@@ -39,6 +40,12 @@ never exceeds tau: TRPO's bound on the step, the trust region). w = 1 is the bas
 exactly (the verdict's noise draws shift the random stream, so a whole run is not the same run).
 The verdict runs under the stage's autocast (bf16 on CUDA and on CPUs with bf16 units): its
 rounding is part of the signal's floor, and tau was set with it.
+Why a floor (4, --tr_floor, ours): s is never 0 on a trained teacher (its noise draws and its
+error), and that floor differs between teachers: a teacher without any colour prior shows the same
+s after a switch as before, at a level above a biased teacher's matched windows. With f = 0 a fixed
+tau then damps an unbiased teacher as much as a biased one; with f the teacher's own level where
+its condition cannot be biased yet (longtune.Floor: windows before the video's first switch), tau
+bounds only the excess.
 Why (6), monotonic: each new frame may move about one natural step from the one before, in any
 direction, so natural motion costs nothing (it never fights a turn), while recolours, teleports
 and background changes do; it takes the weight (1 - w) the teacher gave up. In pixel space r must
@@ -81,10 +88,11 @@ def transition_consistency(verdict, m):
     return mu.norm(dim=-1).pow(2).mean((1, 2)).sqrt() * hw ** 0.5 / m, mu.mean((1, 2))
 
 
-def trust_weight(s, tau, eps=1e-6):
-    """Eq. (4): w = min(1, tau / (s + eps)), after TRPO/PPO: how much of the flagged pull the window
-    accepts, so that the accepted bias w s never exceeds tau. Detached: a weight, never a path."""
-    return torch.clamp(tau / (s + eps), max=1.0).detach()
+def trust_weight(s, tau, floor=0.0, eps=1e-6):
+    """Eq. (4): w = min(1, tau / (relu(s - f) + eps)), after TRPO/PPO: how much of the flagged pull the
+    window accepts, so that the accepted bias above the floor, w (s - f), never exceeds tau. f = 0
+    is the plain reading; f = inf trusts every window. Detached: a weight, never a path."""
+    return torch.clamp(tau / (torch.relu(s - floor) + eps), max=1.0).detach()
 
 
 def flagged_step(grad, b, w, eps=1e-12):
@@ -118,15 +126,16 @@ def appearance_conservation(new, last, m, ac_radius):
 
 
 def delta_forcing_loss(window, grad, verdict, *, K, m, tau, lam, mc_radius, ac_radius, tr_step, tr_continuity,
-                       tr_appearance, trust_const):
+                       tr_appearance, trust_const, floor):
     """Eq. (7): L = mean_f L_DMD,f (the flagged step, Eq. 5) + lambda (1 - w) mean_f L_MC,f over the
     F new frames. window (B,K+F,...) with graph on the new frames; grad: the DMD step g of
-    distill.dmd_loss (B,K+F,...); verdict: band_verdict's V (None when K = 0); m: the natural step.
+    distill.dmd_loss (B,K+F,...); verdict: band_verdict's V (None when K = 0); m: the natural step;
+    floor: f of Eq. 4 (a number or a 0-dim tensor).
     Returns the loss and, for the log, each window's w, s and mean L_MC (B,), detached."""
     if K == 0:                                                   # the first window of a video: w = 1, plain DMD
         return dmd_per_frame(window, grad).mean(), {}
     s, b = transition_consistency(verdict, m)                    # Eq. 2-3, Delta Forcing: latent delta, consistency
-    w = trust_weight(s, tau) if not trust_const else torch.full_like(s, trust_const)   # Eq. 4, Delta Forcing: trust region
+    w = trust_weight(s, tau, floor) if not trust_const else torch.full_like(s, trust_const)   # Eq. 4, Delta Forcing: trust region
     g = flagged_step(grad, b, w) if tr_step else grad            # Eq. 5, Delta Forcing: only the flagged component scaled
     loss = dmd_per_frame(window[:, K:], g[:, K:]).mean()         # Eq. 5, Delta Forcing: DMD on the new frames
     logs = dict(w=w, s=s.detach())

@@ -130,6 +130,8 @@ def test_window_events_match_the_events_frames_were_generated_under(window_event
             else:
                 assert torch.equal(ev, gen_ev[:, -1:].expand(-1, W))
             assert torch.equal(gen_ev[:, -1], schedule[:, s.t - 1] if s.t else schedule[:, -1])
+            video = torch.cat(made, 1)                           # every event of this video so far
+            assert torch.equal(s.unswitched, (video == video[:, :1]).all(1))   # Floor's windows: no switch yet
             if s.t == 0:                                         # the videos ended: new schedules, new history
                 made.clear()
     assert seen_switch
@@ -165,6 +167,7 @@ def test_tune_update_is_keyword_only():
     (dict(window_events="current"), "longtune.pt"),
     (dict(critic_frames="new", switch_cache="recache_window"), "longtune.pt"),   # LongLive's critic mask and inference
     (dict(trust_region=True, switch_cache="clear", window_events="current", out_name="df_clear.pt"), "df_clear.pt"),
+    (dict(trust_region=True, tr_floor=True, out_name="df_floor.pt"), "df_floor.pt"),
 ])
 def test_longtune_end_to_end(student_dir, tmp_path, kw, name, capsys):
     longtune.main(longtune_cfg(tmp_path, student_dir / "student.pt", **kw))
@@ -175,6 +178,7 @@ def test_longtune_end_to_end(student_dir, tmp_path, kw, name, capsys):
     assert f"switch cache {ck['config']['switch_cache']}" in out and f"window events {ck['config']['window_events']}" in out
     if kw.get("trust_region"):                                   # Delta Forcing logs its trust weights
         assert " w " in out and " s " in out
+        assert (" floor " in out) == kw.get("tr_floor", False)  # the floor, when it is used, is logged
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -194,7 +198,20 @@ def test_the_loss_takes_each_knob_by_its_flag_name_and_holds_no_default():
     """One name per knob from the flag down to the equation, and one source for each default (the config)."""
     import inspect
     sig = inspect.signature(trust_region.delta_forcing_loss).parameters
-    knobs = [n for n, p in sig.items() if p.kind == p.KEYWORD_ONLY and n not in ("K", "m")]
+    knobs = [n for n, p in sig.items() if p.kind == p.KEYWORD_ONLY and n not in ("K", "m", "floor")]   # values, not flags
     assert set(knobs) <= {f.name for f in dataclasses.fields(longtune.LongtuneConfig)} and len(knobs) == 8
     assert all(sig[n].default is inspect.Parameter.empty for n in knobs)
     assert dataclasses.asdict(longtune.LongtuneConfig())["window_events"] == "true"
+
+
+def test_the_floor_is_the_median_of_unswitched_windows_and_trusts_every_window_until_known():
+    """Eq. 4's f (--tr_floor): only windows whose video has not switched count, the oldest leave the
+    buffer, and until `least` were seen f = inf (w = 1, the baseline)."""
+    f = longtune.Floor(torch.device("cpu"), size=6, least=3)
+    assert f.value() == float("inf")
+    f.add(torch.tensor([1.0, 100.0, 2.0]), torch.tensor([True, False, True]))
+    assert f.value() == float("inf")                             # two seen, three needed
+    f.add(torch.tensor([3.0, 50.0]), torch.tensor([True, False]))
+    assert f.value() == 2.0                                      # the median of 1, 2, 3; the switched 100 and 50 not
+    f.add(torch.tensor([7.0] * 4), torch.tensor([False] * 4))
+    assert f.value() == float("inf")                             # the buffer holds the last 6 windows: one unswitched left

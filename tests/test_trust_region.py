@@ -25,7 +25,7 @@ TAU = DEFAULTS["tau"]
 
 def dfl(window, grad, verdict, **kw):
     """delta_forcing_loss with longtune's defaults for every knob not given."""
-    return tr.delta_forcing_loss(window, grad, verdict, **(DEFAULTS | dict(K=K, m=M) | kw))
+    return tr.delta_forcing_loss(window, grad, verdict, **(DEFAULTS | dict(K=K, m=M, floor=0.0) | kw))
 
 
 def clip(pos0, moves, color=0, bg=0, w=W):
@@ -128,6 +128,20 @@ def test_trust_weight_is_detached_and_bounds_the_accepted_bias():
     w = tr.trust_weight(s, 1.0)
     assert not w.requires_grad and w.tolist() == pytest.approx([1.0, 0.5, 0.25], rel=1e-5)
     assert ((w * s).detach() <= 1.0 + 1e-5).all()                # w s never exceeds tau
+
+
+def test_the_floor_bounds_the_bias_above_it():
+    """Eq. 4 with f: the accepted bias above the floor, w (s - f), never exceeds tau; f = 0 is the
+    plain reading, s under the floor is fully trusted, f = inf trusts every window."""
+    s = torch.tensor([0.004, 0.01, 0.015, 0.03])
+    assert torch.equal(tr.trust_weight(s, TAU, 0.0), tr.trust_weight(s, TAU))
+    w = tr.trust_weight(s, TAU, 0.01)
+    assert w.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.25], rel=1e-3)
+    assert ((w * (s - 0.01)) <= TAU + 1e-6).all()
+    assert (tr.trust_weight(s, TAU, torch.tensor(float("inf"))) == 1.0).all()
+    window, grad, V = random_window()
+    _, logs = dfl(window, grad, V, floor=torch.tensor(float("inf")))
+    assert (logs["w"] == 1.0).all()                              # until the floor is known: the baseline's weights
 
 
 class Teacher(torch.nn.Module):
