@@ -22,7 +22,9 @@ band: the teacher alone on real one-event clips whose sprite is not of the event
 signals: which consistency signal tells the windows long tuning trains on apart (Delta Forcing's
   Eq. 3): the checkpoint's own streams as longtune.py rolls them out, each window scored by every
   candidate, AUC between windows whose last committed sprite is not of the newest event's
-  canonical colour and windows whose sprite is (95% interval: bootstrap over windows).
+  canonical colour and windows whose sprite is (95% interval: bootstrap over windows); then the
+  level of Eq. 3's s by kind of window (matched, mismatched, before and after the video's first
+  switch), which a fixed tau reads and a ranking does not.
 Both count, over the frames whose sprite is not of their event's canonical colour, the x0 frames
 that keep the sprite's position (within a pixel), keep its colour, paint it the event's colour,
 and keep the position while painting: a range of sigma where the last is high is the noise band
@@ -241,7 +243,7 @@ def signal_rows(cfg, path, tck, device):
     lt = longtune.LongtuneConfig(**longtune.PRESETS[cfg.preset])   # the windows of this preset's long tuning
     nets = build(tck["model_args"], tck["ema"], device).eval(), build(ck["model_args"], ck["critic"], device).eval()
     gen_net, w, stream = build(ck["model_args"], ck["ema"], device).eval(), load_world(ck["world"]), ck["stream"]
-    scores, labels = {}, []
+    scores, labels, fresh = {}, [], []
     for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
         torch.manual_seed(seed)
         streams = longtune.Streams(lt, stream, w.size, torch.Generator().manual_seed(seed), device, 8)
@@ -254,6 +256,7 @@ def signal_rows(cfg, path, tck, device):
                 tr_, e = track(window[b, K - 1:K].float(), w), int(ev[b, -1])
                 if tr_["valid"][0] and CANON[e] >= 0:
                     labels.append(tr_["color_id"][0] != CANON[e])
+                    fresh.append(bool(streams.unswitched[b]))        # no switch yet in its video: longtune.Floor's windows
                     for name, v in [*sc.items(), ("switch", switched.float())]:
                         scores.setdefault(name, []).append(float(v[b]))
     if not labels:
@@ -261,8 +264,11 @@ def signal_rows(cfg, path, tck, device):
     sc, y = {k: np.array(v) for k, v in scores.items()}, np.array(labels)
     octile = np.clip(np.searchsorted(np.quantile(sc["sigma"], np.linspace(0, 1, 9)[1:-1]), sc["sigma"]), 0, 7)
     sc["k_norm"] = sc["k"] / np.array([np.median(sc["k"][octile == i]) if (octile == i).any() else 1.0 for i in range(8)])[octile]
-    return [f"| {path} | {text} | " + "{:.3f} [{:.3f}, {:.3f}]".format(*auc(sc[name], y)) + f" | {y.sum()} / {len(y)} |"
+    rows = [f"| {path} | {text} | " + "{:.3f} [{:.3f}, {:.3f}]".format(*auc(sc[name], y)) + f" | {y.sum()} / {len(y)} |"
             for name, text in SIGNALS.items()]
+    s, u = sc["verdict_band"], np.array(fresh)                  # Eq. 3's s by kind of window: its level, not its ranking
+    med = lambda sel: f"{np.median(s[sel]):.4f} ({sel.sum()})" if sel.any() else "-"
+    return rows, [f"| {path} | {med(~y)} | {med(y)} | {med(u)} | {med(~u)} |"]
 
 
 def main(cfg):
@@ -292,7 +298,11 @@ def main(cfg):
                 "rolls them out; AUC between windows whose last committed sprite is not of the newest event's canonical colour "
                 "and windows whose sprite is; 95% bootstrap interval)\n", "| windows of | signal | AUC | mismatched / windows |",
                 "|---|---|---:|---:|"]
-        rows = [r for p in paths for r in signal_rows(cfg, p, tck, device)]
+        both = [signal_rows(cfg, p, tck, device) for p in paths]
+        rows = [r for a, _ in both for r in a] + ["\n**The signal's level** (Eq. 3's s, median (windows); before the first "
+                                                  "switch: longtune.Floor's windows)\n", "| windows of | matched | mismatched | "
+                                                  "before the first switch | after it |", "|---|---:|---:|---:|---:|"] + \
+            [r for _, b in both for r in b]
     else:
         tck = load_checkpoint(cfg.teacher, ["teacher"], "python teacher.py")
         head = [f"\n**The noise band** ({seeds}, 64 real one-event clips each, the sprite not of the event's colour; "

@@ -72,6 +72,7 @@ def test_signal_probe_scores_training_windows_with_every_candidate(student_dir, 
                                  teacher=str(student_dir / "teacher.pt"), device="cpu"))
     out = capsys.readouterr().out
     assert all(text in out for text in drift.SIGNALS.values()), out
+    assert "The signal's level" in out and "before the first switch" in out
 
 
 def test_bad_lengths_and_policies_are_one_line(student_dir, capsys, monkeypatch):
