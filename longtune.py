@@ -58,10 +58,10 @@ class LongtuneConfig(RunConfig):
     trust_region: bool = False     # Delta Forcing (trust_region.py), Eq. 7: writes deltaforcing.pt
     tr_step: bool = True           # ablation, False: the DMD step unscaled (no Eq. 5); the continuity gate keeps 1 - w
     tr_continuity: bool = True     # ablation, False: no continuity term (Eq. 6 and 6'), the flagged step alone
-    tau: Positive = 0.005          # Eq. 4, trust radius: the conditional bias a window may pass on, in natural steps (tuned on seeds 0-7)
+    tau: Positive = 0.0025         # Eq. 4, trust radius: the bias above the floor a window may pass on, in natural steps (tuned on seeds 0-7)
     band_levels: BandLevels = "0.4,0.45,0.5,0.55"   # Eq. 2: fixed noise levels inside the teacher's band (drift.py --probe=band)
     trust_const: Prob = 0.0        # control, > 0: w held at this value in every window instead of Eq. 4 (0: off)
-    tr_floor: bool = False         # Eq. 4 (ours), True: tau bounds the bias above the teacher's floor f (Floor), not s itself
+    tr_floor: bool = True          # Eq. 4 (ours): tau bounds the bias above the teacher's floor f (Floor); False: f = 0 (third reading)
     mc_radius: NonNegative = 1.4   # Eq. 6, r: a new frame may move r natural steps (a step: 0.87-1.35 m, python world.py)
     lam: NonNegative = 1.0         # Eq. 7, lambda: the weight of the continuity term
     tr_appearance: bool = False    # extra, True: Eq. 6' (ours, a toy invariant) joins the continuity term

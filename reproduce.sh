@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline for one preset, and the results tables made from it.
-#   bash reproduce.sh tiny            # CPU: about 9 h on 2 cores (3 seeds, controls, ablations, rho = 0 chain included)
+#   bash reproduce.sh tiny            # CPU: about 9.5 h on 2 cores (3 seeds, controls, ablations, rho = 0 chain included)
 #   bash reproduce.sh small           # one GPU: teacher, distill, probes, baseline and Delta Forcing (seed 0), the
 #                                     # evaluation; the small preset's steps are sized for about 6 min on one H100
 #   STAGES=main bash reproduce.sh tiny   # only teacher, distill, probes, baseline and Delta Forcing (seed 0): ~1 h
@@ -9,11 +9,11 @@
 #   REHEARSE=1 bash reproduce.sh gpu-check DIR   # the same on the CPU: 2 steps of batch 4 per loop, bench tiny
 # Steps: teacher, distillation and the two probes; for training seeds 0-2 the long-tuning baseline,
 # Delta Forcing and the constant-w control (w held at the default runs' mean trust) from the same student;
-# the ablations (seed 0: step only, continuity only, with 6'); the signal AUC table (drift.py
+# the ablations (seed 0: step only, continuity only, with 6', without the floor); the signal AUC table (drift.py
 # --probe=signals); training with the sink relabelled (seeds 0, 1); the tau frontier (seed 0) and its
 # picture; LongLive's one-event windows
 # (seed 0); how identity fails; a strip; the rho = 0 control chain (teacher, student, baseline,
-# Delta Forcing); the benchmark on fresh evaluation seeds 100-115 (tau is tuned on seeds 0-7); the
+# Delta Forcing with and without the floor); the benchmark on fresh evaluation seeds 100-115 (tau is tuned on seeds 0-7); the
 # cache-at-switch table; where drift comes from (drift.py: cache policy x segment length, the
 # teacher's and critic's colour verdicts, the noise band).
 # Writes $OUT_DIR/results.md (every table, with date, device and commands) and JSON beside it.
@@ -136,6 +136,7 @@ if [ "$STAGES" = all ]; then                                    # ablations (see
   t $PY longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tr_continuity=False --out_name=df_step.pt $X
   t $PY longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tr_step=False --out_name=df_continuity.pt $X
   t $PY longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tr_appearance=True --out_name=df_appearance.pt $X
+  t $PY longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tr_floor=False --tau=0.005 --out_name=df_nofloor.pt $X
 fi
 cp "$O/longtune_s0.pt" "$O/longtune.pt"
 cp "$O/deltaforcing_s0.pt" "$O/deltaforcing.pt"
@@ -149,7 +150,7 @@ t $EVAL --json="$O/results.json" --md="$MD" --ckpts="$ROWS"
 
 printf "\n## Ablations (seed 0)\n" >> "$MD"
 t $EVAL --pool=False --json="$O/ablations.json" --md="$MD" \
-  --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt,$O/df_step.pt,$O/df_continuity.pt,$O/df_appearance.pt,$O/df_constw_s0.pt"
+  --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt,$O/df_step.pt,$O/df_continuity.pt,$O/df_appearance.pt,$O/df_nofloor.pt,$O/df_constw_s0.pt"
 
 printf "\n## The training policy: the sink relabelled in training (seeds 0, 1)\n" >> "$MD"
 for s in 0 1; do
@@ -169,7 +170,7 @@ t $PY drift.py --preset="$P" --probe=band --teacher="$O/teacher.pt" --picture="$
 
 printf "\n## The tau frontier (seed 0; tuned on evaluation seeds 0-7, reported on 100-115)\n" >> "$MD"
 TAUS=""
-for tau in 0.0025 0.01 0.02; do                               # and the default, 0.005 (deltaforcing_s0)
+for tau in 0.00125 0.005 0.01; do                             # and the default, 0.0025 (deltaforcing_s0)
   t $PY longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tau=$tau --out_name=df_tau$tau.pt
   TAUS="$TAUS$O/df_tau$tau.pt,"
 done
@@ -210,7 +211,8 @@ t $PY teacher.py --preset="$P" --out_dir="$R" --rho=0
 t $PY distill.py --preset="$P" --out_dir="$R"
 t $PY longtune.py --preset="$P" --out_dir="$R"
 t $PY longtune.py --preset="$P" --out_dir="$R" --trust_region=True
-t $EVAL --pool=False --json="$O/rho0.json" --md="$MD" --ckpts="$R/student.pt,$R/longtune.pt,$R/deltaforcing.pt"
+t $PY longtune.py --preset="$P" --out_dir="$R" --trust_region=True --tr_floor=False --tau=0.005 --out_name=df_nofloor.pt
+t $EVAL --pool=False --json="$O/rho0.json" --md="$MD" --ckpts="$R/student.pt,$R/longtune.pt,$R/deltaforcing.pt,$R/df_nofloor.pt"
 
 for m in keep recache clear; do
   printf "\n## Cache at the switch: %s\n" "$m" >> "$MD"

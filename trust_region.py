@@ -13,7 +13,7 @@ sg = stop-gradient.
                       sigma_i inside the noise band (teacher with the event e, without it: null)
   (3) consistency     s = sqrt(HW) sqrt(mean_ij ||mu(V_ij)||^2) / m,  b = mean_ij mu(V_ij)      transition_consistency
   (4) trust region    w = min(1, tau / (relu(s - f) + eps)), sg; w = 1 when K = 0                  trust_weight
-                      f = 0, or with --tr_floor (ours) the teacher's floor, longtune.Floor
+                      f the teacher's floor (--tr_floor, ours, the default: longtune.Floor), or 0
   (5) flagged step    g'_f(p) = g_f(p) - (1 - w) <g_f(p), b^> b^ at every pixel p, b^ = b / ||b||  flagged_step
                       L_DMD,f = 0.5 ||z_f - sg(z_f - g'_f)||^2
   (6) continuity      L_MC,f = relu(||z_f - z_{f-1}|| - r m)^2 / m^2, z_0 = c_K                    monotonic_continuity
@@ -45,7 +45,7 @@ error), and that floor differs between teachers: a teacher without any colour pr
 s after a switch as before, at a level above a biased teacher's matched windows. With f = 0 a fixed
 tau then damps an unbiased teacher as much as a biased one; with f the teacher's own level where
 its condition cannot be biased yet (longtune.Floor: windows before the video's first switch), tau
-bounds only the excess.
+bounds only the excess. It is what passes the rho = 0 control (docs/results.md).
 Why (6), monotonic: each new frame may move about one natural step from the one before, in any
 direction, so natural motion costs nothing (it never fights a turn), while recolours, teleports
 and background changes do; it takes the weight (1 - w) the teacher gave up. In pixel space r must

@@ -167,7 +167,7 @@ def test_tune_update_is_keyword_only():
     (dict(window_events="current"), "longtune.pt"),
     (dict(critic_frames="new", switch_cache="recache_window"), "longtune.pt"),   # LongLive's critic mask and inference
     (dict(trust_region=True, switch_cache="clear", window_events="current", out_name="df_clear.pt"), "df_clear.pt"),
-    (dict(trust_region=True, tr_floor=True, out_name="df_floor.pt"), "df_floor.pt"),
+    (dict(trust_region=True, tr_floor=False, out_name="df_nofloor.pt"), "df_nofloor.pt"),   # the third reading, f = 0
 ])
 def test_longtune_end_to_end(student_dir, tmp_path, kw, name, capsys):
     longtune.main(longtune_cfg(tmp_path, student_dir / "student.pt", **kw))
@@ -178,7 +178,7 @@ def test_longtune_end_to_end(student_dir, tmp_path, kw, name, capsys):
     assert f"switch cache {ck['config']['switch_cache']}" in out and f"window events {ck['config']['window_events']}" in out
     if kw.get("trust_region"):                                   # Delta Forcing logs its trust weights
         assert " w " in out and " s " in out
-        assert (" floor " in out) == kw.get("tr_floor", False)  # the floor, when it is used, is logged
+        assert (" floor " in out) == ck["config"]["tr_floor"]    # the floor, when it is used, is logged
 
 
 @pytest.mark.parametrize("kw,msg", [

@@ -133,12 +133,12 @@ def test_trust_weight_is_detached_and_bounds_the_accepted_bias():
 def test_the_floor_bounds_the_bias_above_it():
     """Eq. 4 with f: the accepted bias above the floor, w (s - f), never exceeds tau; f = 0 is the
     plain reading, s under the floor is fully trusted, f = inf trusts every window."""
-    s = torch.tensor([0.004, 0.01, 0.015, 0.03])
-    assert torch.equal(tr.trust_weight(s, TAU, 0.0), tr.trust_weight(s, TAU))
-    w = tr.trust_weight(s, TAU, 0.01)
+    s, tau = torch.tensor([0.004, 0.01, 0.015, 0.03]), 0.005
+    assert torch.equal(tr.trust_weight(s, tau, 0.0), tr.trust_weight(s, tau))
+    w = tr.trust_weight(s, tau, 0.01)
     assert w.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.25], rel=1e-3)
-    assert ((w * (s - 0.01)) <= TAU + 1e-6).all()
-    assert (tr.trust_weight(s, TAU, torch.tensor(float("inf"))) == 1.0).all()
+    assert ((w * (s - 0.01)) <= tau + 1e-6).all()
+    assert (tr.trust_weight(s, tau, torch.tensor(float("inf"))) == 1.0).all()
     window, grad, V = random_window()
     _, logs = dfl(window, grad, V, floor=torch.tensor(float("inf")))
     assert (logs["w"] == 1.0).all()                              # until the floor is known: the baseline's weights
