@@ -128,11 +128,11 @@ class Floor:
 
     def value(self):
         seen = (~self.buf.isnan()).sum()
-        return torch.where(seen >= self.least, self.buf.nanmedian(), torch.inf)
+        return torch.where(seen >= self.least, self.buf.nanmedian(), torch.inf)   # Eq. 4, Delta Forcing (ours): f
 
     def add(self, s, unswitched):
         """s (B,) of this update's windows; unswitched (B,) bool: which count."""
-        self.buf = torch.cat([self.buf[len(s):], torch.where(unswitched, s.float(), torch.nan)])
+        self.buf = torch.cat([self.buf[len(s):], torch.where(unswitched, s.float(), torch.nan)])   # Eq. 4 (ours): the last `size`
 
 
 def window_loss(per_frame, window, ev, aux, mask, m, cfg, teacher, floor=0.0):
@@ -168,7 +168,7 @@ def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, sigm
         window, ev, mask, switched = streams.advance(student, sigmas, int(torch.randint(len(sigmas), ())))
         per_frame, aux = distill.dmd_loss(window.float(), ev, teacher=teacher, critic=critic,
                                            guidance=cfg.guidance, shift=shift)
-        f = floor.value() if floor is not None else 0.0          # from earlier updates only
+        f = floor.value() if floor is not None else 0.0          # Eq. 4, Delta Forcing (ours): f from earlier updates only
         loss, logs = window_loss(per_frame, window.float(), ev, aux, mask, m, cfg, teacher, floor=f)
     if floor is not None and "s" in logs:
         floor.add(logs["s"], streams.unswitched)
