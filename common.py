@@ -11,6 +11,7 @@ toy world, `stream` the generator's streaming setup, `config` the stage's datacl
 Modules are compiled in place, so their state_dicts carry no `_orig_mod.` prefix.
 """
 import copy
+import datetime
 import functools
 import hashlib
 import os
@@ -100,7 +101,8 @@ def init_run(cfg, batch):
         import torch.distributed as dist
         gpu = torch.cuda.is_available() and (cfg.device == "auto" or cfg.device.startswith("cuda"))
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if gpu else "gloo")   # NCCL for GPUs, gloo for CPUs
+            dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(hours=1))   # NCCL for GPUs, gloo
+            # for CPUs; an hour, as the other ranks wait at config.cli's final barrier for rank 0's evaluation
         rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     if batch % world:
         raise BadInput(f"--batch={batch} does not split over {world} processes; use a multiple of {world}")

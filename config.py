@@ -186,7 +186,7 @@ def cli(main, cls, presets):
     try:
         main(parse_config(cls, presets, sys.argv[1:]))
         if "RANK" in os.environ and torch.distributed.is_initialized():
-            torch.distributed.barrier()   # why: rank 0 still saves while rank 1 is done; no rank tears gloo down early
+            torch.distributed.barrier()   # rank 0 may still evaluate and save: no rank tears the group down early
     except BadInput as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(2)

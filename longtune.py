@@ -61,7 +61,7 @@ class LongtuneConfig(RunConfig):
     tau: Positive = 0.0025         # Eq. 4, trust radius: the bias above the floor a window may pass on, in natural steps (tuned on seeds 0-7)
     band_levels: BandLevels = "0.4,0.45,0.5,0.55"   # Eq. 2: fixed noise levels inside the teacher's band (drift.py --probe=band)
     trust_const: Prob = 0.0        # control, > 0: w held at this value in every window instead of Eq. 4 (0: off)
-    tr_floor: bool = True          # Eq. 4 (ours): tau bounds the bias above the teacher's floor f (Floor); False: f = 0 (third reading)
+    tr_floor: bool = True          # Eq. 4 (ours): tau bounds the bias above the teacher's floor f (Floor); False: f = 0 (--tau=0.005: third reading)
     mc_radius: NonNegative = 1.4   # Eq. 6, r: a new frame may move r natural steps (a step: 0.87-1.35 m, python world.py)
     lam: NonNegative = 1.0         # Eq. 7, lambda: the weight of the continuity term
     tr_appearance: bool = False    # extra, True: Eq. 6' (ours, a toy invariant) joins the continuity term
@@ -120,19 +120,22 @@ class Floor:
     `size` supervised ones, whose video has not switched yet. There the condition still agrees with
     the history the student painted under it, so s is the verdict's floor (its noise draws, the
     teacher's imperfection), not bias; a teacher without a colour prior shows the same s everywhere.
-    inf (every window trusted, w = 1) until `least` such windows were seen. Earlier updates only:
-    a window's w never depends on the windows beside it. On the device, no sync."""
+    inf (every window trusted, w = 1) while fewer than `least` such windows are in the buffer.
+    Earlier updates only: a window's w never depends on the windows beside it. On the device, no sync
+    (the lower median by a sort, as nanmedian, whose CUDA kernel syncs)."""
 
     def __init__(self, device, size=256, least=16):
         self.buf, self.least = torch.full((size,), float("nan"), device=device), least
 
     def value(self):
         seen = (~self.buf.isnan()).sum()
-        return torch.where(seen >= self.least, self.buf.nanmedian(), torch.inf)   # Eq. 4, Delta Forcing (ours): f
+        mid = self.buf.sort().values.gather(0, ((seen - 1) // 2).clamp(min=0).view(1))[0]   # NaNs sort last
+        return torch.where(seen >= self.least, mid, torch.inf)  # Eq. 4, Delta Forcing (ours): f
 
     def add(self, s, unswitched):
         """s (B,) of this update's windows; unswitched (B,) bool: which count."""
-        self.buf = torch.cat([self.buf[len(s):], torch.where(unswitched, s.float(), torch.nan)])   # Eq. 4 (ours): the last `size`
+        new = torch.cat([self.buf, torch.where(unswitched, s.float(), torch.nan)])
+        self.buf = new[-len(self.buf):]                          # Eq. 4, Delta Forcing (ours): the last `size` windows
 
 
 def window_loss(per_frame, window, ev, aux, mask, m, cfg, teacher, floor=0.0):

@@ -167,7 +167,7 @@ def test_tune_update_is_keyword_only():
     (dict(window_events="current"), "longtune.pt"),
     (dict(critic_frames="new", switch_cache="recache_window"), "longtune.pt"),   # LongLive's critic mask and inference
     (dict(trust_region=True, switch_cache="clear", window_events="current", out_name="df_clear.pt"), "df_clear.pt"),
-    (dict(trust_region=True, tr_floor=False, out_name="df_nofloor.pt"), "df_nofloor.pt"),   # the third reading, f = 0
+    (dict(trust_region=True, tr_floor=False, out_name="df_nofloor.pt"), "df_nofloor.pt"),   # f = 0 (with tau 0.005: the third reading)
 ])
 def test_longtune_end_to_end(student_dir, tmp_path, kw, name, capsys):
     longtune.main(longtune_cfg(tmp_path, student_dir / "student.pt", **kw))
@@ -215,3 +215,14 @@ def test_the_floor_is_the_median_of_unswitched_windows_and_trusts_every_window_u
     assert f.value() == 2.0                                      # the median of 1, 2, 3; the switched 100 and 50 not
     f.add(torch.tensor([7.0] * 4), torch.tensor([False] * 4))
     assert f.value() == float("inf")                             # the buffer holds the last 6 windows: one unswitched left
+
+
+def test_the_floor_is_nanmedian_without_its_sync_and_keeps_its_size():
+    """The sort-based median equals torch.nanmedian on any buffer; a batch wider than the buffer keeps its newest."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        f = longtune.Floor(torch.device("cpu"), size=32, least=1)
+        s = torch.rand(40, generator=g)
+        keep = torch.rand(40, generator=g) < 0.5
+        f.add(s, keep | (torch.arange(40) == 39))                # at least one seen
+        assert f.buf.shape == (32,) and f.value() == f.buf.nanmedian()
