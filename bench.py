@@ -177,8 +177,7 @@ def train_step_fn(what, tcfg, dcfg, lcfg, device, compiled, seed):
     lc = replace(lcfg, trust_region=what == DELTA)
     streams = longtune.Streams(lc, stream_, tcfg.size, gen, device, lc.batch)
     m = natural_step(teacher.world_of(tcfg), tcfg.frames, tcfg.chunk)
-    floor = longtune.Floor(device) if lc.trust_region and lc.tr_floor else None   # as longtune.main
-    return lambda: longtune.tune_update(streams, **nets, cfg=lc, sigmas=sigmas, shift=dcfg.shift, m=m, floor=floor)
+    return lambda: longtune.tune_update(streams, **nets, cfg=lc, sigmas=sigmas, shift=dcfg.shift, m=m)
 
 
 def warmed(make):

@@ -74,14 +74,39 @@ class LongtuneConfig(RunConfig):
 PRESETS = {"tiny": {}, "small": dict(steps=200, batch=16, ema_start=70, context=3, log_every=50)}
 
 
+class Floor:
+    """Eq. 4's f with --tr_floor (ours): the running median of s over the windows, among the last
+    `size` supervised ones, whose video has not switched yet. There the condition still agrees with
+    the history the student painted under it, so s is the verdict's floor (its noise draws, the
+    teacher's imperfection), not bias; a teacher without a colour prior shows the same s everywhere.
+    inf (every window trusted, w = 1) while fewer than `least` such windows are in the buffer.
+    Earlier updates only: a window's w never depends on the windows beside it. On the device, no sync
+    (the lower median by a sort, as nanmedian, whose CUDA kernel syncs)."""
+
+    def __init__(self, device, size=256, least=16):
+        self.buf, self.least = torch.full((size,), float("nan"), device=device), least
+
+    def value(self):
+        seen = (~self.buf.isnan()).sum()
+        mid = self.buf.sort().values.gather(0, ((seen - 1) // 2).clamp(min=0).view(1))[0]   # NaNs sort last
+        return torch.where(seen >= self.least, mid, torch.inf)  # Eq. 4, Delta Forcing (ours): f
+
+    def add(self, s, unswitched):
+        """s (B,) of this update's windows; unswitched (B,) bool: which count."""
+        new = torch.cat([self.buf, torch.where(unswitched, s.float(), torch.nan)])
+        self.buf = new[-len(self.buf):]                          # Eq. 4, Delta Forcing (ours): the last `size` windows
+
+
 class Streams:
     """B long videos in progress. Their cache, schedule, position and last committed frames
-    persist across optimiser steps, as LongLive's rollout state does."""
+    persist across optimiser steps, as LongLive's rollout state does; so does Delta Forcing's
+    floor (Eq. 4's f, with --tr_floor), across videos."""
 
     def __init__(self, cfg, stream, size, gen, device, batch):
         self.cfg, self.stream, self.size, self.gen, self.device, self.batch = cfg, stream, size, gen, device, batch
         W, F = stream["window"], stream["window"] - cfg.context
         self.L = W + math.ceil((cfg.windows - 1) * W / F) * F       # at least `windows` teacher windows long
+        self.floor = Floor(device) if cfg.trust_region and cfg.tr_floor else None   # refilled after a resume (w = 1 meanwhile)
         self.reset()
 
     def reset(self):
@@ -115,29 +140,6 @@ class Streams:
         return window, win_ev, torch.arange(W, device=self.device) >= W - n, switched
 
 
-class Floor:
-    """Eq. 4's f with --tr_floor (ours): the running median of s over the windows, among the last
-    `size` supervised ones, whose video has not switched yet. There the condition still agrees with
-    the history the student painted under it, so s is the verdict's floor (its noise draws, the
-    teacher's imperfection), not bias; a teacher without a colour prior shows the same s everywhere.
-    inf (every window trusted, w = 1) while fewer than `least` such windows are in the buffer.
-    Earlier updates only: a window's w never depends on the windows beside it. On the device, no sync
-    (the lower median by a sort, as nanmedian, whose CUDA kernel syncs)."""
-
-    def __init__(self, device, size=256, least=16):
-        self.buf, self.least = torch.full((size,), float("nan"), device=device), least
-
-    def value(self):
-        seen = (~self.buf.isnan()).sum()
-        mid = self.buf.sort().values.gather(0, ((seen - 1) // 2).clamp(min=0).view(1))[0]   # NaNs sort last
-        return torch.where(seen >= self.least, mid, torch.inf)  # Eq. 4, Delta Forcing (ours): f
-
-    def add(self, s, unswitched):
-        """s (B,) of this update's windows; unswitched (B,) bool: which count."""
-        new = torch.cat([self.buf, torch.where(unswitched, s.float(), torch.nan)])
-        self.buf = new[-len(self.buf):]                          # Eq. 4, Delta Forcing (ours): the last `size` windows
-
-
 def window_loss(per_frame, window, ev, aux, mask, m, cfg, teacher, floor=0.0):
     """The one place the supervised window's per-frame DMD loss becomes a scalar."""
     if cfg.trust_region:                                         # the flags by their own names, down to the equations
@@ -155,12 +157,12 @@ def band_levels(cfg):
     return [float(v) for v in cfg.band_levels.split(",")]
 
 
-def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, sigmas, shift, m, world=1, floor=None):
+def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, sigmas, shift, m, world=1):
     """One long-tuning iteration: cfg.critic_ratio critic updates, each on the streams' next
     window generated without a graph, then one generator update on the window after that
-    (graph at one exit step shared by its chunks); floor: a Floor with --tr_floor, updated here.
+    (graph at one exit step shared by its chunks); the streams' floor, if any, is updated here.
     -> (loss, critic loss, gnorm, applied, logs, switched)."""
-    device = streams.device
+    device, floor = streams.device, streams.floor
     for _ in range(cfg.critic_ratio):                            # DMD2: 5 critic updates, each on fresh samples
         with torch.no_grad(), autocast(device):
             window, ev, new, _ = streams.advance(student, sigmas, int(torch.randint(len(sigmas), ())))
@@ -231,7 +233,6 @@ def main(cfg):
     step, skipped = (ck["step"], ck["skipped"]) if ck else (0, 0)
     seed_rank(run, cfg.seed, step, gen)
     streams = Streams(cfg, stream, w.size, gen, device, run.batch)
-    floor = Floor(device) if cfg.trust_region and cfg.tr_floor else None   # refilled after a resume (w = 1 meanwhile)
     n_updates, n_probe = capped(cfg.steps, cfg), capped(24, cfg, floor=4)
     save = checkpointer(path, run, gen, dict(stage="longtune", model_args=sck["model_args"], world=sck["world"],
                                              natural_step=sck["natural_step"], stream=stream, config=asdict(cfg),
@@ -245,8 +246,7 @@ def main(cfg):
     for step in tqdm(range(step, n_updates), initial=step, total=n_updates, desc="longtune", mininterval=5,
                      disable=run.rank > 0):
         loss, closs, gnorm, applied, logs, switched = tune_update(
-            streams, **nets, cfg=cfg, sigmas=stream["sigmas"], shift=stream["shift"], m=sck["natural_step"], world=run.world,
-            floor=floor)
+            streams, **nets, cfg=cfg, sigmas=stream["sigmas"], shift=stream["shift"], m=sck["natural_step"], world=run.world)
         skipped = skipped + ~applied                              # a skipped step is counted on the device
         if "w" in logs:                                           # the run's mean trust, for the constant-w control
             trust += torch.stack([logs["w"].sum(), torch.tensor(float(len(logs["w"])), device=device)])
