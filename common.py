@@ -1,14 +1,13 @@
 """Run plumbing that is in no paper: devices and autocast, torchrun data parallel, the optimizer
-(fused AdamW) and its step, EMA, and checkpoints. Every stage imports it (and config.py).
+step, EMA, and checkpoints. Every stage imports it (and config.py).
 
-    run = init_run(cfg, cfg.batch)                              # rank, world size, device, seed, out_dir checked
+    run = init_run(cfg, cfg.batch)                              # rank, number of ranks, device, seed, out_dir checked
     save = checkpointer(path, run, gen, dict(stage="teacher", ...), model=model, ema=ema, optimizer=opt)
     ck = resume(cfg, path, "teacher", hint, gen, model=model, ema=ema, optimizer=opt)
 
-One checkpoint schema for every stage: {stage, model_args, world, stream?, config, model, ema,
-optimizer, critic?, step, metrics, rng, gen?, ...}: `model_args` rebuilds the network, `world` the
-toy world, `stream` the generator's streaming setup, `config` the stage's dataclass as a dict.
-Modules are compiled in place, so their state_dicts carry no `_orig_mod.` prefix.
+One checkpoint schema for every stage: {stage, format, model_args, world, stream?, config, model,
+ema, optimizer, critic?, step, metrics, rng, gen?, ...}: `model_args` rebuilds the network, `world`
+the toy world, `stream` the generator's streaming setup, `config` the stage's dataclass as a dict.
 """
 import copy
 import datetime
@@ -26,8 +25,7 @@ from config import BadInput
 # ----------------------------------------------------------------------------- device, precision, compile
 
 def pick_device(name, local_rank=0, precision="auto"):
-    """cuda (this process's GPU under torchrun), else mps, else cpu; TF32 matmuls on CUDA; and
-    where autocast runs bf16 (--precision, set_precision)."""
+    """cuda (this process's GPU under torchrun), else mps, else cpu; TF32 matmuls on CUDA; --precision."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
@@ -40,8 +38,7 @@ def pick_device(name, local_rank=0, precision="auto"):
 
 @functools.cache
 def cpu_has_bf16():
-    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16 in the kernel's CPU flags).
-    Without them bf16 matmuls are emulated and slower than fp32, so auto stays fp32 there."""
+    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16); emulated bf16 is slower than fp32."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read().split()
@@ -66,10 +63,9 @@ def autocast(device):
 
 
 def compile_(module, enabled, **kw):
-    """Compile in place (nn.Module.compile): no second `*_fwd` object, no `_orig_mod.` keys.
-    A stage traces a handful of graphs (bidirectional, block-causal, and the streaming step with
-    an empty, filling or full cache, keys/values out or not, grad or not), more than dynamo's
-    default limit of 8, after which it would silently fall back to eager."""
+    """Compile in place (nn.Module.compile), so state_dicts carry no `_orig_mod.` prefix. A stage
+    traces more graphs (bidirectional, block-causal, streaming with each cache state, grad or not)
+    than dynamo's default limit of 8, past which it would silently fall back to eager."""
     if enabled:
         torch._dynamo.config.recompile_limit = 64
         module.compile(**kw)
@@ -78,37 +74,37 @@ def compile_(module, enabled, **kw):
 
 # ----------------------------------------------------------------------------- the run: torchrun, device, seed
 # `torchrun --nproc_per_node=N teacher.py|distill.py|longtune.py` runs N data-parallel processes;
-# plain `python` is rank 0 of 1 and never touches torch.distributed (optional, as in nanoGPT).
-# Every rank holds the same weights and draws its own data; after each backward the gradients
-# are averaged over ranks, so every rank takes the same step. This is what DDP's hooks do; we
-# call all_reduce by hand because the Self Forcing rollout runs the generator several times
-# before one backward, which DDP's one-forward-one-backward bookkeeping does not allow.
+# plain `python` is rank 0 of 1 and never touches torch.distributed. Every rank holds the same
+# weights and draws its own data; gradients are averaged by hand, because the Self Forcing rollout
+# runs the generator several times before one backward, which DDP's bookkeeping does not allow.
 
 @dataclass
 class Run:
     rank: int
-    world: int
+    n_ranks: int
     device: torch.device
     batch: int            # this rank's share of the global batch
 
 
 def init_run(cfg, batch):
-    """torchrun (if any), device, the seed, and a writable out_dir: everything a stage does first
-    (nanochat's compute_init). Every rank starts from the same seed, so models are built with the
-    same weights; call seed_rank() once they are built so each rank then draws its own data."""
-    rank, world, local = 0, 1, 0
+    """torchrun (if any), device, the seed, and a writable out_dir: what a stage does first. Every
+    rank starts from the same seed, so models are built alike; seed_rank() then splits the data."""
+    rank, n_ranks, local = 0, 1, 0
     if "RANK" in os.environ:
         import torch.distributed as dist
         gpu = torch.cuda.is_available() and (cfg.device == "auto" or cfg.device.startswith("cuda"))
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(hours=1))   # NCCL for GPUs, gloo
-            # for CPUs; an hour, as the other ranks wait at config.cli's final barrier for rank 0's evaluation
-        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    if batch % world:
-        raise BadInput(f"--batch={batch} does not split over {world} processes; use a multiple of {world}")
-    check_writable(cfg.out_dir)
+        if not dist.is_initialized():   # an hour: the other ranks wait at config.cli's final barrier for rank 0's evaluation
+            dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(hours=1))
+        rank, n_ranks, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    if batch % n_ranks:
+        raise BadInput(f"--batch={batch} does not split over {n_ranks} processes; use a multiple of {n_ranks}")
+    try:                                                         # fail now, not at the first checkpoint
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=cfg.out_dir).close()
+    except OSError as e:
+        raise BadInput(f"cannot write checkpoints to --out_dir={cfg.out_dir}: {e.strerror or e}") from None
     torch.manual_seed(cfg.seed)
-    return Run(rank, world, pick_device(cfg.device, local, cfg.precision), batch // world)
+    return Run(rank, n_ranks, pick_device(cfg.device, local, cfg.precision), batch // n_ranks)
 
 
 def seed_rank(run, seed, step, gen=None):
@@ -119,15 +115,6 @@ def seed_rank(run, seed, step, gen=None):
             gen.manual_seed(seed + 1000 * run.rank + step)
 
 
-def check_writable(out_dir):
-    """Fail before training, not at the first checkpoint: out_dir must be a writable directory."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        raise BadInput(f"cannot write checkpoints to --out_dir={out_dir}: {e.strerror or e}") from None
-
-
 def check_file(flag, path):
     """Fail now, not after the work: --flag=path, if given, must be a file we can write."""
     try:
@@ -136,52 +123,39 @@ def check_file(flag, path):
         raise BadInput(f"cannot write --{flag}={path}: {e.strerror or e}") from None
 
 
-def average_gradients(model, world):
-    """All-reduce the gradients (one flat buffer, one call) and divide by the number of ranks."""
-    if world == 1:
-        return
-    params = [p for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([p.grad.flatten() for p in params])
-    torch.distributed.all_reduce(flat)
-    for p, g in zip(params, flat.div_(world).split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
-
-
 def check_in_sync(model, run):
     """After training under torchrun: each rank prints a digest of its weights; rank 0 compares them."""
-    if run.world == 1:
+    if run.n_ranks == 1:
         return
     digest = hashlib.sha256(b"".join(v.float().cpu().numpy().tobytes() for v in model.state_dict().values()))
-    digests = [None] * run.world
+    digests = [None] * run.n_ranks
     torch.distributed.all_gather_object(digests, digest.hexdigest()[:16])
-    print(f"rank {run.rank}/{run.world}: weights sha256 {digests[run.rank]}", flush=True)
+    print(f"rank {run.rank}/{run.n_ranks}: weights sha256 {digests[run.rank]}", flush=True)
     if run.rank == 0:
-        print(f"data parallel: weights {'identical' if len(set(digests)) == 1 else 'DIFFERENT'} on all {run.world} ranks")
+        print(f"data parallel: weights {'identical' if len(set(digests)) == 1 else 'DIFFERENT'} on all {run.n_ranks} ranks")
 
 
 # ----------------------------------------------------------------------------- optimisation
 
 def adamw(params, **kw):
-    """AdamW, fused: one kernel per update, and it can skip an update on the device (optimizer_step)."""
+    """AdamW, fused: one kernel per update."""
     return torch.optim.AdamW(params, fused=True, **kw)
 
 
-def optimizer_step(model, opt, loss, grad_clip, world=1):
-    """backward, gradients averaged over ranks, clip, step; every update of every stage goes
-    through it. Returns (gnorm, applied), `applied` a bool tensor: a non-finite loss or gradient
-    skips the update on every rank alike (they share the averaged gradients) and never poisons the
-    weights. With a fused optimizer (adamw) the skip happens on the device, as GradScaler does it
-    (found_inf: weights, moments and step count untouched), so the host never waits for the GPU
-    here and can prepare the next step meanwhile; read `applied` only at a log line."""
+def optimizer_step(model, opt, loss, grad_clip, n_ranks=1):
+    """backward, gradients averaged over ranks, clip, step: every update of every stage. A non-finite
+    loss or gradient skips the update on every rank alike, never poisoning the weights. -> (gnorm, applied)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    average_gradients(model, world)
+    if n_ranks > 1:                                              # all-reduce the gradients as one flat buffer
+        params = [p for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([p.grad.flatten() for p in params])
+        torch.distributed.all_reduce(flat)
+        for p, g in zip(params, flat.div_(n_ranks).split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    applied = torch.isfinite(gnorm)
-    if all(g.get("fused") for g in opt.param_groups):
-        opt.found_inf = (~applied).float()                          # 1: the fused kernel leaves everything as it was
-        opt.step()
-    elif applied:                                                   # any other optimizer: one host sync per step
+    applied = bool(torch.isfinite(gnorm))                        # one host read per update
+    if applied:
         opt.step()
     return gnorm, applied
 
@@ -190,6 +164,11 @@ def optimizer_step(model, opt, loss, grad_clip, world=1):
 def ema_update(ema, model, decay):
     for pe, pm in zip(ema.parameters(), model.parameters()):
         pe.lerp_(pm.detach(), 1 - decay)
+
+
+def ema_copy(model):
+    """A frozen copy of model, to hold the exponential moving average of its weights."""
+    return copy.deepcopy(model).requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -213,9 +192,12 @@ def load_checkpoint(path, stages, hint):
     stage = ck.get("stage") if isinstance(ck, dict) else None
     if stage not in stages:
         raise BadInput(f"{path} is a {stage or 'unknown'} checkpoint, not {' or '.join(stages)}; make one with `{hint}`")
-    if "model_args" not in ck:
+    if ck.get("format") != FORMAT:
         raise BadInput(f"{path} was written by an older version of this code; remake it with `{hint}`")
     return ck
+
+
+FORMAT = 2   # the checkpoint schema's version: a checkpoint of another one is refused
 
 
 def states(gen=None, **objs):
@@ -228,18 +210,17 @@ def states(gen=None, **objs):
 
 
 def checkpointer(path, run, gen, header, **objs):
-    """A stage's one checkpoint writer: save(**fields) writes header + fields + every named
-    state (model=, ema=, optimizer=, ...) + the RNGs, atomically, on rank 0 only (every rank
-    holds the same weights). resume() reads back what it wrote."""
+    """A stage's one checkpoint writer: save(**fields) writes header + fields + every named state
+    (model=, ema=, optimizer=, ...) + the RNGs, on rank 0 only (every rank holds the same weights)."""
     def save(**fields):
         if run.rank == 0:
-            save_checkpoint(path, dict(header, **fields, **states(gen, **objs)))
+            save_checkpoint(path, dict(header, format=FORMAT, **fields, **states(gen, **objs)))
     return save
 
 
 def resume(cfg, path, stage, hint, gen=None, **objs):
-    """With --resume=True and a checkpoint at path: restore every named state (model=, ema=,
-    optimizer=, ...) and the RNGs, and return the checkpoint; otherwise None (a fresh start)."""
+    """With --resume=True and a checkpoint at path: restore what checkpointer saved and return the
+    checkpoint; otherwise None (a fresh start)."""
     if not (cfg.resume and os.path.exists(path)):
         return None
     ck = load_checkpoint(path, [stage], hint)
@@ -250,8 +231,3 @@ def resume(cfg, path, stage, hint, gen=None, **objs):
         gen.set_state(ck["gen"])
     print(f"resumed {path} at step {ck['step']}" + (f" ({ck['phase']})" if "phase" in ck else ""))
     return ck
-
-
-def ema_copy(model):
-    """A frozen copy of model, to hold the exponential moving average of its weights."""
-    return copy.deepcopy(model).requires_grad_(False)

@@ -1,9 +1,7 @@
 """The configs and their command line: one dataclass per stage on a shared base, `--key=value`,
-`--preset=tiny|small`, `--help`.
-
-Each field declares its valid values once, in its type (Count, Prob, OneOf(...), ...), and
-documents itself in its trailing comment, which --help prints. parse_config checks every field
-before any work; a bad value, like every user error, is one line on stderr and exit code 2.
+`--preset=tiny|small`, `--help`. Each field declares its valid values in its type (Count, Prob,
+OneOf(...), ...) and documents itself in its trailing comment, which --help prints. Every field is
+checked before any work; a bad value, like every user error, is one line on stderr and exit code 2.
 
     @dataclass
     class TeacherConfig(RunConfig):
@@ -47,12 +45,11 @@ class Choice:
         return None if v in self.choices else f"must be one of {', '.join(self.choices)}"
 
 
+@dataclass(frozen=True)
 class Levels:
     """Noise levels in (0, 1], comma-separated; strictly decreasing unless `decreasing=False`
     (a few-step schedule is; a set of fixed levels need not be)."""
-
-    def __init__(self, decreasing=True):
-        self.decreasing = decreasing
+    decreasing: bool = True
 
     def error(self, v):
         try:
@@ -79,7 +76,6 @@ def OneOf(*choices):
     return Annotated[str, Choice(choices)]
 
 
-Device = OneOf("auto", "cpu", "cuda", "mps")
 SwitchCache = OneOf("recache_window", "recache", "keep", "clear")   # what happens to a stream's KV cache when its event switches
 
 
@@ -87,7 +83,7 @@ SwitchCache = OneOf("recache_window", "recache", "keep", "clear")   # what happe
 class Config:
     """What every script takes."""
     preset: OneOf("tiny", "small") = "tiny"   # sizes: tiny (a laptop CPU) or small (one GPU); default by the device
-    device: Device = "auto"        # auto: cuda, else mps, else cpu
+    device: OneOf("auto", "cpu", "cuda", "mps") = "auto"   # auto: cuda, else mps, else cpu
     precision: OneOf("auto", "fp32", "bf16") = "auto"   # bf16 autocast; auto: on CUDA and on CPUs that multiply bf16 natively
     seed: Whole = 0                # seeds every draw of the run (evaluate.py's videos: --first_seed)
 
@@ -108,11 +104,8 @@ def capped(n, cfg, floor=1):
 
 def field_checks(cls):
     """{name: (base type, check or None)} of a config dataclass, read from the fields' types."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        base, *meta = get_args(f.type) if get_origin(f.type) is Annotated else (f.type,)
-        out[f.name] = (base, meta[0] if meta else None)
-    return out
+    return {f.name: get_args(f.type)[:2] if get_origin(f.type) is Annotated else (f.type, None)
+            for f in dataclasses.fields(cls)}
 
 
 def field_help(cls):
@@ -126,8 +119,14 @@ def field_help(cls):
     return out
 
 
+def command():
+    """How this script was run: `python X.py`, or `python -m tools.X` for an instrument."""
+    d, name = os.path.split(os.path.abspath(sys.argv[0]))
+    return f"python -m tools.{name[:-3]}" if os.path.basename(d) == "tools" else f"python {name}"
+
+
 def print_help(cls, presets):
-    print(f"usage: python {os.path.basename(sys.argv[0])} [--preset=tiny|small] [--key=value ...]")
+    print(f"usage: {command()} [--preset=tiny|small] [--key=value ...]")
     helps = field_help(cls)
     for f in dataclasses.fields(cls):
         tiny, small = presets["tiny"].get(f.name, f.default), presets["small"].get(f.name, f.default)
@@ -153,6 +152,8 @@ def parse_config(cls, presets, argv):
         raise BadInput(f"--preset={preset} is an unknown preset; choose one of {', '.join(presets)}")
     cfg = cls(**presets[preset])
     for key, val in pairs:
+        if key in getattr(cls, "renamed", {}) and key not in checks:
+            raise BadInput(f"--{key} was renamed; use --{cls.renamed[key]}")
         if key not in checks:
             raise BadInput(f"unknown option --{key}; valid options: {', '.join('--' + k for k in checks)}")
         setattr(cfg, key, convert(key, val, checks[key][0]))
@@ -171,12 +172,8 @@ def check_config(cfg):
 
 def convert(key, val, typ):
     try:
-        if typ is bool:
-            if val.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return val.lower() in ("true", "1")
-        return typ(val)
-    except ValueError:
+        return {"true": True, "1": True, "false": False, "0": False}[val.lower()] if typ is bool else typ(val)
+    except (KeyError, ValueError):
         article = "an" if typ.__name__[0] in "aeiou" else "a"
         raise BadInput(f"bad value for --{key}: {val!r} is not {article} {typ.__name__}") from None
 
@@ -190,6 +187,9 @@ def cli(main, cls, presets):
     except BadInput as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:                                      # `--help | head`: the reader left, end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     finally:
         if "RANK" in os.environ and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -13,9 +13,9 @@ critic see each frame's own event: the student can only learn to react from data
     python distill.py --max_steps=2         # a smoke run: every loop capped, a minute on a CPU
     torchrun --nproc_per_node=8 distill.py  # data parallel (the teacher must exist: torchrun teacher.py first)
 """
+import dataclasses
 import os
 import time
-import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,8 +25,9 @@ import teacher as teacher_stage
 from common import (adamw, autocast, check_in_sync, checkpointer, compile_, ema_copy, ema_update, init_run,
                     load_checkpoint, optimizer_step, resume, seed_rank)
 from config import BadInput, Count, NonNegative, Positive, Prob, RunConfig, Sigmas, SwitchCache, Whole, capped, cli
-from model import KVCache, add_noise, build, cfg_mix, pred_x0, rollout, shift_sigma
-from world import clip_scores, eval_events, load_world, random_events, save_strip, save_video
+from metrics import clip_scores
+from model import KVCache, add_noise, build, cfg_mix, cond_uncond, pred_x0, rollout, shift_sigma
+from world import World, eval_events, random_events, save_strip, save_video
 
 
 @dataclass
@@ -36,13 +37,10 @@ class DistillConfig(RunConfig):
     chunk: Count = 2               # frames per autoregressive chunk
     timesteps: Sigmas = "1,0.75,0.5,0.25"  # the few-step noise levels before the shift (Self Forcing's 1000, 750, 500, 250)
     shift: Positive = 5.0          # time shift of the levels and the DMD sigma draw, as Self Forcing
-    # (3 before 2026-12-01: on the same teacher 5's student reacts more, 0.85 against 0.79; level after long tuning)
     n_sink: Whole = 2              # KV-cache sink: the first frames, kept for ever
-    n_window: Count = 2            # KV-cache rolling window: the last frames
-    # shorter than the teacher's window, as LongLive's, so DMD trains eviction and the sink splice (8 before
-    # 2026-12-01, which never evicted: on the same teacher 2's student follows 0.70 against 0.61 on the benchmark)
+    n_window: Count = 2            # KV-cache rolling window: the last frames (shorter than the teacher's window, as LongLive's)
     p_switch: Prob = 0.5           # share of ODE pairs and rollouts whose schedule switches once
-    switch_cache: SwitchCache = "recache_window"   # the rollouts' cache at a switch (recache before 2026-12-01)
+    switch_cache: SwitchCache = "recache_window"   # the rollouts' cache at a switch
     # phase 1: ODE init
     ode_pairs: Count = 512         # teacher trajectories
     ode_steps: Whole = 600         # regression steps
@@ -53,19 +51,16 @@ class DistillConfig(RunConfig):
     batch: Count = 16              # rollouts per update (the global batch under torchrun)
     lr: Positive = 5e-5            # the generator's learning rate
     critic_lr: Positive = 1e-5     # a fifth of the generator's, as Self Forcing (4e-7 / 2e-6) and LongLive
-    guidance: NonNegative = 1.0    # g of the real score: cond + g (cond - uncond) (Self Forcing: 3)
-    # kept at 1: the teacher's own samples at g = 3 follow better but react less and recolour at twice the
-    # rate (docs/results.md, 2026-12-01); the student would inherit that. Not yet compared through DMD.
+    guidance: NonNegative = 1.0    # g of the real score: cond + g (cond - uncond) (Self Forcing: 3; docs/defaults.md)
     grad_clip: Positive = 10.0     # gradient-norm clip
-    ema: Prob = 0.99               # EMA decay of the generator
-    ema_start: Whole = 50          # Self Forcing starts its EMA a third of the way in (step 200 of ~600)
+    ema_decay: Prob = 0.99         # EMA decay of the generator
+    ema_start: Whole = 50          # updates before the EMA starts averaging (Self Forcing: a third of the way in)
     eval_samples: Count = 64       # clips of each kind in the final evaluation
     log_every: Count = 10          # updates between log lines and checkpoints
+    renamed = {"ema": "ema_decay"}
 
 
-# small: sized for about 6 min of the whole pipeline on one H100 (teacher.py): a DMD update is 16.7 TFLOP
-# (bench.py), about 0.2 s at an expected 8% MFU (its rollouts run 3-frame chunks: small kernels), 160 updates 34 s;
-# the ODE pairs and regression about 10 s. A checkpoint (about 200 MB) every 40 updates.
+# small: one GPU, sized for about 6 min of the whole chain on one H100 (docs/defaults.md)
 PRESETS = {"tiny": {}, "small": dict(ode_pairs=1024, ode_steps=1000, dmd_steps=160, ema_start=50, batch=32, chunk=3,
                                      n_sink=3, n_window=3, log_every=40)}
 
@@ -120,29 +115,35 @@ def dmd_sigma(B, shift, device):
     return shift_sigma(torch.rand(B, device=device), shift).clamp(0.02, 0.98)
 
 
+def dmd_surrogate(x, grad):
+    """DMD Eq. 7-8 as a loss, per frame: 0.5 ||x - sg(x - grad)||^2, whose gradient w.r.t. x is grad
+    (in float64, as Self Forcing). x (B,T,...) with graph -> (B,T)."""
+    target = (x.detach() - grad).double()
+    return 0.5 * ((x.double() - target) ** 2).mean(dim=(2, 3, 4))
+
+
 def dmd_loss(x, event, *, teacher, critic, guidance, shift):
     """Distribution matching distillation (DMD, Yin et al. 2024; Self Forcing sec. 3.3).
     x (B,T,...) generator samples with graph; event (B,T). Returns the per-frame loss (B,T),
-    whose gradient w.r.t. x is (fake - real) / mean|x - real|, and the predictions it used."""
+    whose gradient w.r.t. x is (fake - real) / mean|x - real|, and the predictions it used, with
+    grad_null: the step the teacher without the event would give (Delta Forcing's DF (5'))."""
     B, T = x.shape[:2]
     sigma = dmd_sigma(B, shift, x.device)[:, None].expand(B, T)
     with torch.no_grad():                                        # scores are targets, never trained through
         xt = add_noise(x.detach(), torch.randn_like(x), sigma)
-        null = torch.full_like(event, teacher.null_event)
-        v_c, v_u = teacher(xt.repeat(2, 1, 1, 1, 1), sigma.repeat(2, 1), torch.cat([event, null])).chunk(2)
-        real = pred_x0(xt, cfg_mix(v_c, v_u, guidance), sigma)   # Eq. 7, DMD: the real score, teacher with CFG
-        fake = pred_x0(xt, critic(xt, sigma, event), sigma)      # Eq. 7, DMD: the fake score, the critic
-        norm = (x.detach() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)   # Eq. 8, DMD: one normaliser per sample
-        grad = torch.nan_to_num((fake - real) / norm)            # Eq. 7-8, DMD: KL gradient, normalised
-    target = (x.detach() - grad).double()
-    per_frame = 0.5 * ((x.double() - target) ** 2).mean(dim=(2, 3, 4))   # Eq. 7-8, DMD: 0.5||x - sg(x - grad)||^2
-    return per_frame, dict(sigma=sigma, real=real, fake=fake, grad=grad)
+        v_c, v_u = cond_uncond(teacher, xt, sigma, event)
+        real = pred_x0(xt, cfg_mix(v_c, v_u, guidance), sigma)   # DMD Eq. 7: the real score, the teacher with CFG
+        fake = pred_x0(xt, critic(xt, sigma, event), sigma)      # DMD Eq. 7: the fake score, the critic
+        norm = (x.detach() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)   # DMD Eq. 8: one normaliser per sample
+        grad = torch.nan_to_num((fake - real) / norm)            # DMD Eq. 7-8: the KL gradient, normalised
+        grad_null = torch.nan_to_num((fake - pred_x0(xt, v_u, sigma)) / norm)   # the same with the null event's real score
+    return dmd_surrogate(x, grad), dict(sigma=sigma, real=real, fake=fake, grad=grad, grad_null=grad_null)
 
 
 def critic_loss(critic, x, event, shift, frames=None):
     """The fake score learns the generator's current distribution by flow matching on detached
-    samples, on the frames in the (T,) mask `frames` (None: all). Eq. DMD2 fake-score loss:
-    ||v_fake(x_sigma) - (eps - x)||^2."""
+    samples, on the frames in the (T,) mask `frames` (None: all).
+    DMD2's fake-score loss: ||v_fake(x_sigma) - (eps - x)||^2."""
     B, T = x.shape[:2]
     sigma = dmd_sigma(B, shift, x.device)[:, None].expand(B, T)
     eps = torch.randn_like(x)
@@ -151,19 +152,34 @@ def critic_loss(critic, x, event, shift, frames=None):
     return per_frame.mean() if frames is None else per_frame[:, frames].mean()
 
 
-def critic_update(critic, opt_critic, x, event, *, shift, grad_clip, world=1, frames=None):
+def critic_update(nets, x, event, *, shift, grad_clip, n_ranks=1, frames=None):
     """One fake-score step on detached generator samples (distill.py and longtune.py)."""
     with autocast(x.device):
-        loss = critic_loss(critic, x, event, shift, frames)
-    optimizer_step(critic, opt_critic, loss, grad_clip, world)
+        loss = critic_loss(nets.critic, x, event, shift, frames)
+    optimizer_step(nets.critic, nets.opt_critic, loss, grad_clip, n_ranks)
     return loss
 
 
+def random_exit_step(sigmas):
+    """Self Forcing sec. 3.2: one exit step per rollout, shared by all its chunks, the only one with a graph."""
+    return int(torch.randint(len(sigmas), ()))
+
+
+@dataclass
+class DMDNets:
+    """The networks of DMD: the frozen teacher (the real score), the student and its EMA, the critic
+    (the fake score), and the two optimisers."""
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    ema: torch.nn.Module
+    critic: torch.nn.Module
+    opt: torch.optim.Optimizer
+    opt_critic: torch.optim.Optimizer
+
+
 def dmd_nets(model_args, *, teacher, student, critic, cfg, device, compiled):
-    """The DMD set-up of distill, longtune and bench: the frozen teacher (the real score), the
-    student and the critic (the fake score) from the given weights (None: fresh ones), the
-    student's EMA, the two optimisers (betas (0, 0.999), as Self Forcing), compiled in place if
-    asked. -> (networks by name for dmd_update / tune_update, ema)."""
+    """DMDNets from the given weights (None: fresh ones), AdamW with betas (0, 0.999) as Self
+    Forcing, compiled in place if asked."""
     teacher = build(model_args, teacher, device).requires_grad_(False).eval()
     student, critic = build(model_args, student, device), build(model_args, critic, device)
     ema = ema_copy(student)
@@ -171,33 +187,32 @@ def dmd_nets(model_args, *, teacher, student, critic, cfg, device, compiled):
         compile_(m, compiled)
     opt = adamw(student.parameters(), lr=cfg.lr, betas=(0.0, 0.999), weight_decay=0.01)
     opt_critic = adamw(critic.parameters(), lr=cfg.critic_lr, betas=(0.0, 0.999), weight_decay=0.01)
-    return dict(student=student, critic=critic, teacher=teacher, opt=opt, opt_critic=opt_critic), ema
+    return DMDNets(teacher, student, ema, critic, opt, opt_critic)
 
 
-def dmd_update(*, student, critic, teacher, opt, opt_critic, cfg, sigmas, shape, gen, world=1):
+def dmd_update(nets, cfg, *, sigmas, shape, gen, n_ranks=1):
     """One Self Forcing DMD iteration: cfg.critic_ratio critic updates, each on a fresh detached
     rollout, then one generator update through a rollout that keeps its exit step's graph.
     Every rollout draws its own per-stream schedule (gen). shape = (B, T, S).
     Returns (loss, critic loss, gnorm, applied)."""
-    (B, T, S), device = shape, next(student.parameters()).device
+    (B, T, S), device = shape, next(nets.student.parameters()).device
 
     def fresh_rollout():
-        event = random_events(B, T, cfg.chunk, gen, cfg.p_switch).to(device, non_blocking=True)   # no stream sync
-        x = rollout(student, torch.randn(B, T, 3, S, S, device=device), event, sigmas, cfg.chunk,
-                    KVCache(cfg.n_sink, cfg.n_window), exit_step=int(torch.randint(len(sigmas), ())),   # Self Forcing sec. 3.2
-                    switch=cfg.switch_cache)
+        event = random_events(B, T, cfg.chunk, gen, cfg.p_switch).to(device, non_blocking=True)
+        x = rollout(nets.student, torch.randn(B, T, 3, S, S, device=device), event, sigmas, cfg.chunk,
+                    KVCache(cfg.n_sink, cfg.n_window), exit_step=random_exit_step(sigmas), switch=cfg.switch_cache)
         return x, event
 
     for _ in range(cfg.critic_ratio):                            # DMD2: 5 critic updates per generator update
         with torch.no_grad(), autocast(device):                  # samples are data for the critic, not a graph
             x, event = fresh_rollout()
-        closs = critic_update(critic, opt_critic, x.float(), event, shift=cfg.shift, grad_clip=cfg.grad_clip, world=world)
+        closs = critic_update(nets, x.float(), event, shift=cfg.shift, grad_clip=cfg.grad_clip, n_ranks=n_ranks)
     with autocast(device):                                       # the generator: Self Forcing rollout + DMD
         x, event = fresh_rollout()
-        per_frame, _ = dmd_loss(x.float(), event, teacher=teacher, critic=critic, guidance=cfg.guidance,
+        per_frame, _ = dmd_loss(x.float(), event, teacher=nets.teacher, critic=nets.critic, guidance=cfg.guidance,
                                 shift=cfg.shift)
         loss = per_frame.mean()
-    gnorm, applied = optimizer_step(student, opt, loss, cfg.grad_clip, world)
+    gnorm, applied = optimizer_step(nets.student, nets.opt, loss, cfg.grad_clip, n_ranks)
     return loss, closs, gnorm, applied
 
 
@@ -213,30 +228,29 @@ def evaluate(model, stream, tck, n, device, seed=1234):
     with autocast(device):
         x = rollout(model, noise.to(device), torch.cat([one, sw]).to(device), stream["sigmas"], ch,
                     KVCache(stream["n_sink"], stream["n_window"]), gen=gen).float().cpu()
-    return clip_scores(x, one, sw, load_world(tck["world"]), first=ch, chunk=ch), x[:n], x[n:]
+    return clip_scores(x, one, sw, World(**tck["world"]), first=ch, chunk=ch), x[:n], x[n:]
 
 
-def load_teacher(cfg, world=1):
-    """Every check of distill's inputs, before any work; trains the teacher first if it is missing."""
+def ensure_teacher(cfg, n_ranks=1):
+    """Every check of distill's inputs, before any work; trains the teacher first if it is missing.
+    -> (the teacher's checkpoint, its path)."""
     if cfg.n_window < cfg.chunk:
         raise BadInput(f"--n_window={cfg.n_window} must hold at least one chunk of {cfg.chunk} frames")
     path = cfg.teacher or os.path.join(cfg.out_dir, "teacher.pt")
-    frames = teacher_stage.TeacherConfig(**teacher_stage.PRESETS[cfg.preset]).frames   # of a teacher trained here
-    if not os.path.exists(path) and not cfg.teacher and frames % cfg.chunk:
-        raise BadInput(f"teacher clips of {frames} frames do not split into chunks of {cfg.chunk}")
-    if not os.path.exists(path) and not cfg.teacher and world > 1:
-        raise BadInput(f"{path} is missing; train it first with `torchrun --nproc_per_node={world} teacher.py "
-                       f"--preset={cfg.preset} --out_dir={cfg.out_dir}`")
     if not os.path.exists(path) and not cfg.teacher:
-        print(f"{path} is missing: training the teacher first (python teacher.py --preset={cfg.preset})")
         tcfg = teacher_stage.TeacherConfig(**teacher_stage.PRESETS[cfg.preset])
+        if tcfg.frames % cfg.chunk:
+            raise BadInput(f"teacher clips of {tcfg.frames} frames do not split into chunks of {cfg.chunk}")
+        if n_ranks > 1:
+            raise BadInput(f"{path} is missing; train it first with `torchrun --nproc_per_node={n_ranks} teacher.py "
+                           f"--preset={cfg.preset} --out_dir={cfg.out_dir}`")
+        print(f"{path} is missing: training the teacher first (python teacher.py --preset={cfg.preset})")
         for f in dataclasses.fields(RunConfig):                  # every shared flag: a smoke run, a smoke teacher
             setattr(tcfg, f.name, getattr(cfg, f.name))
         teacher_stage.main(tcfg)
     ck = load_checkpoint(path, ["teacher"], f"python teacher.py --preset={cfg.preset}")
-    total = ck.get("total", ck["config"].get("max_steps", 0))   # before 2026-12-01 the length was max_steps
-    if ck["step"] < total:
-        raise BadInput(f"{path} is unfinished (step {ck['step']} of {total}); "
+    if ck["step"] < ck["total"]:
+        raise BadInput(f"{path} is unfinished (step {ck['step']} of {ck['total']}); "
                        f"finish it with `python teacher.py --resume=True`")
     if ck["config"]["frames"] % cfg.chunk:
         raise BadInput(f"teacher clips of {ck['config']['frames']} frames do not split into chunks of {cfg.chunk}")
@@ -245,15 +259,15 @@ def load_teacher(cfg, world=1):
 
 def main(cfg):
     run = init_run(cfg, cfg.batch)
-    tck, teacher_path = load_teacher(cfg, run.world)
+    tck, teacher_path = ensure_teacher(cfg, run.n_ranks)
     tc, device = tck["config"], run.device
     stream = stream_args(cfg, tc["frames"])
     path = os.path.join(cfg.out_dir, "student.pt")
-    nets, ema = dmd_nets(tck["model_args"], teacher=tck["ema"], student=tck["ema"], critic=tck["ema"], cfg=cfg,
-                         device=device, compiled=cfg.compile and device.type == "cuda")   # student and critic start as the teacher
-    student, critic = nets["student"], nets["critic"]
+    nets = dmd_nets(tck["model_args"], teacher=tck["ema"], student=tck["ema"], critic=tck["ema"], cfg=cfg,
+                    device=device, compiled=cfg.compile and device.type == "cuda")   # student and critic start as the teacher
+    student, ema = nets.student, nets.ema
     gen = torch.Generator().manual_seed(cfg.seed)                # schedules and ODE pairs: --seed moves every draw
-    objs = dict(model=student, ema=ema, critic=critic, optimizer=nets["opt"], critic_optimizer=nets["opt_critic"])
+    objs = dict(model=student, ema=ema, critic=nets.critic, optimizer=nets.opt, critic_optimizer=nets.opt_critic)
     ck = resume(cfg, path, "student", "python distill.py", gen, **objs)
     phase, step, skipped = (ck["phase"], ck["step"], ck["skipped"]) if ck else ("ode", 0, 0)
     seed_rank(run, cfg.seed, step, gen)
@@ -265,7 +279,7 @@ def main(cfg):
     t_start = time.time()
     if phase == "ode":                                            # ---- phase 1: ODE init (CausVid)
         with autocast(device):                                    # each rank makes its share of the pairs
-            xs, x0, event = ode_pairs(nets["teacher"], tck, capped(cfg.ode_pairs, cfg, 8) // run.world,
+            xs, x0, event = ode_pairs(nets.teacher, tck, capped(cfg.ode_pairs, cfg, 8) // run.n_ranks,
                                       sigmas=stream["sigmas"], chunk=cfg.chunk, p_switch=cfg.p_switch, device=device,
                                       gen=gen)
         if run.rank == 0:
@@ -277,12 +291,12 @@ def main(cfg):
             with autocast(device):
                 loss = ode_loss(student, *(a[idx].to(device, non_blocking=True) for a in (xs, x0, event)),
                                 stream["sigmas"], cfg.chunk)
-            skipped = skipped + ~optimizer_step(student, opt_ode, loss, 1.0, run.world)[1]   # on the device: no sync
+            skipped += not optimizer_step(student, opt_ode, loss, 1.0, run.n_ranks)[1]
             if (i + 1) % (cfg.log_every * 10) == 0 and run.rank == 0:
                 tqdm.write(f"ode {i + 1} | loss {loss.item():.4f}")
         ema.load_state_dict(student.state_dict())
         phase, step = "dmd", 0
-        save(phase=phase, step=0, skipped=int(skipped), metrics={})
+        save(phase=phase, step=0, skipped=skipped, metrics={})
         if run.rank == 0:
             m, _, _ = evaluate(ema, stream, tck, min(32, n_eval), device)
             print("after ode init: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items()))
@@ -291,17 +305,17 @@ def main(cfg):
     t0 = time.time()
     for step in tqdm(range(step, n_updates), initial=step, total=n_updates, desc="dmd", mininterval=5,
                      disable=run.rank > 0):
-        loss, closs, gnorm, applied = dmd_update(**nets, cfg=cfg, sigmas=stream["sigmas"], gen=gen,
-                                                 shape=(run.batch, tc["frames"], tc["size"]), world=run.world)
-        skipped = skipped + ~applied                              # a skipped step is counted on the device
-        ema_update(ema, student, cfg.ema if step >= cfg.ema_start else 0.0)   # (a skipped step left the weights as they were)
+        loss, closs, gnorm, applied = dmd_update(nets, cfg, sigmas=stream["sigmas"], gen=gen,
+                                                 shape=(run.batch, tc["frames"], tc["size"]), n_ranks=run.n_ranks)
+        skipped += not applied
+        ema_update(ema, student, cfg.ema_decay if step >= cfg.ema_start else 0.0)
         if (step + 1) % cfg.log_every == 0 or step + 1 == n_updates:
-            dt = (time.time() - t0) / cfg.log_every               # .item() syncs once per log line only
+            dt = (time.time() - t0) / cfg.log_every
             if run.rank == 0:
                 tqdm.write(f"dmd {step + 1} | dmd loss {loss.item():.4f} | critic loss {closs.item():.4f} | "
-                           f"gnorm {gnorm:.3f} | {dt:.2f} s/update | skipped {int(skipped)}")
+                           f"gnorm {gnorm:.3f} | {dt:.2f} s/update | skipped {skipped}")
             t0 = time.time()
-            save(phase=phase, step=step + 1, skipped=int(skipped), metrics={})   # holds the next update to run
+            save(phase=phase, step=step + 1, skipped=skipped, metrics={})   # holds the next update to run
     check_in_sync(student, run)
     if run.rank > 0:
         return
@@ -310,10 +324,10 @@ def main(cfg):
     metrics.update({f"raw_{k}": v for k, v in raw.items()}, train_minutes=(time.time() - t_start) / 60)
     for name, m in (("student (EMA)", metrics), ("student (raw)", raw), ("teacher", tck["metrics"])):
         print(f"{name}: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items() if not k.startswith("raw_")))
-    save(phase=phase, step=n_updates, skipped=int(skipped), metrics=metrics)
+    save(phase=phase, step=n_updates, skipped=skipped, metrics=metrics)
     save_video(os.path.join(cfg.out_dir, "student_samples.gif"), torch.cat(list(one[:5]) + list(sw[:5]), -1))
     k = min(5, n_eval)
-    _, t_one, t_sw = teacher_stage.evaluate(nets["teacher"], teacher_stage.saved_config(tck), k, device)
+    _, t_one, t_sw = teacher_stage.evaluate(nets.teacher, teacher_stage.TeacherConfig(**tck["config"]), k, device)
     pairs = torch.stack([torch.cat([t_one, t_sw]), torch.cat([one[:k], sw[:k]])], 1).flatten(0, 1)   # teacher, student, ...
     save_strip(os.path.join(cfg.out_dir, "teacher_vs_student.png"), pairs)
     print(f"wrote {path}, {cfg.out_dir}/student_samples.gif and {cfg.out_dir}/teacher_vs_student.png")

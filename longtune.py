@@ -6,8 +6,7 @@ cache, with sink and rolling window; the rollout state persists across optimiser
 video switches event 1..max_switches times at its own chunk boundaries, and at a switch that
 stream's cache is recomputed under the new event, its sink keeping the old one (--switch_cache).
 Each iteration advances every stream by F new frames and supervises the newest teacher-length
-window, K detached context
-frames plus the F new ones, with the DMD loss of distill.py, masked to the new frames. The
+window, K detached context frames plus the F new ones, with the DMD loss of distill.py, masked to the new frames. The
 teacher and critic see each frame's own event, so no frame generated under one event is
 supervised under another; --window_events=current gives the whole window the newest frame's
 event instead, as LongLive gives its text teacher one prompt per window.
@@ -29,8 +28,10 @@ import trust_region
 from common import (autocast, check_in_sync, checkpointer, ema_update, init_run, load_checkpoint, optimizer_step,
                     resume, seed_rank)
 from config import BadInput, BandLevels, Count, NonNegative, OneOf, Positive, Prob, RunConfig, SwitchCache, Whole, capped, cli
+from distill import random_exit_step
+from metrics import batch_metrics, summarize
 from model import KVCache, rollout
-from world import batch_metrics, load_world, ordered_pairs, random_events, summarize
+from world import World, ordered_pairs, random_events
 
 
 @dataclass
@@ -42,71 +43,47 @@ class LongtuneConfig(RunConfig):
     switch_cache: SwitchCache = "recache_window"  # at every switch, per stream: recache_window | recache | keep | clear
     window_events: OneOf("true", "current") = "true"   # true: each frame's own event | current: the newest frame's (LongLive)
     critic_frames: OneOf("window", "new") = "window"   # the critic learns the whole window | only its new frames (LongLive)
-    # the whole window: level with LongLive's mask when measured (react 0.91 / 0.90, follow 0.71 / 0.73), more samples
     max_switches: Count = 3        # switches per long video: 1 .. max_switches
-    steps: Count = 400             # generator updates
+    dmd_steps: Count = 400         # generator updates
     critic_ratio: Count = 5        # critic updates per generator update, each on a freshly generated window
     batch: Count = 8               # streams (the global batch under torchrun)
     lr: Positive = 5e-5            # the generator's learning rate, as distill.py
     critic_lr: Positive = 1e-5     # a fifth, as LongLive (1e-5 / 2e-6) and Self Forcing
     guidance: NonNegative = 1.0    # g of the real score: cond + g (cond - uncond)
     grad_clip: Positive = 10.0     # gradient-norm clip
-    ema: Prob = 0.99               # EMA decay of the generator
+    ema_decay: Prob = 0.99         # EMA decay of the generator
     ema_start: Whole = 100         # updates before the EMA starts averaging
     log_every: Count = 20          # updates between log lines and checkpoints
     probe_every: Count = 100       # updates between small fixed switch probes, to see the metrics settle
-    trust_region: bool = False     # Delta Forcing (trust_region.py), Eq. 7: writes deltaforcing.pt
-    tr_step: bool = True           # ablation, False: the DMD step unscaled (no Eq. 5); the continuity gate keeps 1 - w
-    tr_continuity: bool = True     # ablation, False: no continuity term (Eq. 6 and 6'), the flagged step alone
-    tau: Positive = 0.0025         # Eq. 4, trust radius: the bias above the floor a window may pass on, in natural steps (tuned on seeds 0-7)
-    band_levels: BandLevels = "0.4,0.45,0.5,0.55"   # Eq. 2: fixed noise levels inside the teacher's band (drift.py --probe=band)
-    trust_const: Prob = 0.0        # control, > 0: w held at this value in every window instead of Eq. 4 (0: off)
-    tr_floor: bool = True          # Eq. 4 (ours): tau bounds the bias above the teacher's floor f (Floor); False: f = 0 (--tau=0.005: third reading)
-    mc_radius: NonNegative = 1.4   # Eq. 6, r: a new frame may move r natural steps (a step: 0.87-1.35 m, python world.py)
-    lam: NonNegative = 1.0         # Eq. 7, lambda: the weight of the continuity term
-    tr_appearance: bool = False    # extra, True: Eq. 6' (ours, a toy invariant) joins the continuity term
-    ac_radius: NonNegative = 0.1   # Eq. 6', r_a: pooled-colour change a new frame may show, in natural steps
+    trust_region: bool = False     # Delta Forcing, DF (7) (trust_region.py): writes deltaforcing.pt
+    tr_step: bool = True           # ablation, False: the DMD step unscaled (no DF (5)); the continuity gate keeps 1 - w
+    tr_continuity: bool = True     # ablation, False: no continuity term (DF (6) and (6')), the flagged step alone
+    tau: Positive = 0.0025         # DF (4), trust radius: the bias above the floor a window may pass on, in natural steps
+    band_levels: BandLevels = "0.4,0.45,0.5,0.55"   # DF (2): fixed noise levels inside the teacher's band (tools.drift --probe=band)
+    tr_restore: bool = False       # DF (5'): along the bias direction follow the teacher without the event, instead of scaling
+    trust_const: Prob = 0.0        # control, > 0: w held at this value in every window instead of DF (4) (0: off)
+    trust_shuffle: bool = False    # control: DF (4)'s w values permuted over the batch's windows
+    trust_schedule: Prob = 0.0     # control, > 0: w at this value in windows of videos that switched, 1 elsewhere (0: off)
+    tr_floor: bool = True          # DF (4): tau bounds the bias above the verdict's floor s0 (trust_region.Floor); False: s0 = 0
+    mc_radius: NonNegative = 1.4   # DF (6), r: a new frame may move r natural steps (python world.py prints a step's size)
+    lam: NonNegative = 1.0         # DF (7), lambda: the weight of the continuity term
+    tr_appearance: bool = False    # extra, True: DF (6') (a toy invariant) joins the continuity term
+    ac_radius: NonNegative = 0.1   # DF (6'), r_a: pooled-colour change a new frame may show, in natural steps
+    renamed = {"ema": "ema_decay", "steps": "dmd_steps"}
 
 
-# small: sized for about 6 min of the whole pipeline on one H100 (teacher.py): an update is 8.1 TFLOP (bench.py),
-# about 0.1 s at an expected 8% MFU, 200 updates 20 s, for each of the baseline and Delta Forcing. A checkpoint
-# every 50 updates; context = one 3-frame chunk, as tiny's 2 frames are one of its chunks.
-PRESETS = {"tiny": {}, "small": dict(steps=200, batch=16, ema_start=70, context=3, log_every=50)}
-
-
-class Floor:
-    """Eq. 4's f with --tr_floor (ours): the running median of s over the windows, among the last
-    `size` supervised ones, whose video has not switched yet. There the condition still agrees with
-    the history the student painted under it, so s is the verdict's floor (its noise draws, the
-    teacher's imperfection), not bias; a teacher without a colour prior shows the same s everywhere.
-    inf (every window trusted, w = 1) while fewer than `least` such windows are in the buffer.
-    Earlier updates only: a window's w never depends on the windows beside it. On the device, no sync
-    (the lower median by a sort, as nanmedian, whose CUDA kernel syncs)."""
-
-    def __init__(self, device, size=256, least=16):
-        self.buf, self.least = torch.full((size,), float("nan"), device=device), least
-
-    def value(self):
-        seen = (~self.buf.isnan()).sum()
-        mid = self.buf.sort().values.gather(0, ((seen - 1) // 2).clamp(min=0).view(1))[0]   # NaNs sort last
-        return torch.where(seen >= self.least, mid, torch.inf)  # Eq. 4, Delta Forcing (ours): f
-
-    def add(self, s, unswitched):
-        """s (B,) of this update's windows; unswitched (B,) bool: which count."""
-        new = torch.cat([self.buf, torch.where(unswitched, s.float(), torch.nan)])
-        self.buf = new[-len(self.buf):]                          # Eq. 4, Delta Forcing (ours): the last `size` windows
+# small: one GPU, sized for about 6 min of the whole chain on one H100 (docs/defaults.md)
+PRESETS = {"tiny": {}, "small": dict(dmd_steps=200, batch=16, ema_start=70, context=3, log_every=50)}
 
 
 class Streams:
     """B long videos in progress. Their cache, schedule, position and last committed frames
-    persist across optimiser steps, as LongLive's rollout state does; so does Delta Forcing's
-    floor (Eq. 4's f, with --tr_floor), across videos."""
+    persist across optimiser steps, as LongLive's rollout state does."""
 
     def __init__(self, cfg, stream, size, gen, device, batch):
         self.cfg, self.stream, self.size, self.gen, self.device, self.batch = cfg, stream, size, gen, device, batch
         W, F = stream["window"], stream["window"] - cfg.context
         self.L = W + math.ceil((cfg.windows - 1) * W / F) * F       # at least `windows` teacher windows long
-        self.floor = Floor(device) if cfg.trust_region and cfg.tr_floor else None   # refilled after a resume (w = 1 meanwhile)
         self.reset()
 
     def reset(self):
@@ -120,7 +97,8 @@ class Streams:
     def advance(self, model, sigmas, exit_step):
         """Generate the next frames: a whole teacher window at the start of a video, then F new
         frames. -> the supervised window (B,W,...), its per-frame events (B,W), the new-frame
-        mask (W,), and which streams' windows hold a switch (B,)."""
+        mask (W,), and which streams' windows hold a switch (B,). Sets `unswitched` (B,): which
+        videos have not switched yet (DF (4)'s floor reads those windows)."""
         W, K = self.stream["window"], self.cfg.context
         n = W if self.t == 0 else W - K
         noise = torch.randn(self.batch, n, 3, self.size, self.size, device=self.device)
@@ -131,55 +109,54 @@ class Streams:
         win_ev = self.events[:, self.t + n - W:self.t + n]           # (B,W) each frame's own event
         if self.cfg.window_events == "current":
             win_ev = win_ev[:, -1:].expand(-1, W)                    # LongLive: the newest event for the whole window
-        switched = (self.events[:, self.t + n - W:self.t + n] != self.events[:, self.t + n - 1:self.t + n]).any(1)
-        self.unswitched = (self.events[:, :self.t + n] == self.events[:, :1]).all(1)   # (B,) no switch yet in this video
+        holds_switch = (self.events[:, self.t + n - W:self.t + n] != self.events[:, self.t + n - 1:self.t + n]).any(1)
+        self.unswitched = (self.events[:, :self.t + n] == self.events[:, :1]).all(1)
         self.context = new[:, -K:].detach()                          # committed history: context, never a graph
         self.t += n
         if self.t >= self.L:
             self.reset()
-        return window, win_ev, torch.arange(W, device=self.device) >= W - n, switched
+        return window, win_ev, torch.arange(W, device=self.device) >= W - n, holds_switch
 
 
-def window_loss(per_frame, window, ev, aux, mask, m, cfg, teacher, floor=0.0):
-    """The one place the supervised window's per-frame DMD loss becomes a scalar."""
-    if cfg.trust_region:                                         # the flags by their own names, down to the equations
-        K = int((~mask).sum())
-        verdict = trust_region.band_verdict(teacher, window, ev, K=K, levels=band_levels(cfg)) if K else None   # Eq. 2, Delta Forcing
-        return trust_region.delta_forcing_loss(window, aux["grad"], verdict, K=K, m=m, tau=cfg.tau, lam=cfg.lam,
-                                               mc_radius=cfg.mc_radius, ac_radius=cfg.ac_radius, tr_step=cfg.tr_step,
-                                               tr_continuity=cfg.tr_continuity, tr_appearance=cfg.tr_appearance,
-                                               trust_const=cfg.trust_const, floor=floor)
-    return per_frame[:, mask].mean(), {}                         # LongLive, streaming long tuning: DMD masked to the new frames
+def window_loss(per_frame, window, ev, aux, mask, *, teacher, m, tr, video_switched=None):
+    """The one place the supervised window's loss is made: LongLive's DMD masked to the new frames,
+    or with tr (trust_region.TrustRegion) Delta Forcing's, DF (7), at the floor of earlier updates.
+    aux: dmd_loss's steps; video_switched (B,): which windows' videos have switched."""
+    if tr is None:
+        return per_frame[:, mask].mean(), {}                     # LongLive: DMD on the window's new frames
+    K, s0 = int((~mask).sum()), tr.s0()
+    verdict = trust_region.band_verdict(teacher, window, ev, K=K, levels=tr.levels) if K else None   # DF (2)
+    loss, logs = trust_region.delta_forcing_loss(window, aux["grad"], verdict, K=K, m=m, tr=tr, s0=s0,
+                                                 grad_null=aux["grad_null"], video_switched=video_switched)
+    if tr.floor is not None and logs:
+        logs["floor"] = torch.as_tensor(s0, device=window.device).expand_as(logs["s"])
+    return loss, logs
 
 
-def band_levels(cfg):
-    """--band_levels as floats (config.py's BandLevels checked them when the flags were read)."""
-    return [float(v) for v in cfg.band_levels.split(",")]
-
-
-def tune_update(streams, *, student, critic, teacher, opt, opt_critic, cfg, sigmas, shift, m, world=1):
-    """One long-tuning iteration: cfg.critic_ratio critic updates, each on the streams' next
-    window generated without a graph, then one generator update on the window after that
-    (graph at one exit step shared by its chunks); the streams' floor, if any, is updated here.
-    -> (loss, critic loss, gnorm, applied, logs, switched)."""
-    device, floor = streams.device, streams.floor
+def tune_update(streams, nets, cfg, *, stream, m, tr=None, n_ranks=1):
+    """One long-tuning iteration: cfg.critic_ratio critic updates, each on the streams' next window
+    generated without a graph, then one generator update on the window after that (graph at one
+    exit step shared by its chunks), with LongLive's DMD loss masked to the new frames, or with tr
+    (trust_region.TrustRegion) Delta Forcing's, whose floor then learns this update's windows.
+    -> (loss, critic loss, gnorm, applied, logs, holds_switch)."""
+    device, sigmas = streams.device, stream["sigmas"]
     for _ in range(cfg.critic_ratio):                            # DMD2: 5 critic updates, each on fresh samples
         with torch.no_grad(), autocast(device):
-            window, ev, new, _ = streams.advance(student, sigmas, int(torch.randint(len(sigmas), ())))
-        frames = new if cfg.critic_frames == "new" else None     # LongLive, streaming long tuning: critic masked too
-        closs = distill.critic_update(critic, opt_critic, window.float(), ev, shift=shift, grad_clip=cfg.grad_clip,
-                                      world=world, frames=frames)
+            window, ev, new, _ = streams.advance(nets.student, sigmas, random_exit_step(sigmas))
+        frames = new if cfg.critic_frames == "new" else None     # LongLive: the critic masked too
+        closs = distill.critic_update(nets, window.float(), ev, shift=stream["shift"], grad_clip=cfg.grad_clip,
+                                      n_ranks=n_ranks, frames=frames)
     with autocast(device):
-        window, ev, mask, switched = streams.advance(student, sigmas, int(torch.randint(len(sigmas), ())))
-        per_frame, aux = distill.dmd_loss(window.float(), ev, teacher=teacher, critic=critic,
-                                           guidance=cfg.guidance, shift=shift)
-        f = floor.value() if floor is not None else 0.0          # Eq. 4, Delta Forcing (ours): f from earlier updates only
-        loss, logs = window_loss(per_frame, window.float(), ev, aux, mask, m, cfg, teacher, floor=f)
-    if floor is not None and "s" in logs:
-        floor.add(logs["s"], streams.unswitched)
-        logs["floor"] = f.expand_as(logs["s"])
-    gnorm, applied = optimizer_step(student, opt, loss, cfg.grad_clip, world)
-    return loss, closs, gnorm, applied, logs, switched
+        window, ev, mask, holds_switch = streams.advance(nets.student, sigmas, random_exit_step(sigmas))
+        window = window.float()
+        per_frame, aux = distill.dmd_loss(window, ev, teacher=nets.teacher, critic=nets.critic,
+                                           guidance=cfg.guidance, shift=stream["shift"])
+        loss, logs = window_loss(per_frame, window, ev, aux, mask, teacher=nets.teacher, m=m, tr=tr,
+                                 video_switched=~streams.unswitched)
+    if tr is not None and tr.floor is not None and "s" in logs:
+        tr.floor.add(logs["s"], streams.unswitched)              # DF (4): after this update's loss, never before
+    gnorm, applied = optimizer_step(nets.student, nets.opt, loss, cfg.grad_clip, n_ranks)
+    return loss, closs, gnorm, applied, logs, holds_switch
 
 
 @torch.no_grad()
@@ -208,32 +185,22 @@ def load_student(cfg):
     return ck, tck
 
 
-def by_window_kind(seen):
-    """' | switch windows w .. k .. | plain windows ..': the trust-region logs pooled over the windows
-    of each kind since the last log line. seen[kind, name] = (sum, count) on the device."""
-    out = ""
-    for kind in ("switch", "plain"):
-        parts = [f"{k} {s[0] / s[1]:.3f}" for (c, k), s in seen.items() if c == kind and s[1] > 0]
-        out += f" | {kind} windows " + " ".join(parts) if parts else ""
-    return out
-
-
 def main(cfg):
     sck, tck = load_student(cfg)
     run = init_run(cfg, cfg.batch)
-    device, stream, w = run.device, sck["stream"], load_world(sck["world"])
+    device, stream, w = run.device, sck["stream"], World(**sck["world"])
     name = cfg.out_name or ("deltaforcing.pt" if cfg.trust_region else "longtune.pt")
     path = os.path.join(cfg.out_dir, name)
-    nets, ema = distill.dmd_nets(sck["model_args"], teacher=tck["ema"], student=sck["ema"], critic=sck["critic"], cfg=cfg,
-                                 device=device, compiled=cfg.compile and device.type == "cuda")   # from the distilled student
+    nets = distill.dmd_nets(sck["model_args"], teacher=tck["ema"], student=sck["ema"], critic=sck["critic"], cfg=cfg,
+                            device=device, compiled=cfg.compile and device.type == "cuda")   # from the distilled student
+    tr = trust_region.TrustRegion.from_config(cfg) if cfg.trust_region else None   # its floor refills after a resume
     gen = torch.Generator().manual_seed(cfg.seed)                 # schedules: the same data for every run of a seed
-    objs = dict(model=nets["student"], ema=ema, critic=nets["critic"], optimizer=nets["opt"],
-                critic_optimizer=nets["opt_critic"])
+    objs = dict(model=nets.student, ema=nets.ema, critic=nets.critic, optimizer=nets.opt, critic_optimizer=nets.opt_critic)
     ck = resume(cfg, path, "longtune", f"python longtune.py --out_name={name}", gen, **objs)
     step, skipped = (ck["step"], ck["skipped"]) if ck else (0, 0)
     seed_rank(run, cfg.seed, step, gen)
     streams = Streams(cfg, stream, w.size, gen, device, run.batch)
-    n_updates, n_probe = capped(cfg.steps, cfg), capped(24, cfg, floor=4)
+    n_updates, n_probe = capped(cfg.dmd_steps, cfg), capped(24, cfg, floor=4)
     save = checkpointer(path, run, gen, dict(stage="longtune", model_args=sck["model_args"], world=sck["world"],
                                              natural_step=sck["natural_step"], stream=stream, config=asdict(cfg),
                                              teacher=sck["teacher"], student=cfg.student or "student.pt"), **objs)
@@ -242,40 +209,43 @@ def main(cfg):
               f"{cfg.context} context + {stream['window'] - cfg.context} new frames, switch cache {cfg.switch_cache}, "
               f"window events {cfg.window_events}, {n_updates} updates at lr {cfg.lr:g} (critic {cfg.critic_lr:g})")
 
-    t0, t_start, seen, trust = time.time(), time.time(), {}, torch.zeros(2, device=device)   # logs by window kind; sum, count of w
+    t0, t_start, seen, trust = time.time(), time.time(), {}, [0.0, 0]   # logs by kind of window; sum and count of w
     for step in tqdm(range(step, n_updates), initial=step, total=n_updates, desc="longtune", mininterval=5,
                      disable=run.rank > 0):
-        loss, closs, gnorm, applied, logs, switched = tune_update(
-            streams, **nets, cfg=cfg, sigmas=stream["sigmas"], shift=stream["shift"], m=sck["natural_step"], world=run.world)
-        skipped = skipped + ~applied                              # a skipped step is counted on the device
+        loss, closs, gnorm, applied, logs, holds_switch = tune_update(streams, nets, cfg, stream=stream, m=sck["natural_step"],
+                                                                  tr=tr, n_ranks=run.n_ranks)
+        skipped += not applied
+        ema_update(nets.ema, nets.student, cfg.ema_decay if step >= cfg.ema_start else 0.0)
         if "w" in logs:                                           # the run's mean trust, for the constant-w control
-            trust += torch.stack([logs["w"].sum(), torch.tensor(float(len(logs["w"])), device=device)])
-        ema_update(ema, nets["student"], cfg.ema if step >= cfg.ema_start else 0.0)   # (a skipped step left the weights as they were)
-        for kind, sel in (("switch", switched), ("plain", ~switched)):   # summed on the device: no sync per step
+            trust = [trust[0] + float(logs["w"].sum()), trust[1] + len(logs["w"])]
+        for kind, sel in (("switch", holds_switch), ("plain", ~holds_switch)):
             for k, v in logs.items():
-                seen[kind, k] = seen.get((kind, k), 0) + torch.stack([torch.where(sel, v.float(), 0).sum(), sel.sum()])
+                total, n = seen.get((kind, k), (0.0, 0))
+                seen[kind, k] = (total + float(v[sel].float().sum()), n + int(sel.sum()))
         if (step + 1) % cfg.log_every == 0 or step + 1 == n_updates:
             dt = (time.time() - t0) / cfg.log_every
-            extra, seen = by_window_kind(seen), {}
+            extra = "".join(f" | {kind} windows " + " ".join(f"{k} {t / n:.3f}" for (c, k), (t, n) in seen.items() if c == kind)
+                            for kind in ("switch", "plain") if any(c == kind and n for (c, _), (_, n) in seen.items()))
+            seen = {}
             if run.rank == 0:
                 tqdm.write(f"longtune {step + 1} | dmd loss {loss.item():.4f} | critic loss {closs.item():.4f} | "
-                           f"gnorm {gnorm:.3f}{extra} | {dt:.2f} s/update | skipped {int(skipped)}")
+                           f"gnorm {gnorm:.3f}{extra} | {dt:.2f} s/update | skipped {skipped}")
             t0 = time.time()
-            save(step=step + 1, skipped=int(skipped), metrics={})   # the checkpoint holds the next update to run
+            save(step=step + 1, skipped=skipped, metrics={})      # the checkpoint holds the next update to run
         if run.rank == 0 and (step + 1) % cfg.probe_every == 0 and step + 1 < n_updates:
-            p = probe(ema, stream, w, n_probe, device)
+            p = probe(nets.ema, stream, w, n_probe, device)
             tqdm.write(f"probe {step + 1} (ema): " + " ".join(f"{k} {p[k]:.3f}" for k in ("react", "latency", "follow",
                                                                                         "identity", "valid", "bias")))
-    check_in_sync(nets["student"], run)
+    check_in_sync(nets.student, run)
     if run.rank > 0:
         return
-    metrics = probe(ema, stream, w, n_probe, device)
+    metrics = probe(nets.ema, stream, w, n_probe, device)
     metrics["train_minutes"] = (time.time() - t_start) / 60
     if trust[1] > 0:
-        metrics["mean_w"] = float(trust[0] / trust[1])           # over the windows with history since the (re)start
+        metrics["mean_w"] = trust[0] / trust[1]                  # over the windows with history since the (re)start
     print(f"probe {n_updates} (ema): " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    save(step=n_updates, skipped=int(skipped), metrics=metrics)
-    print(f"wrote {path}; evaluate it with `python evaluate.py --ckpts={path}`")
+    save(step=n_updates, skipped=skipped, metrics=metrics)
+    print(f"wrote {path}; evaluate it with `python -m tools.evaluate --ckpts={path}`")
 
 
 if __name__ == "__main__":

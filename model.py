@@ -37,8 +37,19 @@ def shift_sigma(sigma, s):
 
 
 def cfg_mix(cond, uncond, g):
-    """Classifier-free guidance in the Self Forcing / DMD convention: cond + g (cond - uncond)."""
+    """Classifier-free guidance (Ho & Salimans 2022) in the Self Forcing / DMD convention: cond + g (cond - uncond)."""
     return cond + g * (cond - uncond)
+
+
+def cond_uncond(model, x, sigma, event):
+    """The model's velocity with each frame's event and with the null event, in one batch. -> (v_cond, v_uncond)."""
+    null = torch.full_like(event, model.null_event)
+    return model(x.repeat(2, 1, 1, 1, 1), sigma.repeat(2, 1), torch.cat([event, null])).chunk(2)
+
+
+def forward_with_cfg(model, x, sigma, event, g):
+    """The velocity with classifier-free guidance g (as DiT's forward_with_cfg); g = 0: one plain forward."""
+    return cfg_mix(*cond_uncond(model, x, sigma, event), g) if g else model(x, sigma, event)
 
 
 # ----------------------------------------------------------------------------- the transformer
@@ -52,14 +63,13 @@ class ModelConfig:
     depth: int = 4
     heads: int = 4
     n_events: int = 5    # + 1 null event for classifier-free guidance
-    gelu: str = "none"   # the MLP's GELU, nn.GELU's `approximate`: exact ("none"; the CPU's tanh kernel is 5x slower)
+    gelu: str = "none"   # the MLP's GELU, nn.GELU's `approximate` ("none": exact, faster on the CPU than "tanh")
 
 
 def attention(q, k, v, mask=None):
     """The one attention function. q (B,H,Lq,hd), k/v (B,H,Lk,hd), mask: boolean, True = attend.
-    On CUDA, SDPA (flash where it can), never is_causal=True (with fewer queries than keys it
-    builds the wrong mask). On the CPU written out, softmax(q k^T / sqrt(hd)) v: as fast as the
-    fused kernel in fp32, and in bf16 on the matrix units, where the fused kernel is 3x slower."""
+    On CUDA, SDPA (flash where it can), never is_causal=True (with fewer queries than keys it builds
+    the wrong mask). On the CPU written out, softmax(q k^T / sqrt(hd)) v: faster there in bf16."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     s = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)              # (B,H,Lq,Lk)
@@ -85,19 +95,13 @@ def rope_angles(t_pos, grid, head_dim, device):
 
 
 def apply_rope(x, ang):
-    """Rotate channel pairs of x (B,H,L,hd) by angles (L,hd/2), in fp32: on the CPU one complex multiply
-    (one eager kernel, rope_pairs takes eight); on CUDA rope_pairs, which torch.compile can fuse."""
-    if x.device.type != "cpu":
-        return rope_pairs(x, ang)
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))   # (B,H,L,hd/2) complex
-    return torch.view_as_real(xc * torch.polar(torch.ones_like(ang), ang)).flatten(-2).type_as(x)
-
-
-def rope_pairs(x, ang):
-    """(x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos). Back in x's dtype: under bf16 autocast
-    q, k and v then share one dtype, which flash requires."""
-    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
-    cos, sin = ang.cos(), ang.sin()
+    """Rotate channel pairs of x (B,H,L,hd) by angles (L,hd/2) in fp32: (x1, x2) -> (x1 cos - x2 sin,
+    x1 sin + x2 cos), back in x's dtype (flash wants q, k, v in one dtype). One rotation written two
+    ways: on the CPU one complex multiply (one eager kernel), on CUDA the pairs, which torch.compile fuses."""
+    if x.device.type == "cpu":
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))   # (B,H,L,hd/2) complex
+        return torch.view_as_real(xc * torch.polar(torch.ones_like(ang), ang)).flatten(-2).type_as(x)
+    x1, x2, cos, sin = x.float()[..., 0::2], x.float()[..., 1::2], ang.cos(), ang.sin()
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).type_as(x)
 
 
@@ -182,15 +186,12 @@ class VideoDiT(nn.Module):
         return rearrange(x, "b t (gh gw) (c p q) -> b t c (gh p) (gw q)", gh=self.grid, p=self.mc.patch, q=self.mc.patch)
 
     def forward(self, x, sigma, event, past=None, causal_chunk=0, return_kv=False):
-        """x (B,T,C,H,W), sigma (B,T) or (B,), event (B,T) or (B,) -> velocity (B,T,C,H,W).
-        Stream mode: past = (kv, k_pos, q_pos, valid) from KVCache.view(): the keys/values of the
-        cache slots (depth,2,B,H,n,N,hd), their positions (n,), the positions of x's frames (T,),
-        and which slots may be seen ((n,) or per stream (B,n) bool, or None: all). The frames
-        attend to [cache ; themselves]. return_kv=True also returns their own keys/values
-        (depth,2,B,H,T,N,hd). Tensors in, tensors out, every shape fixed by the cache's capacity."""
+        """x (B,T,C,H,W), sigma and event (B,T) or (B,) -> velocity (B,T,C,H,W). Streaming: past =
+        KVCache.view() (cached keys/values (depth,2,B,H,n,N,hd), their positions, x's positions, which
+        slots may be seen), and x attends to [cache ; itself]; return_kv=True also returns x's own
+        keys/values (depth,2,B,H,T,N,hd). Tensors in, tensors out: every shape fixed by the cache."""
         B, T = x.shape[:2]
-        sigma = sigma.expand(B, T) if sigma.dim() == 2 else sigma[:, None].expand(B, T)
-        event = event.expand(B, T) if event.dim() == 2 else event[:, None].expand(B, T)
+        sigma, event = (a.expand(B, T) if a.dim() == 2 else a[:, None].expand(B, T) for a in (sigma, event))
         h = self.x_embedder(self.patchify(x))                        # (B,T,N,D)
         c = self.t_embedder(sigma) + self.y_embedder(event)          # (B,T,D)
         hd, N = self.mc.dim // self.mc.heads, self.grid ** 2
@@ -220,20 +221,14 @@ class VideoDiT(nn.Module):
 
 
 class KVCache:
-    """Keys and values of clean past frames: the first n_sink frames (the sink) plus a rolling
-    window of the last n_window frames, so memory and cost per frame stay constant forever
-    (Self Forcing sec. 3.4, rolling KV cache; the sink as in StreamingLLM and LongLive).
-    Buffers are allocated at the first write, then written in place as a ring; a streaming forward
-    sees all of them (empty slots masked), so a compiled step keeps its shapes (no recompiles).
-    Positions are assigned inside the cache (sink first, then the window by age), so RoPE
-    distances stay in the range seen in training however long the stream runs. clear(mask)
-    hides everything written so far from the streams in mask, and only from them."""
+    """Keys and values of clean past frames: the first n_sink frames (the sink) plus a rolling window
+    of the last n_window, so memory and cost per frame stay constant forever (Self Forcing sec. 3.4;
+    the sink as in StreamingLLM and LongLive). A ring of buffers written in place: a streaming forward
+    sees all of them (empty slots masked), so a compiled step keeps its shapes. Positions are assigned
+    by slot (sink first, then the window by age), so RoPE distances stay in the range seen in training."""
 
     def __init__(self, n_sink, n_window):
         self.n_sink, self.n_window = n_sink, n_window
-        self.reset()
-
-    def reset(self):
         self.kv = None                                               # (depth,2,B,H,cap,N,hd), cap = n_sink + n_window
         self.frames = self.events = self.pos = self.valid = None     # (B,cap,C,H,W), (B,cap), (cap,) positions, filled
         self.born = self.cleared = None                              # (cap,) frame held by each slot, (B,) clear time
@@ -242,18 +237,14 @@ class KVCache:
     def __len__(self):
         return min(self.n_seen, self.n_sink + self.n_window)
 
-    def slot(self, t):
-        """The ring slot of stream frame t: the sink keeps its frames, the window wraps around."""
-        return t if t < self.n_sink else self.n_sink + (t - self.n_sink) % self.n_window
-
     def newest_events(self):
-        """(B,) the event of the newest cached frame."""
-        return self.events[:, self.slot(self.n_seen - 1)]
+        """(B,) the event of the newest cached frame (the sink keeps its slots, the window wraps)."""
+        t = self.n_seen - 1
+        return self.events[:, t if t < self.n_sink else self.n_sink + (t - self.n_sink) % self.n_window]
 
     def view(self, T):
-        """What a streaming forward of T frames attends to (VideoDiT.forward's `past`): the whole
-        buffers, always the same shape, with positions and which slots each stream may see:
-        (cap,) while filling, (B,cap) once a stream was cleared, None when all see all (flash)."""
+        """VideoDiT.forward's `past` for T frames: the whole buffers, their positions, and which slots each
+        stream may see: (cap,) while filling, (B,cap) once a stream was cleared, None when all see all."""
         if self.n_seen == 0:
             return None
         n = len(self)
@@ -268,7 +259,7 @@ class KVCache:
             self.kv = kv.new_zeros(*kv.shape[:4], cap, *kv.shape[5:])
             self.frames, self.events = frames.new_zeros(frames.shape[0], cap, *frames.shape[2:]), events.new_zeros(events.shape[0], cap)
             self.born = torch.full((cap,), -1, device=dev)
-        t = torch.arange(self.n_seen, self.n_seen + T, device=dev)  # made on the device: no host copy, no sync
+        t = torch.arange(self.n_seen, self.n_seen + T, device=dev)
         slot = torch.where(t < self.n_sink, t, self.n_sink + (t - self.n_sink) % self.n_window)
         # Detached: history is context, never a gradient path (Self Forcing's official code leaks here).
         self.kv.index_copy_(4, slot, kv.detach().to(self.kv.dtype))   # Self Forcing sec. 3.4: rolling KV cache
@@ -302,23 +293,20 @@ class KVCache:
 
 
 def randn(shape, gen, device):
-    """Gaussian noise. gen: None (the global RNG: training), one torch.Generator, or a list with
-    one per video, so that each video's noise depends only on its own generator, never on the
-    other videos of its batch. Drawn on the CPU when a generator is given, for reproducibility."""
+    """Gaussian noise from gen: None (the global RNG: training), one torch.Generator, or one per video, so
+    that a video's noise never depends on the others in its batch (drawn on the CPU, reproducible)."""
     if gen is None:
         return torch.randn(shape, device=device)
     if isinstance(gen, torch.Generator):
-        return torch.randn(shape, generator=gen).to(device, non_blocking=True)   # non_blocking: PyTorch does not
-        # synchronize the stream after the copy (from pageable memory CUDA may still stage it through the host)
+        return torch.randn(shape, generator=gen).to(device, non_blocking=True)
     return torch.stack([torch.randn(shape[1:], generator=g) for g in gen]).to(device, non_blocking=True)   # (B, ...)
 
 
 def stream(model, x, sigma, event, cache, write=False):
-    """One streaming forward: x attends to [cache ; itself]; write=True then stores its
-    keys/values in the cache (detached). The model call itself is pure, so it can be compiled."""
+    """One streaming forward: x attends to [cache ; itself]; write=True then stores its keys/values
+    in the cache (detached). The model call itself is pure, so it can be compiled."""
     past = cache.view(x.shape[1])
-    # fresh copies with standard strides: x and event are often slices of longer tensors, and a
-    # compiled step guards on strides (even of size-1 dims); the copy is a few KB per chunk
+    # standard strides: x and event are often slices, and a compiled step guards on strides
     x, sigma, event = (a.clone(memory_format=torch.contiguous_format) for a in (x, sigma, event))
     if not write:
         return model(x, sigma, event, past=past)
@@ -328,17 +316,18 @@ def stream(model, x, sigma, event, cache, write=False):
 
 
 @torch.no_grad()
-def recache(model, cache, event, chunk, sink=True):
+def recache(model, cache, event, chunk, relabel_sink=True):
     """LongLive's KV-recache: at a switch, the cached frames' keys and values recomputed under the new
-    event (B,) chunk by chunk as written; sink=False keeps the sink's (LongLive's inference). Streams
-    already under the event are untouched. Called only where some stream switched: no GPU wait."""
+    event (B,) chunk by chunk as written; relabel_sink=False keeps the sink's (LongLive's inference).
+    Streams already under the event are untouched."""
     n = len(cache)
     if n == 0:
         return
     frames, old = cache.ordered()                                # (B,n,C,H,W), (B,n) in stream order
-    new = torch.where(torch.arange(n, device=old.device) < (0 if sink else cache.n_sink), old, event[:, None])
-    changed = (old != new).any(1)                                # (B,) on the device: no host check
-    fresh, kept = KVCache(cache.n_sink, cache.n_window), 0 if sink or cache.n_sink % chunk else min(n, cache.n_sink)
+    new = torch.where(torch.arange(n, device=old.device) < (0 if relabel_sink else cache.n_sink), old, event[:, None])
+    changed = (old != new).any(1)                                # (B,)
+    fresh = KVCache(cache.n_sink, cache.n_window)
+    kept = 0 if relabel_sink or cache.n_sink % chunk else min(n, cache.n_sink)
     for i in range(0, n, chunk):                                 # LongLive, KV-recache: old frames, new prompt
         f = frames[:, i:i + chunk]                               # (B,chunk,C,H,W); a kept sink is copied, not re-run
         if i < kept:
@@ -350,33 +339,23 @@ def recache(model, cache, event, chunk, sink=True):
     cache.events[:, :n] = new[:, pos]
 
 
-def chunk_switches(event, chunk, cache):
-    """The chunks (indices) where some stream's event differs from the frame before it: the
-    cache's newest frame for chunk 0, the previous chunk's last frame after that. Read to the
-    host once per rollout: one wait for the GPU, where a check per chunk waited at every chunk."""
-    starts = event[:, ::chunk]                                   # (B,n_chunks) each chunk's first event
-    first = cache.newest_events() if len(cache) else starts[:, 0]    # an empty cache: nothing to switch from
-    before = torch.cat([first[:, None], event[:, chunk - 1:-1:chunk]], 1)   # (B,n_chunks) the frame before each
-    return [i for i, s in enumerate((starts != before).any(0).tolist()) if s]
-
-
 def rollout(model, noise, event, sigmas, chunk, cache, *, exit_step=None, switch="recache_window", gen=None):
-    """The causal few-step generator, chunk by chunk through the KV cache (Self Forcing sec. 3.2,
-    Algorithm 1); training and inference both call it, so they cannot drift apart. noise (B,T,C,H,W),
-    event (B,T), sigmas: the levels as host floats (no step waits for the GPU). Each chunk: predict
-    x0 at sigmas[0], re-noise it with fresh noise to sigmas[1], ... up to `exit_step` (default: the
-    last, the only step with a graph), whose x0 is the output, re-run at sigma=0 to write clean keys/values.
-    At a stream's switch its cache is recomputed under the new event but the sink ("recache_window",
-    LongLive's inference), sink too ("recache"), "keep" or "clear". gen: the re-noising draws (see randn)."""
+    """The causal few-step generator, chunk by chunk through the KV cache (Self Forcing sec. 3.2, Alg. 1);
+    training and inference both call it. noise (B,T,C,H,W), event (B,T), sigmas: host floats. Each chunk:
+    x0 at sigmas[0], re-noised with fresh noise to sigmas[1], ... up to `exit_step` (default: the last; the
+    only step with a graph), whose x0 is the output, then re-run at sigma=0 to write clean keys/values. At a
+    stream's switch its cache is recomputed under the new event but the sink ("recache_window", LongLive's
+    inference), sink too ("recache"), "keep" or "clear". gen: the re-noising draws (see randn)."""
     B, T = noise.shape[:2]
     exit_step = len(sigmas) - 1 if exit_step is None else exit_step
-    switches = chunk_switches(event, chunk, cache) if switch != "keep" else []
+    before = torch.cat([cache.newest_events()[:, None] if len(cache) else event[:, :1], event[:, :-1]], 1)
+    switched = (event != before)[:, ::chunk].any(0).tolist()     # per chunk: did some stream switch? (one host read)
     outs = []
     for i in range(0, T, chunk):
         x, ev = noise[:, i:i + chunk], event[:, i:i + chunk]     # (B,chunk,C,H,W), (B,chunk)
-        if i // chunk in switches:                               # none of recache's work unless a stream switched
+        if switched[i // chunk] and switch != "keep":            # none of recache's work unless a stream switched
             if switch.startswith("recache"):                    # (the changed streams only)
-                recache(model, cache, ev[:, 0], chunk, sink=switch == "recache")
+                recache(model, cache, ev[:, 0], chunk, relabel_sink=switch == "recache")
             else:
                 cache.clear(cache.newest_events() != ev[:, 0])
         for k in range(exit_step + 1):                           # Self Forcing sec. 3.2: few-step denoising
@@ -393,7 +372,7 @@ def rollout(model, noise, event, sigmas, chunk, cache, *, exit_step=None, switch
 
 def build(model_args, state=None, device="cpu"):
     """A VideoDiT from its arguments (a checkpoint's `model_args` dict), with `state` weights if given."""
-    m = VideoDiT(ModelConfig(**{"gelu": "tanh", **model_args}))   # checkpoints before 2026-12-01: the tanh GELU
+    m = VideoDiT(ModelConfig(**model_args))
     if state is not None:
         m.load_state_dict(state)
     return m.to(device)

@@ -3,14 +3,14 @@
     python sample.py --ckpt=out/longtune.pt --events=right@0,up@24,left@48 --frames=96 --out=out/sample.gif
     python sample.py --live --ckpt=out/deltaforcing.pt        # steer it with the arrow keys, q quits
 
-Generation streams chunk by chunk through the KV cache (sink + rolling window) and hands each
-chunk to the GIF/MP4 writer as it comes, so the generator's memory stays constant for any length.
-One stepper, Player, makes every chunk here, in the web page (serve.py), the benchmark
-(evaluate.py) and bench.py's streaming rows. Each video's noise (initial and re-noising) comes from its
+Generation streams chunk by chunk through the KV cache (sink + rolling window), each chunk going
+to the GIF/MP4 writer as it comes, so memory stays constant for any length. One stepper, Player,
+makes every chunk here, in the web page and in the benchmark (tools/). Each video's noise (initial and re-noising) comes from its
 own generator seeded by its own seed, so a video never depends on which others share its batch.
 """
 import contextlib
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ import torch
 from common import autocast, compile_, load_checkpoint, pick_device
 from config import BadInput, Config, Count, NonNegative, OneOf, SwitchCache, cli
 from model import KVCache, build, rollout
-from world import EVENTS, World, load_world, parse_schedule, schedule_events, to_rgb
+from world import EVENTS, World, parse_schedule, schedule_events, to_rgb
 
 
 @dataclass
@@ -41,8 +41,8 @@ PRESETS = {"tiny": {}, "small": {}}
 
 
 @dataclass
-class Generator:
-    """A causal generator loaded for streaming: the network and how it streams."""
+class StreamModel:
+    """A causal generator loaded for streaming: the network, how it streams, and its world."""
     model: torch.nn.Module
     stream: dict                   # chunk, sigmas, n_sink, n_window, window (the teacher's clip length)
     world: World
@@ -53,42 +53,37 @@ class Generator:
 
 
 def load_generator(path, device, weights="ema"):
-    """Any causal generator checkpoint (student or long-tuned)."""
+    """Any causal generator checkpoint (student or long-tuned) -> StreamModel."""
     ck = load_checkpoint(path, ["student", "longtune"], "python distill.py (or python longtune.py)")
-    return Generator(build(ck["model_args"], ck[weights], device).eval(), ck["stream"], load_world(ck["world"]))
+    return StreamModel(build(ck["model_args"], ck[weights], device).eval(), ck["stream"], World(**ck["world"]))
 
 
 class Player:
     """Videos streaming chunk by chunk: one KV cache, one noise generator per video (seeded by
-    its own seed, and nothing else), and chunk(event): the next chunk under per-video events."""
+    its own seed, and nothing else), and next_chunk(event) under per-video events."""
 
     def __init__(self, g, seeds, switch="recache_window"):
         self.g, self.switch, self.device = g, switch, next(g.model.parameters()).device
-        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.noise_gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.cache = KVCache(g.stream["n_sink"], g.stream["n_window"])
 
     @torch.no_grad()
-    def chunk(self, event):
+    def next_chunk(self, event):
         """event (B,chunk) -> the next chunk (B,chunk,3,S,S), float, on the device."""
         S, ch = self.g.world.size, self.g.chunk
-        noise = torch.stack([torch.randn(ch, 3, S, S, generator=gn) for gn in self.gens]).to(self.device)
+        noise = torch.stack([torch.randn(ch, 3, S, S, generator=gn) for gn in self.noise_gens]).to(self.device)
         with autocast(self.device):
             return rollout(self.g.model, noise, event.to(self.device), self.g.stream["sigmas"], ch, self.cache,
-                           switch=self.switch, gen=self.gens).float()
+                           switch=self.switch, gen=self.noise_gens).float()
 
 
 def generate(g, ev, seeds, switch, on_chunk=None):
     """Stream the videos for per-frame events ev (B,T), video b from seeds[b]. on_chunk(x) sees
-    each chunk as it is made (on the CPU). -> (videos or None, seconds per chunk)."""
-    player, outs, times = Player(g, seeds, switch), [], []
+    each chunk as it is made (on the CPU). -> the videos (B,T,...), or None with on_chunk."""
+    player, outs = Player(g, seeds, switch), []
     for i in range(0, ev.shape[1], g.chunk):                     # rollout chunk by chunk = one long rollout
-        t = time.perf_counter()
-        x = player.chunk(ev[:, i:i + g.chunk])
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()                             # time the work, not the launch nor the copy
-        times.append(time.perf_counter() - t)
-        (on_chunk or outs.append)(x.cpu())
-    return (torch.cat(outs, 1) if outs else None), times
+        (on_chunk or outs.append)(player.next_chunk(ev[:, i:i + g.chunk]).cpu())
+    return torch.cat(outs, 1) if outs else None
 
 
 def schedule_tensor(text, frames, chunk, B, device):
@@ -102,8 +97,7 @@ def open_writer(path):
         raise BadInput(f"--out must end in .gif or .mp4, not {path!r}")
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "ab"):                                   # fail now, not after generating
-            pass
+        open(path, "ab").close()                                 # fail now, not after generating
         return (imageio.get_writer(path, fps=8, macro_block_size=1) if path.endswith(".mp4")
                 else imageio.get_writer(path, duration=125, loop=0))
     except OSError as e:
@@ -114,16 +108,16 @@ def sample_one(cfg, g, device):
     import imageio.v2 as imageio
     ev = schedule_tensor(cfg.events, cfg.frames, g.chunk, 1, device)
     writer = open_writer(cfg.out)
-    strip, every = [], max(1, cfg.frames // 16)
-
+    strip, every, times, t = [], max(1, cfg.frames // 16), [], time.perf_counter()
     def write(x):                                                # (1,chunk,3,S,S) -> frames appended as they come
-        for a in to_rgb(x[0]):
+        nonlocal t
+        times.append(time.perf_counter() - t)                    # the chunk's time, up to its copy to the CPU
+        for n, a in enumerate(to_rgb(x[0]), g.chunk * (len(times) - 1)):   # n: the frame's index in the video
             writer.append_data(a)
-            if write.n % every == 0 and len(strip) < 16:
+            if n % every == 0 and len(strip) < 16:               # 16 frames, evenly spaced, for the PNG strip
                 strip.append(a)
-            write.n += 1
-    write.n = 0
-    _, times = generate(g, ev, [cfg.seed], cfg.switch_cache, on_chunk=write)
+        t = time.perf_counter()
+    generate(g, ev, [cfg.seed], cfg.switch_cache, on_chunk=write)
     writer.close()
     png = os.path.splitext(cfg.out)[0] + ".png"
     imageio.imwrite(png, np.concatenate(strip, 1))
@@ -153,29 +147,21 @@ def read_keys(fd):
         if not got:                                              # the terminal went away: stop
             return ["quit"]
         data += got
-    names, i = [], 0
-    while i < len(data):
-        seq = next((k for k in KEYS if data.startswith(k, i)), None)
-        names += [KEYS[seq]] if seq else []
-        i += len(seq) if seq else 1
-    return names
+    return [KEYS[k] for k in re.findall(b"|".join(map(re.escape, KEYS)), data)]   # other bytes are skipped
 
 
 def ansi_frame(a):
     """(H,W,3) uint8 -> ANSI truecolor half-blocks: each character cell shows two pixel rows,
     the upper one as the foreground colour of '▀' and the lower one as its background."""
-    rows = []
-    for top, bot in zip(a[0::2], a[1::2]):
-        rows.append("".join(f"\x1b[38;2;{t[0]};{t[1]};{t[2]}m\x1b[48;2;{b[0]};{b[1]};{b[2]}m▀"
-                            for t, b in zip(top.tolist(), bot.tolist())) + "\x1b[0m")
-    return "\r\n".join(rows)
+    cell = "\x1b[38;2;{};{};{}m\x1b[48;2;{};{};{}m▀"
+    return "\r\n".join("".join(cell.format(*t, *b) for t, b in zip(top.tolist(), bot.tolist())) + "\x1b[0m"
+                       for top, bot in zip(a[0::2], a[1::2]))
 
 
 @contextlib.contextmanager
 def terminal(fd):
-    """cbreak mode (keys arrive one at a time, unechoed; Ctrl-C still interrupts), the alternate
-    screen and a hidden cursor, all restored on every way out: q, Ctrl-C, an exception, SIGTERM,
-    SIGHUP (a dropped SSH link). Works over plain SSH and in tmux: only the tty and ANSI codes."""
+    """cbreak mode (keys arrive one at a time, unechoed; Ctrl-C still interrupts), the alternate screen
+    and a hidden cursor, all restored on every way out: q, Ctrl-C, an exception, SIGTERM, SIGHUP."""
     import signal
     import termios
     import tty
@@ -183,8 +169,7 @@ def terminal(fd):
     handlers = {s: signal.signal(s, lambda n, f: sys.exit(128 + n)) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         tty.setcbreak(fd)
-        sys.stdout.write("\x1b[?1049h\x1b[?25l\x1b[2J")
-        sys.stdout.flush()
+        print("\x1b[?1049h\x1b[?25l\x1b[2J", end="", flush=True)
         yield
     finally:
         try:                                                     # the tty first: the writes below can fail
@@ -192,42 +177,33 @@ def terminal(fd):
             for s, h in handlers.items():
                 signal.signal(s, h)
         finally:
-            sys.stdout.write("\x1b[0m\x1b[?25h\x1b[?1049l")
-            sys.stdout.flush()
+            print("\x1b[0m\x1b[?25h\x1b[?1049l", end="", flush=True)
 
 
 @torch.no_grad()
 def live(cfg, g, device):
-    """Stream generated frames to the terminal as they are made; the arrow keys switch the
-    event (from the next chunk, as a schedule does); q quits and saves the session to --out.
-    The session is kept at native resolution (3 KB a frame at 32 x 32) and written at the end."""
+    """Stream frames to the terminal as they are made; the arrow keys switch the event (from the next
+    chunk, as a schedule does); q or Ctrl-C quits and saves the session to --out."""
     event = parse_schedule(cfg.events, 1 << 30)[0][0]            # start with the schedule's first event
     writer = open_writer(cfg.out)                                # fails now if --out cannot be written
     ch, fd = g.chunk, sys.stdin.fileno()
     player = Player(g, [cfg.seed], cfg.switch_cache)            # every draw of the session: one seed, one session
     session, times, shown = [], [], time.perf_counter()
     try:
-        with terminal(fd):
-            try:
-                while True:
-                    keys = read_keys(fd)
-                    if "quit" in keys:
-                        break
-                    event = EVENTS.index(keys[-1]) if keys else event
-                    t = time.perf_counter()
-                    x = player.chunk(torch.full((1, ch), event)).cpu()   # .cpu() waits for the chunk
-                    times.append(time.perf_counter() - t)
-                    rate = ch * len(times[1:]) / max(sum(times[1:]), 1e-9)
-                    for a in to_rgb(x[0], scale=1):                      # (S,S,3) uint8 each
-                        session.append(a)
-                        shown = max(shown + (1 / cfg.fps if cfg.fps > 0 else 0), time.perf_counter())
-                        time.sleep(max(0.0, shown - time.perf_counter()))   # the --fps cap
-                        sys.stdout.write("\x1b[H" + ansi_frame(a.repeat(2, 0).repeat(2, 1)) + "\x1b[0m\r\n"
-                                         f"frame {len(session)} | event {EVENTS[event]} | generating {rate:.0f} frames/s"
-                                         " | arrows: steer, space: stay, q: quit and save\x1b[K")
-                        sys.stdout.flush()
-            except KeyboardInterrupt:                            # Ctrl-C: like q
-                pass
+        with terminal(fd), contextlib.suppress(KeyboardInterrupt):   # Ctrl-C: like q
+            while "quit" not in (keys := read_keys(fd)):
+                event = EVENTS.index(keys[-1]) if keys else event
+                t = time.perf_counter()
+                x = player.next_chunk(torch.full((1, ch), event)).cpu()   # .cpu() waits for the chunk
+                times.append(time.perf_counter() - t)
+                rate = ch * len(times[1:]) / max(sum(times[1:]), 1e-9)
+                for a in to_rgb(x[0], scale=1):                  # (S,S,3) uint8 each
+                    session.append(a)
+                    shown = max(shown + (1 / cfg.fps if cfg.fps > 0 else 0), time.perf_counter())
+                    time.sleep(max(0.0, shown - time.perf_counter()))   # the --fps cap
+                    print("\x1b[H" + ansi_frame(a.repeat(2, 0).repeat(2, 1)) + "\x1b[0m\r\n"
+                          f"frame {len(session)} | event {EVENTS[event]} | generating {rate:.0f} frames/s"
+                          " | arrows: steer, space: stay, q: quit and save\x1b[K", end="", flush=True)
     finally:
         for a in session:
             writer.append_data(a.repeat(8, 0).repeat(8, 1))          # 8x, nearest-neighbour

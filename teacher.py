@@ -22,8 +22,9 @@ from tqdm import tqdm
 from common import (adamw, autocast, check_in_sync, checkpointer, compile_, ema_copy, ema_update, init_run,
                     optimizer_step, resume, seed_rank)
 from config import BadInput, Count, NonNegative, OneOf, Positive, Prob, Real, RunConfig, Whole, capped, cli
-from model import ModelConfig, add_noise, build, cfg_mix, shift_sigma
-from world import EVENTS, World, clip_scores, eval_events, natural_step, save_video, teacher_batch
+from metrics import clip_scores
+from model import ModelConfig, add_noise, build, forward_with_cfg, shift_sigma
+from world import EVENTS, World, eval_events, natural_step, save_video, teacher_batch
 
 
 @dataclass
@@ -49,7 +50,7 @@ class TeacherConfig(RunConfig):
     warmup: Whole = 200           # linear warm-up steps, then cosine decay to 10%
     weight_decay: NonNegative = 0.01  # AdamW weight decay
     grad_clip: Positive = 1.0     # gradient-norm clip
-    ema: Prob = 0.998             # EMA decay of the weights (from the end of warm-up)
+    ema_decay: Prob = 0.998       # EMA decay of the weights (from the end of warm-up)
     p_uncond: Prob = 0.1          # event dropout to the null event, for CFG
     sigma_mu: Real = 0.5          # training levels: sigma = sigmoid(mu + N(0,1)) (logit-normal, SD3), leaning noisy
     p_frame: Prob = 0.5           # share of clips whose frames draw their levels independently (Diffusion Forcing)
@@ -60,21 +61,15 @@ class TeacherConfig(RunConfig):
     eval_samples: Count = 64      # clips of each kind (one-event, switch) in the final evaluation
     log_every: Count = 100        # steps between log lines
     ckpt_every: Count = 500       # steps between checkpoints (and a quick 20-clip evaluation)
+    renamed = {"ema": "ema_decay"}
 
 
-# small: one GPU. Its steps are sized so that `reproduce.sh small` (every stage) ends in about 6 min on one
-# H100: 2.1 TFLOP per step (bench.py counts it) at an expected 25% MFU is 8.5 ms, 5000 steps 43 s.
+# small: one GPU, sized for about 6 min of the whole chain on one H100 (docs/defaults.md)
 PRESETS = {
     "tiny": {},
     "small": dict(size=32, sprite=6, speed=2, frames=12, chunk=3, dim=256, depth=6, heads=8, batch=64,
-                  lr=5e-4, steps=5000, warmup=300, ema=0.999, ckpt_every=1000),
+                  lr=5e-4, steps=5000, warmup=300, ema_decay=0.999, ckpt_every=1000),
 }
-
-
-def saved_config(ck):
-    """The TeacherConfig of a teacher checkpoint; those written before the band palette hold none:
-    theirs was saturated."""
-    return TeacherConfig(**{"palette": "saturated", **ck["config"]})
 
 
 def world_of(cfg):
@@ -109,15 +104,9 @@ def sample(model, event, noise, sig, guidance=0.0):
     (Ho & Salimans 2022) against the null event for the whole clip. event (B,T) per frame,
     noise (B,T,C,H,W) at level sig[0]."""
     x, B = noise, noise.shape[0]
-    null = torch.full_like(event, model.null_event)
     sig = sig.to(noise.device)
     for i in range(len(sig) - 1):
-        s = sig[i].expand(B, x.shape[1])
-        if guidance:                                                # cond and uncond in one batch
-            v_c, v_u = model(x.repeat(2, 1, 1, 1, 1), s.repeat(2, 1), torch.cat([event, null])).chunk(2)
-            v = cfg_mix(v_c, v_u, guidance)                         # CFG (Ho & Salimans 2022): cond + g (cond - uncond)
-        else:
-            v = model(x, s, event)
+        v = forward_with_cfg(model, x, sig[i].expand(B, x.shape[1]), event, guidance)   # CFG: cond + g (cond - uncond)
         x = x + (sig[i + 1] - sig[i]) * v                           # Euler step of the flow ODE
     return x
 
@@ -143,16 +132,15 @@ def lr_at(step, cfg):
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def train_step(model, ema, opt, x, event, *, step, cfg, world=1):
+def train_step(model, ema, opt, x, event, *, step, cfg, n_ranks=1):
     """One optimiser step: flow-matching loss, backward, gradients averaged over ranks, clip,
-    AdamW, EMA. Returns (loss, gnorm, applied); a non-finite step is skipped on the device
-    (common.optimizer_step)."""
+    AdamW, EMA. Returns (loss, gnorm, applied); a non-finite step is skipped (common.optimizer_step)."""
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg)
     with autocast(x.device):
         loss = fm_loss(model, x, event, cfg.sigma_mu, cfg.p_frame)
-    gnorm, applied = optimizer_step(model, opt, loss, cfg.grad_clip, world)
-    ema_update(ema, model, cfg.ema if step >= cfg.warmup else 0.0)    # after a skipped step the weights are unchanged
+    gnorm, applied = optimizer_step(model, opt, loss, cfg.grad_clip, n_ranks)
+    ema_update(ema, model, cfg.ema_decay if step >= cfg.warmup else 0.0)
     return loss, gnorm, applied
 
 
@@ -168,21 +156,14 @@ def check_teacher(cfg):
         raise BadInput(f"--dim={cfg.dim} must split into --heads={cfg.heads} heads of an even width")
 
 
-def build_teacher(cfg, device, compiled):
-    """The teacher's set-up (teacher.py and bench.py): the network, its EMA and AdamW, compiled in
-    place if asked. -> (model, ema, opt)."""
-    model = build(model_args(cfg), device=device)
-    ema = ema_copy(model)
-    compile_(model, compiled)
-    return model, ema, adamw(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-
-
 def main(cfg):
     check_teacher(cfg)
     run = init_run(cfg, cfg.batch)
     path = os.path.join(cfg.out_dir, "teacher.pt")
-    # the same seed: the same weights on every rank
-    model, ema, opt = build_teacher(cfg, run.device, compiled=cfg.compile and run.device.type == "cuda")
+    model = build(model_args(cfg), device=run.device)               # the same seed: the same weights on every rank
+    ema = ema_copy(model)
+    compile_(model, cfg.compile and run.device.type == "cuda")
+    opt = adamw(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)                   # the data stream, saved for resume
     w = world_of(cfg)
     m_nat = natural_step(w, cfg.frames, cfg.chunk)
@@ -195,7 +176,7 @@ def main(cfg):
     if run.rank == 0:
         print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg.frames}x{cfg.size}x{cfg.size}"
               f" clips ({cfg.p_switch:.0%} switching), speed {cfg.speed}, natural step {m_nat:.2f}, device {run.device}"
-              + (f", {run.world} data-parallel ranks x batch {run.batch}" if run.world > 1 else ""))
+              + (f", {run.n_ranks} data-parallel ranks x batch {run.batch}" if run.n_ranks > 1 else ""))
 
     t0, t_start = time.time(), time.time()
     for step in tqdm(range(step, n_steps), initial=step, total=n_steps, desc="teacher", mininterval=5,
@@ -204,17 +185,17 @@ def main(cfg):
         drop = torch.rand(run.batch, generator=gen) < cfg.p_uncond  # CFG: the null event for the whole clip
         event = torch.where(drop[:, None], model.null_event, event)
         x, event = (a.to(run.device, non_blocking=True) for a in (x, event))   # no stream synchronize after the copy
-        loss, gnorm, applied = train_step(model, ema, opt, x, event, step=step, cfg=cfg, world=run.world)
-        skipped = skipped + ~applied                                # counted on the device: no sync per step
+        loss, gnorm, applied = train_step(model, ema, opt, x, event, step=step, cfg=cfg, n_ranks=run.n_ranks)
+        skipped += not applied
         if (step + 1) % cfg.log_every == 0 and run.rank == 0:
-            dt = (time.time() - t0) / cfg.log_every                 # loss.item() syncs once per log line only
+            dt = (time.time() - t0) / cfg.log_every
             tqdm.write(f"step {step + 1} | loss {loss.item():.4f} | gnorm {gnorm:.2f} | lr {lr_at(step, cfg):.2e} | "
-                       f"{dt * 1000:.0f} ms/step | {cfg.batch / dt:.0f} clips/s | skipped {int(skipped)}")
+                       f"{dt * 1000:.0f} ms/step | {cfg.batch / dt:.0f} clips/s | skipped {skipped}")
             t0 = time.time()
         if (step + 1) % cfg.ckpt_every == 0 and run.rank == 0:
             m, _, _ = evaluate(ema, cfg, 20, run.device)            # a quick look at progress
             tqdm.write(f"step {step + 1} | ema samples: " + " ".join(f"{k} {v:.3f}" for k, v in m.items()))
-            save(step=step + 1, skipped=int(skipped), metrics={})   # the checkpoint holds the next step to run
+            save(step=step + 1, skipped=skipped, metrics={})   # the checkpoint holds the next step to run
     check_in_sync(model, run)
     if run.rank > 0:
         return
@@ -222,7 +203,7 @@ def main(cfg):
     metrics, one, sw = evaluate(ema, cfg, capped(cfg.eval_samples, cfg, floor=10), run.device)
     metrics["train_minutes"] = train_min
     print("teacher samples: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    save(step=n_steps, skipped=int(skipped), metrics=metrics)
+    save(step=n_steps, skipped=skipped, metrics=metrics)
     save_video(os.path.join(cfg.out_dir, "teacher_samples.gif"), torch.cat(list(one[:5]) + list(sw[:5]), -1))
     print(f"wrote {path} and {cfg.out_dir}/teacher_samples.gif")
 

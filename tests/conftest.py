@@ -1,6 +1,7 @@
 """Shared constants, helpers and fixtures of the test suite.
 
-The scripts are flat files at the repository root; tests import them directly. The pipeline
+The stages are flat files at the repository root, the instruments a package in tools/; tests
+import both directly. The pipeline
 fixtures (a 2-step teacher, a 1-step student) are session-scoped and read-only: a test that
 trains writes into its own tmp_path, pointing --teacher / --student at these checkpoints.
 """
@@ -86,8 +87,13 @@ def longtune_cfg(out_dir, student, **kw):
 def run(script, *args, cwd=ROOT):
     """A script in a fresh interpreter (what a user types)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    cmd = ["-m", module_name(script)] if script.startswith("tools/") else [os.path.join(ROOT, script)]
+    return subprocess.run([sys.executable, *cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def module_name(script):
+    """'tools/evaluate.py' -> 'tools.evaluate', 'teacher.py' -> 'teacher'."""
+    return script[:-3].replace("/", ".")
 
 
 def assert_one_line_error(r, *words):
@@ -102,7 +108,7 @@ def assert_one_line_error(r, *words):
 def run_cli(script, args, capsys, monkeypatch):
     """A script's entry point, in this process (no interpreter start-up): -> (exit code, stderr).
     Any exception other than the one-line BadInput escapes and fails the test, as a traceback would."""
-    mod = importlib.import_module(script[:-3])
+    mod = importlib.import_module(module_name(script))
     cls = next(v for k, v in vars(mod).items() if k.endswith("Config") and getattr(v, "__module__", "") == mod.__name__)
     monkeypatch.setattr(sys, "argv", [script, *args])
     capsys.readouterr()

@@ -1,4 +1,4 @@
-"""A urllib client of serve.py (`python serve.py --ckpts=...`), for the tests and for measuring a running server:
+"""A urllib client of serve.py (`python -m tools.serve --ckpts=...`), for the tests and for measuring a running server:
 
     python tests/serve_client.py http://127.0.0.1:8000     # frames/s, key latency, malformed requests
 """

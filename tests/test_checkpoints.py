@@ -8,13 +8,13 @@ import torch
 import distill
 import longtune
 import teacher
-from common import load_checkpoint, resume, save_checkpoint, states
+from common import FORMAT, load_checkpoint, resume, save_checkpoint, states
 from config import BadInput
 from conftest import MODEL_ARGS, assert_one_line_exit_2, longtune_cfg, randomized, run_cli
 from model import build
 from world import World
 
-COMMON = {"stage", "model_args", "world", "config", "model", "ema", "optimizer", "step", "metrics", "rng"}
+COMMON = {"stage", "format", "model_args", "world", "config", "model", "ema", "optimizer", "step", "metrics", "rng"}
 
 
 def check_schema(ck, stage, extra=()):
@@ -52,7 +52,7 @@ def test_a_compiled_model_saves_plain_keys_and_resumes(tmp_path):
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(3)
     path = str(tmp_path / "t.pt")
-    save_checkpoint(path, dict(stage="teacher", model_args=MODEL_ARGS, world={}, config={}, step=7, metrics={},
+    save_checkpoint(path, dict(stage="teacher", format=FORMAT, model_args=MODEL_ARGS, world={}, config={}, step=7, metrics={},
                                **states(gen, model=m, ema=m, optimizer=opt)))
     ck = load_checkpoint(path, ["teacher"], "")
     assert not any("_orig_mod" in k for k in ck["model"])

@@ -9,12 +9,14 @@ import sys
 import pytest
 
 from config import Choice, Levels, Range, cli, field_checks, field_help
+from conftest import ROOT, assert_one_line_exit_2, module_name, run_cli
 
-SCRIPTS = ["teacher.py", "distill.py", "longtune.py", "sample.py", "evaluate.py", "serve.py", "bench.py"]
+SCRIPTS = ["teacher.py", "distill.py", "longtune.py", "sample.py", "tools/evaluate.py", "tools/serve.py", "tools/bench.py",
+           "tools/drift.py"]
 
 
 def config_of(script):
-    mod = importlib.import_module(script[:-3])
+    mod = importlib.import_module(module_name(script))
     cls = next(v for k, v in vars(mod).items() if k.endswith("Config") and getattr(v, "__module__", "") == mod.__name__)
     return mod, cls
 
@@ -84,3 +86,26 @@ def test_help_prints_each_description(capsys, monkeypatch):
     assert "trust radius" in line and "--max_steps=0" in out and "smoke runs" in out
     assert {f.name for f in dataclasses.fields(cls)} <= {l.split("=")[0].strip()[2:] for l in out.splitlines()
                                                           if l.strip().startswith("--")}
+
+
+@pytest.mark.parametrize("script,old,new", [("teacher.py", "ema", "ema_decay"), ("distill.py", "ema", "ema_decay"),
+                                            ("longtune.py", "ema", "ema_decay"), ("longtune.py", "steps", "dmd_steps")])
+def test_a_renamed_flag_is_refused_with_its_new_name(script, old, new, capsys, monkeypatch):
+    assert_one_line_exit_2(*run_cli(script, [f"--{old}=1"], capsys, monkeypatch), f"--{old}", f"--{new}")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_into_a_pager_that_closes_early_ends_quietly(script):
+    """`python X.py --help | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    import subprocess
+    cmd = ["-m", module_name(script)] if script.startswith("tools/") else [script]
+    p = subprocess.Popen([sys.executable, *cmd, "--help"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()                                             # the pager quits before the help is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) in (0, 1) and "Traceback" not in err and "Error" not in err, err
+
+
+def test_a_tool_run_as_a_file_says_how_to_run_it():
+    import subprocess
+    r = subprocess.run([sys.executable, "tools/evaluate.py"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == "run it from the repository root as: python -m tools.evaluate [--key=value ...]"

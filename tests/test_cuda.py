@@ -45,7 +45,7 @@ def small_model(device, seed=0):
 
 
 def small_generator(model):
-    return sample.Generator(model, distill.stream_args(DCFG, TCFG.frames), teacher.world_of(TCFG))
+    return sample.StreamModel(model, distill.stream_args(DCFG, TCFG.frames), teacher.world_of(TCFG))
 
 
 def flash_paths(model, device):
@@ -106,8 +106,8 @@ def test_a_video_hardly_depends_on_its_batch_on_the_device(device):
     n = 4 * DCFG.chunk
     one = sample.schedule_tensor(f"right@0,up@{2 * DCFG.chunk}", n, DCFG.chunk, 1, device)
     two = torch.cat([one, sample.schedule_tensor("down@0,left@3", n, DCFG.chunk, 1, device)])
-    alone, _ = sample.generate(g, one, [5], "recache")
-    paired, _ = sample.generate(g, two, [5, 9], "recache")
+    alone = sample.generate(g, one, [5], "recache")
+    paired = sample.generate(g, two, [5, 9], "recache")
     diff = (alone[0] - paired[0]).abs().max()
     assert diff < 0.1, f"video 0 moved by {diff:.3f} when it shared its batch"
     if device.type == "cpu":
@@ -123,10 +123,10 @@ def test_compiled_stream_replays_without_recompiling(device):
     torch._dynamo.reset()
     n = DCFG.chunk * ((DCFG.n_sink + DCFG.n_window) // DCFG.chunk + 3)   # past a full cache
     ev = sample.schedule_tensor(f"right@0,up@{n // 2}", n, DCFG.chunk, 1, device)
-    a, _ = sample.generate(eager, ev, [3], "recache")
-    b, _ = sample.generate(compiled, ev, [3], "recache")
+    a = sample.generate(eager, ev, [3], "recache")
+    b = sample.generate(compiled, ev, [3], "recache")
     g0 = counters["stats"]["unique_graphs"]
-    c, _ = sample.generate(compiled, ev, [3], "recache")
+    c = sample.generate(compiled, ev, [3], "recache")
     assert counters["stats"]["unique_graphs"] == g0, "a warmed stream recompiled"
     assert torch.equal(b, c), "replaying the same stream changed its frames"
     assert (a - b).abs().max() < 0.1, f"compiled and eager frames differ by {(a - b).abs().max():.3f}"

@@ -12,7 +12,8 @@ from common import load_checkpoint
 from config import BadInput
 from conftest import CH, SIGMAS, assert_one_line_error, distill_cfg, randomized, run, stream_setup, tiny_cfg
 from model import KVCache, add_noise, build, pred_x0, rollout
-from world import World, eval_events, switches
+from metrics import switches
+from world import World, eval_events
 
 
 # ----------------------------------------------------------------------------- the DMD gradient
@@ -90,7 +91,8 @@ def test_critic_update_steps_the_critic_only():
     opt_critic = torch.optim.SGD(critic.parameters(), lr=0.1)
     before, s_before = critic.final_layer.weight.clone(), student.final_layer.weight.clone()
     x = torch.randn(2, 4, 3, 16, 16)
-    loss = distill.critic_update(critic, opt_critic, x, torch.zeros(2, 4, dtype=torch.long), shift=3.0, grad_clip=10.0)
+    nets = distill.DMDNets(teacher=None, student=student, ema=None, critic=critic, opt=None, opt_critic=opt_critic)
+    loss = distill.critic_update(nets, x, torch.zeros(2, 4, dtype=torch.long), shift=3.0, grad_clip=10.0)
     assert torch.isfinite(loss) and (critic.final_layer.weight - before).abs().max() > 0
     assert torch.equal(student.final_layer.weight, s_before)
 
@@ -102,9 +104,9 @@ def test_dmd_update_steps_the_student_and_the_critic(tmp_path):
     opt_critic = torch.optim.SGD(critic.parameters(), lr=0.1)
     s0, c0, t0 = (m.final_layer.weight.clone() for m in (student, critic, frozen))
     torch.manual_seed(0)
-    loss, closs, gnorm, applied = distill.dmd_update(
-        student=student, critic=critic, teacher=frozen, opt=opt, opt_critic=opt_critic, cfg=cfg,
-        sigmas=stream_setup()["sigmas"], shape=(2, 4, 16), gen=torch.Generator().manual_seed(0))
+    nets = distill.DMDNets(teacher=frozen, student=student, ema=None, critic=critic, opt=opt, opt_critic=opt_critic)
+    loss, closs, gnorm, applied = distill.dmd_update(nets, cfg, sigmas=stream_setup()["sigmas"], shape=(2, 4, 16),
+                                                     gen=torch.Generator().manual_seed(0))
     assert applied and torch.isfinite(loss) and torch.isfinite(closs) and gnorm > 0
     assert (student.final_layer.weight - s0).abs().max() > 0 and (critic.final_layer.weight - c0).abs().max() > 0
     assert torch.equal(frozen.final_layer.weight, t0)           # the teacher is never trained

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from conftest import assert_one_line_exit_2, run_cli
 
-import drift
+from tools import drift
 from world import BACKGROUNDS, CANON, World, render
 
 
@@ -58,11 +58,23 @@ def test_band_probe_runs_on_a_teacher_and_draws_its_picture(student_dir, tmp_pat
 
 
 def test_auc_counts_pairs_and_ties():
-    y = np.array([True, True, False, False])
-    assert drift.auc(np.array([3., 4, 1, 2]), y)[0] == 1.0 and drift.auc(np.array([1., 2, 3, 4]), y)[0] == 0.0
-    assert drift.auc(np.ones(4), y)[0] == 0.5 and drift.auc(np.array([3., 1, 2, 0]), y)[0] == 0.75
-    auc, lo, hi = drift.auc(np.array([3., 1, 2, 0] * 10), np.array([True, True, False, False] * 10))
+    y, one = np.array([True, True, False, False]), np.arange(4)
+    assert drift.auc(np.array([3., 4, 1, 2]), y, one)[0] == 1.0 and drift.auc(np.array([1., 2, 3, 4]), y, one)[0] == 0.0
+    assert drift.auc(np.ones(4), y, one)[0] == 0.5 and drift.auc(np.array([3., 1, 2, 0]), y, one)[0] == 0.75
+    auc, lo, hi = drift.auc(np.array([3., 1, 2, 0] * 10), np.array([True, True, False, False] * 10), np.arange(40))
     assert lo <= auc <= hi
+
+
+def test_auc_interval_resamples_streams_not_windows():
+    """Ten streams of 20 windows each, every window of a stream alike: 10 independent draws, not 200.
+    Resampling windows would give an interval as if there were 200; resampling streams is wider."""
+    rng = np.random.default_rng(1)
+    y = rng.random(10) < 0.5
+    s = np.where(y, 0.6, 0.4) + rng.normal(0, 0.3, 10)          # one score per stream
+    stream = np.repeat(np.arange(10), 20)
+    _, lo, hi = drift.auc(np.repeat(s, 20), np.repeat(y, 20), stream)
+    _, wlo, whi = drift.auc(np.repeat(s, 20), np.repeat(y, 20), np.arange(200))   # as if every window were a stream
+    assert hi - lo > 2 * (whi - wlo)
 
 
 def test_signal_probe_scores_training_windows_with_every_candidate(student_dir, capsys, monkeypatch):
@@ -71,12 +83,14 @@ def test_signal_probe_scores_training_windows_with_every_candidate(student_dir, 
     drift.main(drift.DriftConfig(probe="signals", ckpts=str(student_dir / "student.pt"), seeds=1, windows=4,
                                  teacher=str(student_dir / "teacher.pt"), device="cpu"))
     out = capsys.readouterr().out
+    assert {"k", "verdict_band", "verdict_dmd", "switch"} <= set(drift.SIGNALS)   # the literal delta, DF (3), references
     assert all(text in out for text in drift.SIGNALS.values()), out
     assert "The signal's level" in out and "before the first switch" in out
 
 
 def test_bad_lengths_and_policies_are_one_line(student_dir, capsys, monkeypatch):
     st = f"--ckpts={student_dir / 'student.pt'}"
-    assert_one_line_exit_2(*run_cli("drift.py", [st, "--lengths=3"], capsys, monkeypatch), "--lengths=3", "chunk")
-    assert_one_line_exit_2(*run_cli("drift.py", [st, "--policies=recache,forget"], capsys, monkeypatch), "--policies")
-    assert_one_line_exit_2(*run_cli("drift.py", [st, "--sigmas=0.5,x"], capsys, monkeypatch), "--sigmas")
+    assert_one_line_exit_2(*run_cli("tools/drift.py", [st, "--lengths=3"], capsys, monkeypatch), "--lengths=3", "chunk")
+    assert_one_line_exit_2(*run_cli("tools/drift.py", [st, "--lengths=4,x"], capsys, monkeypatch), "--lengths=4,x", "chunk")
+    assert_one_line_exit_2(*run_cli("tools/drift.py", [st, "--policies=recache,forget"], capsys, monkeypatch), "--policies")
+    assert_one_line_exit_2(*run_cli("tools/drift.py", [st, "--sigmas=0.5,x"], capsys, monkeypatch), "--sigmas")

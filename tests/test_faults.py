@@ -44,7 +44,7 @@ def test_kill_9_at_random_moments_leaves_a_checkpoint_that_resumes(tmp_path):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_non_finite_step_leaves_weights_moments_and_count_alone(fused):
-    """Fused AdamW skips on the device (found_inf, no host sync); any other optimizer on the host."""
+    """A non-finite step is skipped, with fused AdamW and with any other optimizer."""
     torch.manual_seed(0)
     m = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(m.parameters(), lr=0.1, fused=fused)
@@ -102,7 +102,7 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch, teache
     ("longtune.py", ["--band_levels=0.5,1.2"], ["--band_levels", "noise levels in (0, 1]"]),
     ("longtune.py", ["--trust_const=1.5"], ["--trust_const"]),
     ("teacher.py", ["--batch=-3"], ["--batch=-3", "positive integer"]),
-    ("evaluate.py", ["--seeds=0"], ["--seeds=0", "positive integer"]),
+    ("tools/evaluate.py", ["--seeds=0"], ["--seeds=0", "positive integer"]),
     ("sample.py", ["--frames=-8"], ["positive"]),
     ("sample.py", ["--events=right@0,up@8,left@4", "--frames=16"], ["must increase"]),
     ("sample.py", ["--events=up@3", "--frames=16"], ["must start at frame 0"]),
@@ -110,14 +110,14 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch, teache
     ("sample.py", ["--out=out/x.png"], [".gif or .mp4"]),
     ("sample.py", ["--live"], ["needs a terminal"]),
     ("sample.py", ["--weights=best"], ["ema, model"]),
-    ("evaluate.py", ["--json=/proc/nope/e.json"], ["cannot write --json"]),
-    ("evaluate.py", ["--schedule_file=/nonexistent.json"], ["cannot read --schedule_file"]),
-    ("evaluate.py", ["--probe=all"], ["none, react, failures, clips"]),
-    ("bench.py", ["--compile=fast"], ["auto, on, off"]),
+    ("tools/evaluate.py", ["--json=/proc/nope/e.json"], ["cannot write --json"]),
+    ("tools/evaluate.py", ["--schedule_file=/nonexistent.json"], ["cannot read --schedule_file"]),
+    ("tools/evaluate.py", ["--probe=all"], ["none, react, failures, clips"]),
+    ("tools/bench.py", ["--compile=fast"], ["auto, on, off"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(student_dir, script, args, words, capsys, monkeypatch):
     ck = [f"--ckpt={student_dir / 'student.pt'}"] if script == "sample.py" else []
-    ck += [f"--ckpts={student_dir / 'student.pt'}"] if script == "evaluate.py" else []
+    ck += [f"--ckpts={student_dir / 'student.pt'}"] if script == "tools/evaluate.py" else []
     ck += [f"--student={student_dir / 'student.pt'}"] if script == "longtune.py" else []
     ck += [f"--teacher={student_dir / 'teacher.pt'}"] if script == "distill.py" else []
     assert_one_line_exit_2(*run_cli(script, [*ck, *args], capsys, monkeypatch), *words)
@@ -126,12 +126,12 @@ def test_bad_input_is_one_line_and_exit_2(student_dir, script, args, words, caps
 def test_bad_schedule_file_contents(student_dir, tmp_path, capsys, monkeypatch):
     args = [f"--ckpts={student_dir / 'student.pt'}", f"--schedule_file={tmp_path / 's.json'}", "--frames=8"]
     (tmp_path / "s.json").write_text('["right@0,fly@4"]')
-    assert_one_line_exit_2(*run_cli("evaluate.py", args, capsys, monkeypatch), "unknown event 'fly'")
+    assert_one_line_exit_2(*run_cli("tools/evaluate.py", args, capsys, monkeypatch), "unknown event 'fly'")
     (tmp_path / "s.json").write_text('["right@0,up@9"]')
-    assert_one_line_exit_2(*run_cli("evaluate.py", args, capsys, monkeypatch), "past the end")
+    assert_one_line_exit_2(*run_cli("tools/evaluate.py", args, capsys, monkeypatch), "past the end")
     for text in ('{"right": 0}', "[]"):                          # not a list, or an empty one
         (tmp_path / "s.json").write_text(text)
-        assert_one_line_exit_2(*run_cli("evaluate.py", args, capsys, monkeypatch), "JSON list of schedule strings")
+        assert_one_line_exit_2(*run_cli("tools/evaluate.py", args, capsys, monkeypatch), "JSON list of schedule strings")
 
 
 @pytest.mark.parametrize("script,ckpt_arg,words", [

@@ -11,7 +11,8 @@ from common import load_checkpoint
 from config import BadInput, check_config
 from conftest import CH, SIGMAS, longtune_cfg, randomized, stream_setup
 from model import KVCache, rollout
-from world import World, switches
+from metrics import switches
+from world import World
 
 
 def stream_with_switch(m, switch, pieces=(8, 6, 6), ev=None):
@@ -167,7 +168,7 @@ def test_tune_update_is_keyword_only():
     (dict(window_events="current"), "longtune.pt"),
     (dict(critic_frames="new", switch_cache="recache_window"), "longtune.pt"),   # LongLive's critic mask and inference
     (dict(trust_region=True, switch_cache="clear", window_events="current", out_name="df_clear.pt"), "df_clear.pt"),
-    (dict(trust_region=True, tr_floor=False, out_name="df_nofloor.pt"), "df_nofloor.pt"),   # f = 0 (with tau 0.005: the third reading)
+    (dict(trust_region=True, tr_floor=False, out_name="df_nofloor.pt"), "df_nofloor.pt"),   # s0 = 0
 ])
 def test_longtune_end_to_end(student_dir, tmp_path, kw, name, capsys):
     longtune.main(longtune_cfg(tmp_path, student_dir / "student.pt", **kw))
@@ -196,18 +197,19 @@ def test_longtune_bad_input(student_dir, tmp_path, kw, msg):
 
 def test_the_loss_takes_each_knob_by_its_flag_name_and_holds_no_default():
     """One name per knob from the flag down to the equation, and one source for each default (the config)."""
-    import inspect
-    sig = inspect.signature(trust_region.delta_forcing_loss).parameters
-    knobs = [n for n, p in sig.items() if p.kind == p.KEYWORD_ONLY and n not in ("K", "m", "floor")]   # values, not flags
-    assert set(knobs) <= {f.name for f in dataclasses.fields(longtune.LongtuneConfig)} and len(knobs) == 8
-    assert all(sig[n].default is inspect.Parameter.empty for n in knobs)
+    knobs = [f for f in dataclasses.fields(trust_region.TrustRegion) if f.init]
+    assert {f.name for f in knobs} <= {f.name for f in dataclasses.fields(longtune.LongtuneConfig)} and len(knobs) == 13
+    assert all(f.default is dataclasses.MISSING for f in knobs)
+    cfg = longtune.LongtuneConfig(tau=0.125, lam=3.0, tr_floor=False)
+    t = trust_region.TrustRegion.from_config(cfg)
+    assert (t.tau, t.lam, t.floor) == (0.125, 3.0, None) and t.levels == [0.4, 0.45, 0.5, 0.55]
     assert dataclasses.asdict(longtune.LongtuneConfig())["window_events"] == "true"
 
 
 def test_the_floor_is_the_median_of_unswitched_windows_and_trusts_every_window_until_known():
-    """Eq. 4's f (--tr_floor): only windows whose video has not switched count, the oldest leave the
-    buffer, and until `least` were seen f = inf (w = 1, the baseline)."""
-    f = longtune.Floor(torch.device("cpu"), size=6, least=3)
+    """DF (4)'s floor s0 (--tr_floor): only windows whose video has not switched count, the oldest leave the
+    buffer, and until `least` were seen s0 = inf (w = 1, the baseline)."""
+    f = trust_region.Floor(size=6, least=3)
     assert f.value() == float("inf")
     f.add(torch.tensor([1.0, 100.0, 2.0]), torch.tensor([True, False, True]))
     assert f.value() == float("inf")                             # two seen, three needed
@@ -221,8 +223,39 @@ def test_the_floor_is_nanmedian_without_its_sync_and_keeps_its_size():
     """The sort-based median equals torch.nanmedian on any buffer; a batch wider than the buffer keeps its newest."""
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
-        f = longtune.Floor(torch.device("cpu"), size=32, least=1)
+        f = trust_region.Floor(size=32, least=1)
         s = torch.rand(40, generator=g)
         keep = torch.rand(40, generator=g) < 0.5
         f.add(s, keep | (torch.arange(40) == 39))                # at least one seen
         assert f.buf.shape == (32,) and f.value() == f.buf.nanmedian()
+
+
+def test_tune_update_reads_the_floor_of_earlier_updates_only(monkeypatch):
+    """DF (4)'s floor s0, where the loss is made: at each update s0 is the lower median of exactly the s of
+    earlier updates' windows whose video had not switched (inf before any), never this update's."""
+    import distill
+    nets = distill.DMDNets(teacher=randomized(2), student=randomized(0), ema=None, critic=randomized(1), opt=None,
+                           opt_critic=None)
+    nets.opt = torch.optim.SGD(nets.student.parameters(), lr=0.0)
+    nets.opt_critic = torch.optim.SGD(nets.critic.parameters(), lr=0.0)
+    cfg = longtune.LongtuneConfig(trust_region=True, critic_ratio=1, context=2, windows=4, batch=4)
+    tr = trust_region.TrustRegion.from_config(cfg)
+    tr.floor = trust_region.Floor(least=1)
+    calls, real = [], trust_region.delta_forcing_loss
+
+    def spy(*a, **k):
+        buf = tr.floor.buf
+        calls.append((float(k["s0"]), [] if buf is None else sorted(buf[~buf.isnan()].tolist())))
+        return real(*a, **k)
+    monkeypatch.setattr(trust_region, "delta_forcing_loss", spy)
+    s = longtune.Streams(cfg, stream_setup(), 16, torch.Generator().manual_seed(0), torch.device("cpu"), 4)
+    torch.manual_seed(0)
+    earlier = []
+    for _ in range(4):
+        logs = longtune.tune_update(s, nets, cfg, stream=stream_setup(), m=6.0, tr=tr)[4]
+        f, buf = calls[-1]
+        assert buf == pytest.approx(sorted(earlier))             # the floor holds the earlier updates' windows only
+        assert f == (sorted(earlier)[(len(earlier) - 1) // 2] if earlier else float("inf"))
+        if "s" in logs:
+            earlier += logs["s"][s.unswitched].tolist()
+    assert len(earlier) > 0

@@ -5,7 +5,7 @@ import torch
 
 import model as model_module
 from conftest import CH, SIGMAS, MC, MODEL_ARGS, B, T, randomized
-from model import (KVCache, VideoDiT, add_noise, apply_rope, build, chunk_switches, pred_x0, randn, recache,
+from model import (KVCache, VideoDiT, add_noise, apply_rope, build, pred_x0, randn, recache,
                    rope_angles, rope_pairs, rollout, shift_sigma, stream as stream_step)
 
 
@@ -175,7 +175,7 @@ def test_recache_window_leaves_the_sink_under_its_old_event():
         _, cache = stream(m, x, torch.zeros(B, T), old)
         sink = cache.kv[:, :, :, :, :2].clone()
         _, ref = stream(m, x, torch.zeros(B, T), torch.where(torch.arange(T) < 2, old, 3))
-        recache(m, cache, torch.full((B,), 3), CH, sink=False)
+        recache(m, cache, torch.full((B,), 3), CH, relabel_sink=False)
     assert torch.equal(cache.kv[:, :, :, :, :2], sink)
     assert torch.allclose(cache.kv[:, :, :, :, :len(cache)], ref.kv[:, :, :, :, :len(ref)], atol=1e-5)
     assert cache.ordered()[1][:, :2].eq(0).all() and cache.ordered()[1][:, 2:].eq(3).all()
@@ -194,23 +194,25 @@ def test_recache_touches_only_the_streams_whose_event_changed():
     assert (cache.ordered()[1][0] == 3).all() and (cache.ordered()[1][1] == 0).all()
 
 
-def test_switch_chunks_are_found_once_per_rollout_and_recache_runs_only_there(monkeypatch):
-    """chunk_switches (one host read per rollout): a chunk opens with a switch when some stream's
-    first event differs from the frame before it, the cache's newest for chunk 0. rollout's
-    recache runs at exactly those chunks."""
+def test_recache_runs_exactly_at_the_chunks_that_open_with_a_switch(monkeypatch):
+    """A chunk opens with a switch when some stream's first event differs from the frame before it
+    (the cache's newest for the first chunk); rollout's recache runs at exactly those chunks."""
     ev = torch.zeros(2, 12, dtype=torch.long)
     ev[0, 6:], ev[1, 9:], ev[1, 4:6] = 3, 5, 2                   # chunk 2, chunk 3; a switch inside chunk 1 is
-    assert chunk_switches(ev, 3, KVCache(2, 8)) == [2, 3]        # seen at the next chunk's boundary: 2 vs 2, none
-    m, calls = randomized(), []
+    m, calls = randomized(), []                                  # seen at the next chunk's boundary: 2 vs 2, none
+    real = model_module.recache
+    monkeypatch.setattr(model_module, "recache", lambda *a, **k: calls.append(a[1].n_seen) or real(*a, **k))
     with torch.no_grad():
         cache = KVCache(2, 8)
         rollout(m, torch.randn(2, 3, 3, 16, 16), torch.zeros(2, 3, dtype=torch.long), SIGMAS, 3, cache)
-        assert chunk_switches(torch.full((2, 6), 4), 3, cache) == [0]   # the cache's newest frame was event 0
-        assert chunk_switches(torch.zeros(2, 6, dtype=torch.long), 3, cache) == []
-        real = model_module.recache
-        monkeypatch.setattr(model_module, "recache", lambda *a, **k: calls.append(a[1].n_seen) or real(*a, **k))
-        rollout(m, torch.randn(2, 12, 3, 16, 16), ev, SIGMAS, 3, cache)
-    assert calls == [9, 12]                                      # frames seen at chunks 2 and 3: recache twice
+        assert calls == []                                       # an empty cache: nothing to switch from
+        rollout(m, torch.randn(2, 3, 3, 16, 16), torch.full((2, 3), 4), SIGMAS, 3, cache)
+        assert calls == [3]                                      # the cache's newest frame was event 0
+        rollout(m, torch.randn(2, 3, 3, 16, 16), torch.full((2, 3), 4), SIGMAS, 3, cache)
+        assert calls == [3]                                      # no switch: no recache
+        calls.clear()
+        rollout(m, torch.randn(2, 12, 3, 16, 16), torch.where(ev == 0, 4, ev), SIGMAS, 3, cache)
+    assert calls == [15, 18]                                     # 9 frames before, then chunks 2 and 3: recache twice
 
 
 def test_clear_hides_history_from_the_masked_streams_only():
@@ -331,8 +333,3 @@ def test_precision_auto_bf16_where_the_cpu_multiplies_it_and_weights_stay_fp32(m
     common.set_precision("fp32", cpu)
     with common.autocast(cpu):
         assert m.blocks[0].qkv(torch.randn(2, 32)).dtype == torch.float32
-
-
-def test_checkpoints_from_before_the_exact_gelu_keep_their_tanh_gelu():
-    args = {k: v for k, v in MODEL_ARGS.items() if k != "gelu"}  # model_args as written before 2026-12-01
-    assert build(args).blocks[0].mlp[1].approximate == "tanh" and build(MODEL_ARGS).blocks[0].mlp[1].approximate == "none"

@@ -1,12 +1,16 @@
 """serve.py, driven over HTTP with urllib only: frames arrive, a key switches the event at the next
 chunk, bad requests get a 4xx and one log line while the streams go on, the client cap answers 503,
-SIGTERM stops it cleanly, bad flags exit 2; and, where chromium is installed, the page renders in a
-headless browser. Self-contained: tiny random generators made in a fixture, in seconds."""
+a hostile client (a GIF of one stream named a thousand times, a request that never ends, more
+connections than the server holds) is refused or cut off in bounded time and memory while the page
+is still served, SIGTERM stops it cleanly, bad flags exit 2; and, where chromium is installed, the
+page renders in a headless browser. Self-contained: tiny random generators made in a fixture, in seconds."""
 import base64
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,9 +27,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import serve  # noqa: E402
+from tools import serve  # noqa: E402
 import serve_client  # noqa: E402
-from common import save_checkpoint  # noqa: E402
+from common import FORMAT, save_checkpoint  # noqa: E402
 from config import BadInput  # noqa: E402
 from model import ModelConfig, build  # noqa: E402
 from world import EVENTS, World  # noqa: E402
@@ -46,7 +50,7 @@ def ckpts(tmp_path_factory):
         m = build(args)
         for p in m.parameters():                                 # not AdaLN-zero: frames that are not pure noise
             torch.nn.init.normal_(p, std=0.1)
-        save_checkpoint(str(d / name), dict(stage=stage, model_args=args, world=asdict(World()), natural_step=1.0,
+        save_checkpoint(str(d / name), dict(stage=stage, format=FORMAT, model_args=args, world=asdict(World()), natural_step=1.0,
                                             stream=stream, config={}, model=m.state_dict(), ema=m.state_dict(),
                                             step=0, metrics={}))
     return d
@@ -54,11 +58,15 @@ def ckpts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpts):
-    """A server in this process (serve.start: the same code as the CLI, without the signal handlers)."""
+    """A server in this process (serve.start: the same code as the CLI, without the signal handlers), on
+    one torch thread like the subprocesses (ENV): on busy cores, a chunk's threads would wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     cfg = serve.ServeConfig(ckpts=str(ckpts / "deltaforcing.pt"), port=0, fps=FPS, max_clients=3, seed=0)
     server, app = serve.start(cfg, torch.device("cpu"))
     yield f"http://127.0.0.1:{server.server_address[1]}"
     serve.close(server, app)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -111,7 +119,7 @@ def test_page_and_picker(url):
     with urllib.request.urlopen(url + "/", timeout=10) as r:
         page = r.read().decode()
     assert r.headers["Content-Type"].startswith("text/html") and "EventSource" in page and "pixelated" in page
-    with open(os.path.join(ROOT, "serve.html")) as f:
+    with open(os.path.join(ROOT, "tools", "serve.html")) as f:
         assert page == f.read()                                  # the page is serve.html, as it is on disk
     j = get_json(url + "/ckpts")
     assert j["ckpts"] == ["deltaforcing.pt", "student.pt"]       # the teacher is not a generator
@@ -156,7 +164,8 @@ def test_bad_requests_get_4xx_one_log_line_and_the_stream_goes_on(url, capsys):
            ("/key", b"", 400), ("/key", b"\xff\xfe", 400), ("/key", b"[" * 3000, 400), ("/key", b"x" * 10000, 413),
            ("/key", b'{"event": "up", "stream": 99999}', 404), ("/nope", None, 404), ("/stream?ckpt=nope.pt", None, 404),
            ("/stream?ckpt=teacher.pt", None, 404), ("/stream?ckpt=../deltaforcing.pt", None, 404),
-           ("/stream?event=jump", None, 400), ("/gif?streams=abc", None, 404)]
+           ("/stream?event=jump", None, 400), ("/gif?streams=abc", None, 404), ("/gif?streams=1,1", None, 400),
+           ("/gif?streams=1,2,3,4", None, 400)]
     n = len(s.out)
     got = [serve_client.post(url + path, body) for path, body, _ in bad]
     req = urllib.request.Request(url + "/key", b"{}", method="PUT")
@@ -176,6 +185,7 @@ def test_client_cap_gives_503(url):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(url + "/stream", timeout=10)
     assert e.value.code == 503 and b"max_clients" in e.value.read()
+    assert serve_client.post(url + "/") == 200                   # the page is still served meanwhile
     with urllib.request.urlopen(url + "/key", b'{"event": "up"}', timeout=10) as r:   # no "stream": all of them
         assert sorted(json.loads(r.read())["streams"]) == sorted(s.hello["stream"] for s in streams)
     streams.pop().close()
@@ -197,9 +207,90 @@ def test_gif_of_two_sessions(url):
     assert video.shape[0] >= 6 and video.shape[1:3] == (64, 128)    # side by side, x4
 
 
+def peak_rss_mb():
+    """This process's peak resident memory since the last call (the server runs in it), in MB."""
+    with open("/proc/self/status") as f:
+        status = f.read()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:            # reset the peak for the next call
+            f.write("5")
+    except OSError:                                              # not allowed: the current size instead
+        return int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024
+    return int(re.search(r"VmHWM:\s+(\d+)", status)[1]) / 1024
+
+
+def handler_threads():
+    return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+
+def wait_handlers(n, timeout=5):
+    """Until the server runs n connection threads (a finished request's ends just after its reply)."""
+    t = time.time()
+    while handler_threads() != n:
+        assert time.time() - t < timeout, f"{handler_threads()} connection threads, not {n}"
+        time.sleep(0.005)
+
+
+def test_gif_of_one_stream_a_thousand_times_is_refused_at_once(url):
+    s = Stream(url)
+    s.wait(13)                                                   # 12 frames kept
+    s.close()
+    sid, before = s.hello["stream"], peak_rss_mb()
+    t = time.perf_counter()
+    for ids, why in ([sid] * 1000, "once"), (list(range(sid, sid + 4)), "at most 3"):   # --max_clients=3
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{url}/gif?streams={','.join(map(str, ids))}", timeout=10)
+        error = json.loads(e.value.read())["error"]
+        assert e.value.code == 400 and why in error and "\n" not in error and len(error) < 200, error
+    assert time.perf_counter() - t < 2 and peak_rss_mb() - before < 100    # no video was made
+
+
+def test_slow_clients_are_cut_off_and_the_page_is_served_meanwhile(url, monkeypatch):
+    monkeypatch.setattr(serve.Handler, "timeout", 0.5)           # the whole request, not each read
+    wait_handlers(0)
+    stuck, drip = (socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) for _ in range(2))
+    t = time.perf_counter()
+    stuck.sendall(b"GET / HT")                                   # and never the rest
+    drip.sendall(b"GET / HTTP/1.0\r\nX-Slow: ")
+    assert serve_client.post(url + "/") == 200                   # served while both hang
+    closed = {}
+    while len(closed) < 2 and time.perf_counter() - t < 5:
+        for name, c in (("stuck", stuck), ("drip", drip)):
+            try:
+                if name == "drip" and name not in closed:
+                    c.sendall(b"x")                              # a byte every 0.1 s: no read waits 0.5 s
+                c.settimeout(0.05)
+                if c.recv(1024) == b"":
+                    closed.setdefault(name, time.perf_counter() - t)
+            except (TimeoutError, BlockingIOError):
+                pass
+            except OSError:                                      # reset: writing to a closed connection
+                closed.setdefault(name, time.perf_counter() - t)
+    stuck.close()
+    drip.close()
+    assert sorted(closed) == ["drip", "stuck"] and 0.4 < max(closed.values()) < 2, closed
+
+
+def test_connections_past_the_cap_get_503_at_once(url):
+    wait_handlers(0)
+    port, cap = int(url.rsplit(":", 1)[1]), 3 + serve.SHORT     # --max_clients=3 streams, SHORT more
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(cap)]   # silent: each holds one
+    try:
+        wait_handlers(cap)
+        t = time.perf_counter()
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "/", timeout=10)
+        assert e.value.code == 503 and b"max_clients" in e.value.read() and time.perf_counter() - t < 2
+    finally:
+        for c in held:
+            c.close()
+    wait_handlers(0)
+    assert serve_client.post(url + "/") == 200                   # free again
+
+
 def test_bad_flags_exit_2_with_one_line(url, ckpts):
     port = url.rsplit(":", 1)[1]
-    runs = [subprocess.Popen([sys.executable, "serve.py", *args], cwd=ROOT, env=ENV, text=True,
+    runs = [subprocess.Popen([sys.executable, "-m", "tools.serve", *args], cwd=ROOT, env=ENV, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             for args in ([f"--ckpts={ckpts}/missing.pt"], [f"--ckpts={ckpts}/deltaforcing.pt", f"--port={port}"],
                          [f"--ckpts={ckpts}/deltaforcing.pt", "--max_clients=0"])]
@@ -212,7 +303,7 @@ def test_bad_flags_exit_2_with_one_line(url, ckpts):
 
 
 def test_sigterm_stops_cleanly(ckpts):
-    p = subprocess.Popen([sys.executable, "serve.py", f"--ckpts={ckpts}/deltaforcing.pt", "--port=0",
+    p = subprocess.Popen([sys.executable, "-m", "tools.serve", f"--ckpts={ckpts}/deltaforcing.pt", "--port=0",
                           f"--fps={FPS}"], cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = p.stdout.readline()

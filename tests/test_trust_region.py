@@ -1,9 +1,9 @@
-"""Delta Forcing's trust region (trust_region.py), third reading, on exact world frames (speed 2,
-m = world.natural_step) and with x0 predictions blurred as a denoiser's would be at sigma 0.75.
+"""Delta Forcing's trust region (trust_region.py) on exact world frames (speed 2, m =
+world.natural_step) and with x0 predictions blurred as a denoiser's would be at sigma 0.75.
 The signal is the condition's verdict on the committed frames (teacher with the event minus
-without it); the step keeps everything but its component along the bias direction. The second
-reading's tests (k = rms(T - G) on the committed frames, one weight for the whole window) went
-with it; its figures are in docs/results.md (the old chain)."""
+without it); the step keeps everything but its component along the bias direction."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -18,14 +18,15 @@ M = natural_step(W, 8, 2)        # the data's natural step, about 6.79
 K = 2                                                            # committed frames of an 8-frame window
 RIGHT, LEFT, DOWN, UP, STAY = (EVENTS.index(e) for e in ("right", "left", "down", "up", "stay"))
 R = 1.4                                                          # longtune's mc_radius
-KNOBS = ("tau", "lam", "mc_radius", "ac_radius", "tr_step", "tr_continuity", "tr_appearance", "trust_const")
+KNOBS = [f.name for f in dataclasses.fields(tr.TrustRegion) if f.init]
 DEFAULTS = {k: getattr(longtune.LongtuneConfig(), k) for k in KNOBS}   # the one source of every default
 TAU = DEFAULTS["tau"]
 
 
-def dfl(window, grad, verdict, **kw):
-    """delta_forcing_loss with longtune's defaults for every knob not given."""
-    return tr.delta_forcing_loss(window, grad, verdict, **(DEFAULTS | dict(K=K, m=M, floor=0.0) | kw))
+def dfl(window, grad, verdict, K=K, m=M, s0=0.0, grad_null=None, video_switched=None, **kw):
+    """delta_forcing_loss with longtune's defaults for every knob not given, at the floor s0."""
+    return tr.delta_forcing_loss(window, grad, verdict, K=K, m=m, tr=tr.TrustRegion(**(DEFAULTS | kw)), s0=s0,
+                                 grad_null=grad_null, video_switched=video_switched)
 
 
 def clip(pos0, moves, color=0, bg=0, w=W):
@@ -74,7 +75,7 @@ def test_a_condition_that_changes_nothing_in_history_keeps_full_trust(pred):
     grad = pred(straight) - pred(window)
     loss, logs = dfl(window, grad, V)
     assert logs["w"].tolist() == [1.0] and logs["s"].tolist() == [0.0]
-    assert torch.equal(loss, tr.dmd_per_frame(window, grad)[:, K:].mean())   # the baseline, exactly
+    assert torch.equal(loss, distill.dmd_surrogate(window, grad)[:, K:].mean())   # the baseline, exactly
 
 
 @pytest.mark.parametrize("c0, c1", [(c0, c1) for c0 in range(4) for c1 in range(4) if c0 != c1])
@@ -131,8 +132,8 @@ def test_trust_weight_is_detached_and_bounds_the_accepted_bias():
 
 
 def test_the_floor_bounds_the_bias_above_it():
-    """Eq. 4 with f: the accepted bias above the floor, w (s - f), never exceeds tau; f = 0 is the
-    plain reading, s under the floor is fully trusted, f = inf trusts every window."""
+    """DF (4) with s0: the accepted bias above the floor, w (s - s0), never exceeds tau; s0 = 0 bounds s
+    itself, s under the floor is fully trusted, s0 = inf trusts every window."""
     s, tau = torch.tensor([0.004, 0.01, 0.015, 0.03]), 0.005
     assert torch.equal(tr.trust_weight(s, tau, 0.0), tr.trust_weight(s, tau))
     w = tr.trust_weight(s, tau, 0.01)
@@ -140,7 +141,7 @@ def test_the_floor_bounds_the_bias_above_it():
     assert ((w * (s - 0.01)) <= tau + 1e-6).all()
     assert (tr.trust_weight(s, tau, torch.tensor(float("inf"))) == 1.0).all()
     window, grad, V = random_window()
-    _, logs = dfl(window, grad, V, floor=torch.tensor(float("inf")))
+    _, logs = dfl(window, grad, V, s0=torch.tensor(float("inf")))
     assert (logs["w"] == 1.0).all()                              # until the floor is known: the baseline's weights
 
 
@@ -252,17 +253,17 @@ def test_the_constant_trust_control_differs_only_in_w():
     adaptive, logs = dfl(window, grad, V, tau=TAU)
     const, clogs = dfl(window, grad, V, trust_const=0.5)
     assert (clogs["w"] == 0.5).all() and torch.equal(clogs["s"], logs["s"]) and not torch.equal(logs["w"], clogs["w"])
-    w = logs["w"]
-    again, _ = dfl(window, grad, V, trust_const=float(w[0]))     # the same w in both windows as the adaptive one's first
+    w = logs["w"]                                                # held at each window's adaptive w, the control is Delta Forcing
+    each = [dfl(window[i:i + 1], grad[i:i + 1], V[i:i + 1], trust_const=float(w[i]))[0] for i in range(len(w))]
+    assert torch.allclose(adaptive, torch.stack(each).mean(), rtol=1e-6)
     one, _ = dfl(window[:1], grad[:1], V[:1], tau=TAU)
-    same, _ = dfl(window[:1], grad[:1], V[:1], trust_const=float(w[0]))
-    assert torch.allclose(one, same, rtol=1e-6)
+    assert torch.allclose(one, each[0], rtol=1e-6)
 
 
 def test_first_window_without_history_is_the_plain_dmd_mean():
     window, grad, _ = random_window()
     loss, logs = dfl(window, grad, None, K=0, tau=1e-3)
-    assert torch.equal(loss, tr.dmd_per_frame(window, grad).mean()) and logs == {}
+    assert torch.equal(loss, distill.dmd_surrogate(window, grad).mean()) and logs == {}
 
 
 @pytest.mark.parametrize("continuity", [False, True])
@@ -274,9 +275,11 @@ def test_longtune_window_loss_with_full_trust_equals_the_baseline_exactly(contin
     grads = []
     for trust in (False, True):
         x = base.clone().requires_grad_()
-        per_frame = tr.dmd_per_frame(x, grad)
+        per_frame = distill.dmd_surrogate(x, grad)
         cfg = longtune.LongtuneConfig(trust_region=trust, tr_continuity=continuity)
-        loss, logs = longtune.window_loss(per_frame, x, ev, dict(grad=grad), mask, M, cfg, Teacher(0.0))
+        knobs = tr.TrustRegion.from_config(cfg) if trust else None
+        loss, logs = longtune.window_loss(per_frame, x, ev, dict(grad=grad, grad_null=grad), mask, teacher=Teacher(0.0), m=M,
+                                          tr=knobs)
         loss.backward()
         grads.append((loss.detach(), x.grad))
         if trust:
@@ -377,3 +380,94 @@ def test_continuity_pulls_on_the_jump_once_trust_is_low(pred):
     loss.backward()
     g = window.grad.flatten(2).norm(dim=-1)[0]
     assert g[K + 3] > 0 and g[:K].sum() == 0                     # the gradient reaches the jumping frame, never history
+
+
+# ----------------------------------------------------------------------------- DF (5'): the restoring step, and the controls
+
+def test_the_restoring_step_interpolates_along_the_bias_direction_only():
+    """Along b^ the step is w <g, b^> + (1 - w) <g0, b^>; across b^ it is g; w = 1 or g0 = g: g."""
+    g = torch.Generator().manual_seed(3)
+    grad, grad_null, b = torch.randn(2, 6, 3, 16, 16, generator=g), torch.randn(2, 6, 3, 16, 16, generator=g), torch.randn(2, 3, generator=g)
+    w = torch.tensor([0.25, 0.7])
+    out, bh = tr.restoring_step(grad, grad_null, b, w), tr.unit(b)
+    along = lambda x: (x * bh).sum(2, keepdim=True)
+    wb = w[:, None, None, None, None]
+    assert torch.allclose(along(out), wb * along(grad) + (1 - wb) * along(grad_null), atol=1e-5)
+    assert torch.allclose(out - along(out) * bh, grad - along(grad) * bh, atol=1e-5)   # across b^: untouched
+    assert torch.equal(tr.restoring_step(grad, grad, b, w), grad)
+    assert torch.equal(tr.restoring_step(grad, grad_null, b, torch.ones(2)), grad)
+
+
+def test_the_restoring_step_turns_a_flagged_recolour_back_toward_the_history():
+    """The teacher with the event paints the committed colour's neighbour (c1); without it, the
+    history's colour (c0). At low trust the flagged step stops the pull; the restoring step reverses it."""
+    window, recoloured = turn_window(0, w=B_), turn_window(1, w=B_)
+    V = verdict(recoloured, window)
+    grad, grad_null = window - recoloured, torch.zeros_like(window)   # toward c1 with the event, stay without it
+    _, b = tr.transition_consistency(V, M)
+    w = torch.zeros(1)
+    toward = lambda step: float((-step * tr.unit(b)).sum())     # the step's pull along b^ (a step is subtracted)
+    assert toward(grad) > 0 and abs(toward(tr.flagged_step(grad, b, w))) < 1e-3
+    assert abs(toward(tr.restoring_step(grad, grad_null, b, w))) < 1e-3
+    assert toward(tr.restoring_step(grad, -grad, b, w)) < 0      # a teacher pulling back: the step follows it
+
+
+def test_full_trust_with_the_restoring_step_is_exactly_the_baseline():
+    window, grad, V = random_window()
+    base, _ = dfl(window, grad, V, tau=1e12, tr_continuity=False)
+    restored, logs = dfl(window, grad, V, tau=1e12, tr_continuity=False, tr_restore=True, grad_null=torch.randn_like(grad))
+    assert (logs["w"] == 1).all() and torch.equal(base, restored)
+
+
+def test_the_shuffled_control_permutes_the_same_weights():
+    window, grad, V = (torch.cat([a] * 3) for a in random_window())   # six windows
+    V = V * torch.arange(1, 7.0)[:, None, None, None, None, None]   # six different s, so six different w
+    _, logs = dfl(window, grad, V)
+    _, slogs = dfl(window, grad, V, trust_shuffle=True)
+    assert torch.equal(slogs["s"], logs["s"]) and torch.equal(slogs["w"].sort().values, logs["w"].sort().values)
+    assert not torch.equal(slogs["w"], logs["w"])
+    state = torch.get_rng_state()
+    dfl(window, grad, V, trust_shuffle=True)
+    assert torch.equal(state, torch.get_rng_state())             # its own draws: the run's RNG untouched
+
+
+def test_the_schedule_control_distrusts_exactly_the_windows_of_switched_videos():
+    window, grad, V = random_window()
+    _, logs = dfl(window, grad, V, trust_schedule=0.3, video_switched=torch.tensor([True, False]))
+    assert logs["w"].tolist() == pytest.approx([0.3, 1.0])
+
+
+def test_no_gradient_reaches_a_teacher_with_parameters():
+    """The verdict and the DMD targets come from a real network: after the loss's backward its
+    parameters hold no gradient (the stub teachers above have none to hold)."""
+    from model import ModelConfig, VideoDiT
+    torch.manual_seed(0)
+    teacher, critic = VideoDiT(ModelConfig(dim=32, depth=1, heads=2)), VideoDiT(ModelConfig(dim=32, depth=1, heads=2))
+    for p in [*teacher.parameters(), *critic.parameters()]:
+        p.data.normal_(0, 0.1)
+    window = torch.randn(2, 8, 3, 16, 16, requires_grad=True)
+    ev = torch.zeros(2, 8, dtype=torch.long)
+    _, aux = distill.dmd_loss(window, ev, teacher=teacher, critic=critic, guidance=1.0, shift=5.0)
+    V = tr.band_verdict(teacher, window, ev, K=K, levels=[0.4, 0.5])
+    loss, _ = dfl(window, aux["grad"], V, tr_restore=True, grad_null=aux["grad_null"])
+    loss.backward()
+    assert window.grad[:, K:].abs().max() > 0
+    assert all(p.grad is None for p in [*teacher.parameters(), *critic.parameters()])
+
+
+# ----------------------------------------------------------------------------- DF (6) in the default (band) world
+
+def test_continuity_in_the_band_world_sees_backgrounds_not_recolours():
+    """What DF (6) can and cannot see where training happens (the band palette, blurred predictions):
+    a background change costs; a whole one-frame recolour is smaller than r m and costs nothing, and
+    so, blurred, does a teleport (it costs on exact frames)."""
+    window = turn_window(w=B_)
+    m = natural_step(B_, 8, 2)
+    cost = lambda x: tr.monotonic_continuity(x[:, K:], x[:, K - 1], m, R)[0]
+    recolour, teleport, background = window.clone(), window.clone(), window.clone()
+    recolour[:, K + 2:] = turn_window(color=1, w=B_)[:, K + 2:]
+    teleport[:, K + 2:] = torch.roll(window[:, K + 2:], (8, 8), (-2, -1))
+    background[:, K + 2:] = turn_window(bg=2, w=B_)[:, K + 2:]
+    assert (cost(blur(window)) == 0).all() and (cost(blur(recolour)) == 0).all() and (cost(recolour) == 0).all()
+    assert cost(blur(background))[2] > 0 and (cost(blur(background))[[0, 1, 3, 4, 5]] == 0).all()
+    assert (cost(blur(teleport)) == 0).all() and cost(teleport)[2] > 0

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from config import BadInput
-from world import (BACKGROUNDS, CANON, DIRS, EVENTS, PALETTES, World, natural_step, parse_schedule, random_events,
-                   sample_videos, schedule_events, step_sizes, switches, teacher_batch, track, video_metrics)
+from metrics import switches, track, video_metrics
+from world import BACKGROUNDS, CANON, DIRS, EVENTS, PALETTES, World, natural_step, parse_schedule, random_events, sample_videos, schedule_events, step_sizes, teacher_batch
 
 W = World()
 
@@ -256,3 +256,25 @@ def test_schedule_errors(text, msg):
 def test_schedule_parses():
     assert parse_schedule("right@0, up@24,left@48", 96) == [(0, 0), (3, 24), (1, 48)]
     assert EVENTS[parse_schedule("stay@0", 4)[0][0]] == "stay"
+
+
+def test_identity_free_on_truth_planted_recolours_and_a_blend():
+    """Palette-free identity: continuous colours within FREE of the look before the switch. Ground
+    truth keeps it; a full and a half recolour lose it; a sprite painted between two band colours,
+    wobbling so that the snapped colour flips frame by frame, keeps it where snapped identity fails."""
+    from metrics import FREE
+    x, ev = schedule_video("right@0,up@12")
+    tr = track(x, W)
+    sprite = (x - BACKGROUNDS[tr["bg_id"][0]][:, None, None]).abs().sum(1, keepdim=True) > 0.1   # (T,1,S,S)
+    later = sprite & (torch.arange(24) >= 16)[:, None, None, None]
+    c0, c1 = W.colors[tr["color_id"][0]], W.colors[(tr["color_id"][0] + 1) % len(W.colors)]
+    assert (c1 - c0).norm() > 2 * FREE                            # a half recolour moves more than FREE
+    full = torch.where(later, c1[:, None, None], x)
+    half = torch.where(later, ((c0 + c1) / 2)[:, None, None], x)
+    assert video_metrics(x, ev, W)["identity_free"] == 1
+    assert video_metrics(full, ev, W)["identity_free"] == 0 and video_metrics(half, ev, W)["identity_free"] == 0
+    wobble = (c0 + c1) / 2 + 0.04 * (c1 - c0) * torch.tensor([1.0, -1.0]).repeat(12)[:, None]   # (24,3) per frame
+    blend = torch.where(sprite, wobble[:, :, None, None], x)
+    m = video_metrics(blend, ev, W)
+    assert len(set(track(blend, W)["color_id"].tolist())) == 2   # the snapped colour flips frame by frame
+    assert m["identity"] == 0 and m["identity_free"] == 1

@@ -1,30 +1,30 @@
 #!/usr/bin/env bash
 # The whole pipeline for one preset, and the results tables made from it.
-#   bash reproduce.sh tiny            # CPU: about 9.5 h on 2 cores (3 seeds, controls, ablations, rho = 0 chain included)
-#   bash reproduce.sh small           # one GPU: teacher, distill, probes, baseline and Delta Forcing (seed 0), the
+#   bash tools/reproduce.sh tiny            # CPU: about 9.5 h on 2 cores (3 seeds, controls, ablations, rho = 0 chain included)
+#   bash tools/reproduce.sh small           # one GPU: teacher, distill, probes, baseline and Delta Forcing (seed 0), the
 #                                     # evaluation; the small preset's steps are sized for about 6 min on one H100
-#   STAGES=main bash reproduce.sh tiny   # only teacher, distill, probes, baseline and Delta Forcing (seed 0): ~1 h
-#   bash reproduce.sh gpu-check DIR   # one GPU slot (580 s): the CUDA tests, `reproduce.sh small`, a GIF, bench.py,
+#   STAGES=main bash tools/reproduce.sh tiny   # only teacher, distill, probes, baseline and Delta Forcing (seed 0): ~1 h
+#   bash tools/reproduce.sh gpu-check DIR   # one GPU slot (580 s): the CUDA tests, `tools/reproduce.sh small`, a GIF, tools.bench,
 #                                     # each under its own time limit, going on past a failure; 8 files in DIR
-#   REHEARSE=1 bash reproduce.sh gpu-check DIR   # the same on the CPU: 2 steps of batch 4 per loop, bench tiny
+#   REHEARSE=1 bash tools/reproduce.sh gpu-check DIR   # the same on the CPU: 2 steps of batch 4 per loop, bench tiny
 # Steps: teacher, distillation and the two probes; for training seeds 0-2 the long-tuning baseline,
 # Delta Forcing and the constant-w control (w held at the default runs' mean trust) from the same student;
-# the ablations (seed 0: step only, continuity only, with 6', without the floor); the signal AUC table (drift.py
+# the ablations (seed 0: step only, continuity only, with 6', without the floor); the signal AUC table (tools.drift
 # --probe=signals); training with the sink relabelled (seeds 0, 1); the tau frontier (seed 0) and its
 # picture; LongLive's one-event windows
 # (seed 0); how identity fails; a strip; the rho = 0 control chain (teacher, student, baseline,
-# Delta Forcing with and without the floor); the benchmark on fresh evaluation seeds 100-115 (tau is tuned on seeds 0-7); the
-# cache-at-switch table; where drift comes from (drift.py: cache policy x segment length, the
+# Delta Forcing with and without the floor); the benchmark on the validation seeds 100-115 (tau is tuned on seeds 0-7); the
+# cache-at-switch table; where drift comes from (tools.drift: cache policy x segment length, the
 # teacher's and critic's colour verdicts, the noise band).
 # Writes $OUT_DIR/results.md (every table, with date, device and commands) and JSON beside it.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."                                         # the repository root
 PY=${PYTHON:-$(command -v python3 || command -v python)}     # the GPU machines have python3 only
 P=${1:-tiny}
 O=${OUT_DIR:-out}
 
 if [ "$P" = gpu-check ]; then
-  D=${2:?usage: bash reproduce.sh gpu-check DIR}
+  D=${2:?usage: bash tools/reproduce.sh gpu-check DIR}
   rm -rf "$O/gpu_check"                                        # never report an earlier run's models as this one's
   mkdir -p "$D" "$O"
   D=$(cd "$D" && pwd)
@@ -43,16 +43,16 @@ if [ "$P" = gpu-check ]; then
   # The pipeline before bench: it matters most, and its compiles (same shapes) fill the caches bench then reuses.
   # bench last: every row is saved as it is measured, so a cut keeps the rows so far.
   if [ -n "${REHEARSE:-}" ]; then                              # the CPU, tiny sizes: proves the script, not CUDA
-    export CUDA_TESTS_ON_CPU=1 REHEARSE=1                       # (REHEARSE reaches reproduce.sh small too)
+    export CUDA_TESTS_ON_CPU=1 REHEARSE=1                       # (REHEARSE reaches tools/reproduce.sh small too)
     L=(300 900 300); BENCH=(--preset=tiny --late=100 --frames=32 --steps=1 --repeats=1)
   else                                                          # 580 s at most, for a 600 s slot
     L=(100 310 120); BENCH=(--preset=small --frames=96 --profile=True)
   fi
   step cuda-tests "${L[0]}" "$PY" -m pytest -q tests/test_cuda.py
-  step pipeline "${L[1]}" env OUT_DIR="$O/gpu_check" bash reproduce.sh small
+  step pipeline "${L[1]}" env OUT_DIR="$O/gpu_check" bash tools/reproduce.sh small
   step sample 30 "$PY" sample.py --ckpt="$O/gpu_check/deltaforcing.pt" --out="$D/sample.gif" --frames=72 \
     --events="right@0,down@18,left@36,up@54" --seed=114 --compile=False
-  step bench "${L[2]}" "$PY" bench.py "${BENCH[@]}" --json="$D/bench.json"
+  step bench "${L[2]}" "$PY" -m tools.bench "${BENCH[@]}" --json="$D/bench.json"
   rm -f "$D"/*.tmp
   cp "$O/gpu_check/results.md" "$O/gpu_check/results.json" "$D/" 2>/dev/null || true
   "$PY" - "$D" "$STEPS" "$O/gpu_check" <<'PY'
@@ -82,7 +82,7 @@ with open(os.path.join(d, "summary.md"), "w") as f:
         if isinstance(summary.get(name), dict):
             f.write(f"\n{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[name].items() if isinstance(v, float)) + "\n")
     if isinstance(summary["bench"], dict):
-        f.write("\n## bench.py\n\n| what | value | unit |\n|---|---:|---|\n")
+        f.write("\n## tools.bench\n\n| what | value | unit |\n|---|---:|---|\n")
         for r in summary["bench"]["rows"]:
             v = r["value"] if isinstance(r["value"], str) else f"{r['value']:,.2f}"
             f.write(f"| {r['what']} | {v} | {r['unit']} |\n")
@@ -92,14 +92,14 @@ PY
 fi
 
 STAGES=${STAGES:-$([ "$P" = small ] && echo main || echo all)}
-case "$P" in tiny|small) ;; *) echo "reproduce.sh: error: preset must be tiny, small or gpu-check, not '$P'" >&2; exit 2;; esac
-case "$STAGES" in all|main) ;; *) echo "reproduce.sh: error: STAGES must be all or main, not '$STAGES'" >&2; exit 2;; esac
+case "$P" in tiny|small) ;; *) echo "tools/reproduce.sh: error: preset must be tiny, small or gpu-check, not '$P'" >&2; exit 2;; esac
+case "$STAGES" in all|main) ;; *) echo "tools/reproduce.sh: error: STAGES must be all or main, not '$STAGES'" >&2; exit 2;; esac
 mkdir -p "$O"
 X=""; NS=16; PS=""                                              # REHEARSE: 2 steps per loop of batch 4, 1 seed
 [ -n "${REHEARSE:-}" ] && { X="--max_steps=2 --batch=4"; NS=1; PS=1; }
 MD="$O/results.md"
 dev=$($PY -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU, %d threads' % torch.get_num_threads())")
-printf "# Results, preset %s\n\n%s, %s, torch %s. Made by \`STAGES=%s bash reproduce.sh %s\`.\n" "$P" "$(date -u +%Y-%m-%d)" \
+printf "# Results, preset %s\n\n%s, %s, torch %s. Made by \`STAGES=%s bash tools/reproduce.sh %s\`.\n" "$P" "$(date -u +%Y-%m-%d)" \
   "$dev" "$($PY -c 'import torch; print(torch.__version__)')" "$STAGES" "$P" > "$MD"
 t() { local t0=$SECONDS; echo "=== $*"; "$@"; echo "  ($(( SECONDS - t0 )) s: $*)" | tee -a "$O/times.log"; }
 
@@ -116,7 +116,7 @@ for name, pre in (("teacher", ""), ("student (EMA)", ""), ("student (raw)", "raw
     print(f"| {name} | " + " | ".join(f"{m.get(pre + k, m.get(k, float('nan'))):.3f}" for k in keys) + " |")
 PY
 printf "\n## Probes\n\n\`\`\`\n" >> "$MD"
-$PY evaluate.py --preset="$P" --probe=react --teacher="$O/teacher.pt" --ckpts="$O/student.pt" --seeds=${PS:-4} | tee -a "$MD"
+$PY -m tools.evaluate --preset="$P" --probe=react --teacher="$O/teacher.pt" --ckpts="$O/student.pt" --seeds=${PS:-4} | tee -a "$MD"
 printf "\`\`\`\n" >> "$MD"
 
 SEEDS="0 1 2"; [ "$STAGES" = main ] && SEEDS="0"
@@ -141,7 +141,7 @@ fi
 cp "$O/longtune_s0.pt" "$O/longtune.pt"
 cp "$O/deltaforcing_s0.pt" "$O/deltaforcing.pt"
 ck() { for s in $SEEDS; do printf "%s/%s_s%d.pt," "$O" "$1" $s; done; }
-EVAL="$PY evaluate.py --preset=$P --seeds=$NS --first_seed=100"
+EVAL="$PY -m tools.evaluate --preset=$P --seeds=$NS --first_seed=100"
 printf "\n## Long tuning and Delta Forcing (evaluation seeds 100-115)\n" >> "$MD"
 ROWS="$O/student.pt,$(ck longtune)$(ck deltaforcing)"
 [ "$STAGES" = all ] && ROWS="$ROWS$(ck df_constw)"
@@ -159,14 +159,14 @@ for s in 0 1; do
 done
 t $EVAL --json="$O/policy.json" --md="$MD" --ckpts="$O/longtune_rc_s0.pt,$O/longtune_rc_s1.pt,$O/df_rc_s0.pt,$O/df_rc_s1.pt"
 
-printf "\n## Which consistency signal tells training windows apart (Eq. 3)\n" >> "$MD"
-t $PY drift.py --preset="$P" --probe=signals --teacher="$O/teacher.pt" --ckpts="$O/student.pt,$(ck longtune)" \
+printf "\n## Which consistency signal tells training windows apart (DF (3))\n" >> "$MD"
+t $PY -m tools.drift --preset="$P" --probe=signals --teacher="$O/teacher.pt" --ckpts="$O/student.pt,$(ck longtune)" \
   --seeds=${PS:-4} --first_seed=100 --md="$MD"
 
 printf "\n## Where drift comes from (seed 0)\n" >> "$MD"
-t $PY drift.py --preset="$P" --ckpts="$O/student.pt,$O/longtune_s0.pt,$O/deltaforcing_s0.pt" --seeds=${PS:-8} --first_seed=100 --md="$MD"
-t $PY drift.py --preset="$P" --probe=verdicts --teacher="$O/teacher.pt" --ckpts="$O/longtune_s0.pt" --seeds=${PS:-4} --first_seed=100 --md="$MD"
-t $PY drift.py --preset="$P" --probe=band --teacher="$O/teacher.pt" --picture="$O/band.png" --seeds=${PS:-4} --first_seed=100 --md="$MD"
+t $PY -m tools.drift --preset="$P" --ckpts="$O/student.pt,$O/longtune_s0.pt,$O/deltaforcing_s0.pt" --seeds=${PS:-8} --first_seed=100 --md="$MD"
+t $PY -m tools.drift --preset="$P" --probe=verdicts --teacher="$O/teacher.pt" --ckpts="$O/longtune_s0.pt" --seeds=${PS:-4} --first_seed=100 --md="$MD"
+t $PY -m tools.drift --preset="$P" --probe=band --teacher="$O/teacher.pt" --picture="$O/band.png" --seeds=${PS:-4} --first_seed=100 --md="$MD"
 
 printf "\n## The tau frontier (seed 0; tuned on evaluation seeds 0-7, reported on 100-115)\n" >> "$MD"
 TAUS=""
@@ -174,9 +174,9 @@ for tau in 0.00125 0.005 0.01; do                             # and the default,
   t $PY longtune.py --preset="$P" --out_dir="$O" --trust_region=True --tau=$tau --out_name=df_tau$tau.pt
   TAUS="$TAUS$O/df_tau$tau.pt,"
 done
-$PY evaluate.py --preset="$P" --seeds=8 --first_seed=0 --pool=False --json="$O/tau_tuning.json" \
+$PY -m tools.evaluate --preset="$P" --seeds=8 --first_seed=0 --pool=False --json="$O/tau_tuning.json" \
   --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt,$TAUS"
-t $EVAL --pool=False --json="$O/tau.json" --md="$MD" --png="$O/frontier.png" --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt,$TAUS"
+t $EVAL --pool=False --json="$O/tau.json" --md="$MD" --svg="$O/frontier.svg" --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt,$TAUS"
 
 printf "\n## LongLive's one-event windows (--window_events=current, seed 0)\n" >> "$MD"
 t $PY longtune.py --preset="$P" --out_dir="$O" --window_events=current --out_name=longtune_current.pt
@@ -184,21 +184,21 @@ t $PY longtune.py --preset="$P" --out_dir="$O" --window_events=current --trust_r
 t $EVAL --pool=False --json="$O/current.json" --md="$MD" --ckpts="$O/longtune_current.pt,$O/deltaforcing_current.pt"
 
 printf "\n## How identity fails after a switch (seed 0)\n\n\`\`\`\n" >> "$MD"
-$PY evaluate.py --preset="$P" --probe=failures --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt" --first_seed=100 --seeds=16 | tee -a "$MD"
+$PY -m tools.evaluate --preset="$P" --probe=failures --ckpts="$O/longtune_s0.pt,$O/deltaforcing_s0.pt" --first_seed=100 --seeds=16 | tee -a "$MD"
 printf "\`\`\`\n" >> "$MD"
 $PY - "$O" <<'PY'
 import sys, torch
 import sample
 from world import save_strip
-from evaluate import builtin_schedules
-# The rule, fixed before looking: the first long schedule of evaluate.py, the first fresh seed (100),
+from tools.evaluate import builtin_schedules
+# The rule, fixed before looking: the first long schedule of tools.evaluate, the first validation seed (100),
 # every 2nd frame from the second teacher window on, as the benchmark streams it (video seed 1000 j + seed).
 o, seed, rows = sys.argv[1], 100, []
 for name in ("longtune_s0", "deltaforcing_s0"):
     g = sample.load_generator(f"{o}/{name}.pt", torch.device("cpu"))
     W = g.stream["window"]
     j, (_, text, n) = next((j, s) for j, s in enumerate(builtin_schedules(W)) if s[0] == "long")
-    x, _ = sample.generate(g, sample.schedule_tensor(text, n, g.chunk, 1, "cpu"), [1000 * j + seed], "recache_window")
+    x = sample.generate(g, sample.schedule_tensor(text, n, g.chunk, 1, "cpu"), [1000 * j + seed], "recache_window")
     rows.append(x[0, 2 * W::2])
 save_strip(f"{o}/strip_long_{seed}.png", torch.stack(rows))
 print(f"wrote {o}/strip_long_{seed}.png")

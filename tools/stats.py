@@ -1,0 +1,66 @@
+"""The statistics protocol of the benchmark. The unit of a training method's result is the training seed:
+a row's figure is the mean over its training seeds of each seed's mean over the same videos, with a t interval
+over training seeds (n - 1 degrees of freedom), and a claim is a row's paired difference against a reference
+row, seed by seed on the same videos. The interval over evaluation seeds is evaluation noise only."""
+import math
+import re
+
+import numpy as np
+
+from config import BadInput
+
+
+def interval(vals):
+    """Evaluation noise. vals (schedules, seeds): mean over a seed's schedules, then mean +- 95% normal interval
+    over evaluation seeds; a seed whose videos the metric applies to none of (all nan) is left out."""
+    v = np.array([c[~np.isnan(c)].mean() for c in np.array(vals, dtype=float).T if not np.isnan(c).all()])
+    half = 1.96 * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return dict(mean=float(v.mean()) if len(v) else float("nan"), ci95=float(half))
+
+
+def t_quantile(p, df):
+    """Student's t quantile (p > 0.5) with df degrees of freedom: bisection on the CDF, integrated numerically."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    cdf = lambda x: 0.5 + np.trapezoid(c * (1 + np.linspace(0, x, 20001) ** 2 / df) ** (-(df + 1) / 2), dx=x / 20000)
+    lo, hi = 0.0, 1000.0
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) < p else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def t_interval(v):
+    """Mean +- 95% t interval (n - 1 degrees of freedom) of values that are independent replicates."""
+    v = np.asarray([x for x in v if not math.isnan(x)], dtype=float)
+    half = t_quantile(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return dict(mean=float(v.mean()) if len(v) else float("nan"), ci95=float(half), n=len(v))
+
+
+def summarize_rows(per_ckpt, rows, reference=""):
+    """per_ckpt: {path: {(group, metric): (schedules, seeds) values}}, rows: {row: [paths]} -> {row: {group: {metric:
+    cell}}}, a cell the t interval over the row's checkpoints (training seeds) of each one's mean, with `seeds` (each
+    checkpoint's mean and evaluation noise) and, against `reference`, `diff`: the paired difference. A reference of
+    one checkpoint is paired with every seed; otherwise seeds pair by their _s<k> suffix."""
+    seed = lambda path: (re.findall(r"_s(\d+)\.pt$", path) or [path])[0]
+    out = {}
+    for row, paths in rows.items():
+        for (grp, k) in per_ckpt[paths[0]]:
+            if k == "n_react":
+                cell = dict(total=float(sum(np.nansum(per_ckpt[p][grp, k]) for p in paths)))
+            else:
+                noise = {p: interval(per_ckpt[p][grp, k]) for p in paths}
+                cell = dict(t_interval([noise[p]["mean"] for p in paths]), seeds=noise)
+            out.setdefault(row, {}).setdefault(grp, {})[k] = cell
+    if reference:
+        if reference not in out:
+            raise BadInput(f"--reference={reference} names no row; rows: {', '.join(out)}")
+        ref = {seed(p): c["mean"] for p, c in out[reference]["all"]["react"]["seeds"].items()}
+        for row, groups in out.items():
+            for grp, cells in groups.items():
+                for k, cell in cells.items():
+                    if k == "n_react":
+                        continue
+                    base = {seed(p): c["mean"] for p, c in out[reference][grp][k]["seeds"].items()}
+                    pair = lambda p: base[seed(p)] if len(ref) > 1 else next(iter(base.values()))
+                    d = [c["mean"] - pair(p) for p, c in cell["seeds"].items() if len(ref) == 1 or seed(p) in base]
+                    cell["diff"] = t_interval(d)
+    return out
