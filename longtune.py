@@ -60,7 +60,7 @@ class LongtuneConfig(RunConfig):
     tr_continuity: bool = True     # ablation, False: no continuity term (DF (6) and (6')), the flagged step alone
     tau: Positive = 0.0025         # DF (4), trust radius: the bias above the floor a window may pass on, in natural steps
     band_levels: BandLevels = "0.4,0.45,0.5,0.55"   # DF (2): fixed noise levels inside the teacher's band (tools.drift --probe=band)
-    tr_restore: bool = False       # DF (5'): along the bias direction follow the teacher without the event, instead of scaling
+    tr_restore: bool = True        # DF (5'): along the bias direction follow the teacher without the event; False: DF (5), scale
     trust_const: Prob = 0.0        # control, > 0: w held at this value in every window instead of DF (4) (0: off)
     trust_shuffle: bool = False    # control: DF (4)'s w values permuted over the batch's windows
     trust_schedule: Prob = 0.0     # control, > 0: w at this value in windows of videos that switched, 1 elsewhere (0: off)

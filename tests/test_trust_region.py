@@ -26,7 +26,7 @@ TAU = DEFAULTS["tau"]
 def dfl(window, grad, verdict, K=K, m=M, s0=0.0, grad_null=None, video_switched=None, **kw):
     """delta_forcing_loss with longtune's defaults for every knob not given, at the floor s0."""
     return tr.delta_forcing_loss(window, grad, verdict, K=K, m=m, tr=tr.TrustRegion(**(DEFAULTS | kw)), s0=s0,
-                                 grad_null=grad_null, video_switched=video_switched)
+                                 grad_null=grad if grad_null is None else grad_null, video_switched=video_switched)
 
 
 def clip(pos0, moves, color=0, bg=0, w=W):
