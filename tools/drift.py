@@ -219,11 +219,11 @@ def main(cfg):
     paths = [p for p in cfg.ckpts.split(",") if p]
     if not paths and cfg.probe != "band":
         raise BadInput("--ckpts names no checkpoint")
-    gens = [load_generator(p, device) for p in paths]
-    W = gens[0].stream["window"] if gens else 8
+    models = [load_generator(p, device) for p in paths]
+    W = models[0].stream["window"] if models else 8
     cfg.lengths, cfg.after = cfg.lengths or f"{W},{2 * W},{4 * W}", cfg.after or 4 * W
     lengths = [int(v) if v.strip().isdigit() else 0 for v in cfg.lengths.split(",")]   # 0: not a length
-    for g in gens:
+    for g in models:
         if any(L < g.chunk or L % g.chunk for L in lengths) or cfg.after % g.chunk:
             raise BadInput(f"--lengths={cfg.lengths} and --after={cfg.after} must be positive multiples of the chunk ({g.chunk})")
     policies, known = [p for p in cfg.policies.split(",") if p], SwitchCache.__metadata__[0].choices   # config.py's list
@@ -237,11 +237,11 @@ def main(cfg):
         text = table(f"**One switch after L frames** ({seeds}, 12 ordered pairs each, {cfg.after} frames after it; mean +- 95% "
                      "interval over seeds; onset: mean frames until the new canonical colour holds, over the n recolours)",
                      "checkpoint | cache at the switch", "L | react | identity | bias | pull | onset (n)",
-                     [r for p, g in zip(paths, gens) for r in video_rows(cfg, p, g, lengths, policies)])
+                     [r for p, g in zip(paths, models) for r in video_rows(cfg, p, g, lengths, policies)])
     elif cfg.probe == "verdicts":
         text = table(f"**Colour verdicts of x0 at fixed noise levels** ({seeds}, 12 ordered pairs each; over the frames "
                      "whose sprite is not of their event's canonical colour)", "videos of | net | window", f"sigma | {SHARES}",
-                     [r for p, g in zip(paths, gens) for r in verdict_rows(cfg, p, g, teacher, sigmas, device)])
+                     [r for p, g in zip(paths, models) for r in verdict_rows(cfg, p, g, teacher, sigmas, device)])
     elif cfg.probe == "band":
         text = table(f"**The noise band** ({seeds}, 64 real one-event clips each, the sprite not of the event's colour; "
                      "the teacher's x0 with its DMD guidance)", "teacher", f"sigma | {SHARES}",

@@ -156,17 +156,17 @@ def markdown(result, seeds, switch, reference=""):
     return "\n".join(lines)
 
 
-def benchmark(cfg, paths, gens):
+def benchmark(cfg, paths, models):
     for flag in ("json", "md", "svg"):                           # every check before any work
         check_file(flag, getattr(cfg, flag))
-    schedules = eval_schedules(cfg, gens[0])
+    schedules = eval_schedules(cfg, models[0])
     seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
     rows = {}
     for path in paths:
         rows.setdefault(re.sub(r"_s\d+(\.pt)$", r"\1", path) if cfg.pool else path, []).append(path)   # NAME_s1.pt -> NAME.pt
     if cfg.reference and cfg.reference not in rows:
         raise BadInput(f"--reference={cfg.reference} names no row; rows: {', '.join(rows)}")
-    per_ckpt = {p: score(g, schedules, seeds, cfg.switch_cache) for p, g in zip(paths, gens)}
+    per_ckpt = {p: score(g, schedules, seeds, cfg.switch_cache) for p, g in zip(paths, models)}
     result = summarize_rows(per_ckpt, rows, cfg.reference)
     text = markdown(result, seeds, cfg.switch_cache, cfg.reference)
     print(text)
@@ -273,12 +273,12 @@ def main(cfg):
     if cfg.probe != "none" and (cfg.json or cfg.md or cfg.schedule_file or cfg.svg):
         raise BadInput(f"--json, --md, --svg and --schedule_file belong to the benchmark, not to --probe={cfg.probe}")
     tck = load_checkpoint(cfg.teacher, ["teacher"], "python teacher.py") if cfg.probe in ("react", "clips") else None
-    gens = [load_generator(p, device, cfg.weights) for p in paths] if cfg.probe != "clips" else None
+    models = [load_generator(p, device, cfg.weights) for p in paths] if cfg.probe != "clips" else None
     if cfg.probe == "react":
         n = len(ordered_pairs(4)) * cfg.seeds
         r = teacher_probe(tck, cfg, device)
         print(f"teacher probe ({cfg.teacher}): turned in {round(r * n)}/{n} clips ({r:.2f})")
-        for path, g in zip(paths, gens):
+        for path, g in zip(paths, models):
             for switch in ("recache_window", "recache", "keep", "clear"):
                 r = generator_probe(g, cfg, switch)
                 print(f"generator probe ({path}, cache {switch}): turned within one chunk in {round(r * n)}/{n} clips ({r:.2f})")
@@ -288,12 +288,12 @@ def main(cfg):
             print(f"{path} ({16 * cfg.seeds} + {16 * cfg.seeds} clips, noise seed {cfg.first_seed}): "
                   + " | ".join(f"{k} {v:.3f}" for k, v in m.items()))
     elif cfg.probe == "failures":
-        for path, g in zip(paths, gens):
+        for path, g in zip(paths, models):
             c = identity_failures(g, cfg)
             n = sum(c.values())
             print(f"{path}: {n} switches | " + " | ".join(f"{k} {v} ({v / n:.2f})" for k, v in sorted(c.items())))
     else:
-        return benchmark(cfg, paths, gens)
+        return benchmark(cfg, paths, models)
 
 
 if __name__ == "__main__":
