@@ -209,15 +209,15 @@ def main(cfg):
               f"{cfg.context} context + {stream['window'] - cfg.context} new frames, switch cache {cfg.switch_cache}, "
               f"window events {cfg.window_events}, {n_updates} updates at lr {cfg.lr:g} (critic {cfg.critic_lr:g})")
 
-    t0, t_start, seen, trust = time.time(), time.time(), {}, [0.0, 0]   # logs by kind of window; sum and count of w
+    t0, t_start, seen, trust = time.time(), time.time(), {}, [0.0, 0, 0]   # logs by kind; sum of w, windows, of switched videos
     for step in tqdm(range(step, n_updates), initial=step, total=n_updates, desc="longtune", mininterval=5,
                      disable=run.rank > 0):
         loss, closs, gnorm, applied, logs, holds_switch = tune_update(streams, nets, cfg, stream=stream, m=sck["natural_step"],
                                                                   tr=tr, n_ranks=run.n_ranks)
         skipped += not applied
         ema_update(nets.ema, nets.student, cfg.ema_decay if step >= cfg.ema_start else 0.0)
-        if "w" in logs:                                           # the run's mean trust, for the constant-w control
-            trust = [trust[0] + float(logs["w"].sum()), trust[1] + len(logs["w"])]
+        if "w" in logs:                                           # the run's mean trust, for the controls on w
+            trust = [trust[0] + float(logs["w"].sum()), trust[1] + len(logs["w"]), trust[2] + int((~streams.unswitched).sum())]
         for kind, sel in (("switch", holds_switch), ("plain", ~holds_switch)):
             for k, v in logs.items():
                 total, n = seen.get((kind, k), (0.0, 0))
@@ -243,6 +243,7 @@ def main(cfg):
     metrics["train_minutes"] = (time.time() - t_start) / 60
     if trust[1] > 0:
         metrics["mean_w"] = trust[0] / trust[1]                  # over the windows with history since the (re)start
+        metrics["switched_share"] = trust[2] / trust[1]          # of them, windows of videos that had switched
     print(f"probe {n_updates} (ema): " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     save(step=n_updates, skipped=skipped, metrics=metrics)
     print(f"wrote {path}; evaluate it with `python -m tools.evaluate --ckpts={path}`")

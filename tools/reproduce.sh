@@ -7,6 +7,8 @@
 #   bash tools/reproduce.sh gpu-check DIR   # one GPU slot (580 s): the CUDA tests, `tools/reproduce.sh small`, a GIF, tools.bench,
 #                                     # each under its own time limit, going on past a failure; 8 files in DIR
 #   REHEARSE=1 bash tools/reproduce.sh gpu-check DIR   # the same on the CPU: 2 steps of batch 4 per loop, bench tiny
+#   STAGES=final bash tools/reproduce.sh tiny   # the next reading's final table: seeds 300-331, training seeds 3-7,
+#                                     # the controls at 3-5, the rho = 0 chain; run it once (about 11 h on 2 cores)
 # Steps: teacher, distillation and the two probes; for training seeds 0-2 the long-tuning baseline,
 # Delta Forcing and the constant-w control (w held at the default runs' mean trust) from the same student;
 # the ablations (seed 0: step only, continuity only, with 6', without the floor); the signal AUC table (tools.drift
@@ -93,7 +95,7 @@ fi
 
 STAGES=${STAGES:-$([ "$P" = small ] && echo main || echo all)}
 case "$P" in tiny|small) ;; *) echo "tools/reproduce.sh: error: preset must be tiny, small or gpu-check, not '$P'" >&2; exit 2;; esac
-case "$STAGES" in all|main) ;; *) echo "tools/reproduce.sh: error: STAGES must be all or main, not '$STAGES'" >&2; exit 2;; esac
+case "$STAGES" in all|main|final) ;; *) echo "tools/reproduce.sh: error: STAGES must be all, main or final, not '$STAGES'" >&2; exit 2;; esac
 mkdir -p "$O"
 X=""; NS=16; PS=""                                              # REHEARSE: 2 steps per loop of batch 4, 1 seed
 [ -n "${REHEARSE:-}" ] && { X="--max_steps=2 --batch=4"; NS=1; PS=1; }
@@ -103,6 +105,39 @@ printf "# Results, preset %s\n\n%s, %s, torch %s. Made by \`STAGES=%s bash tools
   "$dev" "$($PY -c 'import torch; print(torch.__version__)')" "$STAGES" "$P" > "$MD"
 t() { local t0=$SECONDS; echo "=== $*"; "$@"; echo "  ($(( SECONDS - t0 )) s: $*)" | tee -a "$O/times.log"; }
 
+if [ "$STAGES" = final ]; then   # the final table of the seed plan (docs/results.md): run once, on blocks never looked at
+  meanw() { $PY -c "import sys, torch; print(sum(torch.load(p, map_location='cpu', weights_only=True)['metrics'][sys.argv[1]]
+    for p in sys.argv[2:]) / len(sys.argv[2:]))" "$@"; }
+  for R in "$O" "$O/rho0"; do                                   # the chain, and the rho = 0 chain (nothing to fix)
+    mkdir -p "$R/final"
+    [ -f "$R/teacher.pt" ] || t $PY teacher.py --preset="$P" --out_dir="$R" $([ "$R" = "$O" ] || echo --rho=0) $X
+    [ -f "$R/student.pt" ] || t $PY distill.py --preset="$P" --out_dir="$R" $X
+  done
+  for s in 3 4 5 6 7; do                                        # training seeds 3-7: the baseline and Delta Forcing
+    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --out_name=final/longtune_s$s.pt $X
+    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --out_name=final/deltaforcing_s$s.pt $X
+  done
+  DF=$(for s in 3 4 5 6 7; do echo "$O/final/deltaforcing_s$s.pt"; done)
+  W=$(meanw mean_w $DF); SH=$(meanw switched_share $DF)
+  C=$($PY -c "print(max(0.0, 1 - (1 - $W) / $SH))")            # schedule-only: the same mean trust on switched videos
+  for s in 3 4 5; do                                            # each control differs from Delta Forcing in one thing
+    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --trust_const="$W" --out_name=final/constw_s$s.pt $X
+    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --trust_shuffle=True --out_name=final/shuffled_s$s.pt $X
+    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --trust_schedule="$C" --out_name=final/schedule_s$s.pt $X
+    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --guidance=0 --out_name=final/guidance0_s$s.pt $X
+    t $PY longtune.py --preset="$P" --out_dir="$O/rho0" --seed=$s --out_name=final/longtune_s$s.pt $X
+    t $PY longtune.py --preset="$P" --out_dir="$O/rho0" --seed=$s --trust_region=True --out_name=final/deltaforcing_s$s.pt $X
+  done
+  ck() { for s in $2; do printf "%s/final/%s_s%d.pt," "$3" "$1" $s; done; }
+  printf "\n## The final table (evaluation seeds 300-331, the built-in and the drawn schedules)\n" >> "$MD"
+  t $PY -m tools.evaluate --preset="$P" --seeds=${PS:-32} --first_seed=300 --drawn=True --reference="$O/final/longtune.pt" \
+    --json="$O/final.json" --md="$MD" --svg="$O/final.svg" --ckpts="$O/student.pt,$(ck longtune "3 4 5 6 7" "$O")$(ck deltaforcing \
+    "3 4 5 6 7" "$O")$(ck constw "3 4 5" "$O")$(ck shuffled "3 4 5" "$O")$(ck schedule "3 4 5" "$O")$(ck guidance0 "3 4 5" "$O")"
+  printf "\n## The rho = 0 chain on the same block\n" >> "$MD"
+  t $PY -m tools.evaluate --preset="$P" --seeds=${PS:-32} --first_seed=300 --drawn=True --reference="$O/rho0/final/longtune.pt" \
+    --json="$O/final_rho0.json" --md="$MD" --ckpts="$(ck longtune "3 4 5" "$O/rho0")$(ck deltaforcing "3 4 5" "$O/rho0")"
+  echo "wrote $MD"; exit 0
+fi
 t $PY teacher.py --preset="$P" --out_dir="$O" $X
 t $PY distill.py --preset="$P" --out_dir="$O" $X
 $PY - "$O" >> "$MD" <<'PY'
