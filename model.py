@@ -98,9 +98,13 @@ def apply_rope(x, ang):
     """Rotate channel pairs of x (B,H,L,hd) by angles (L,hd/2) in fp32: (x1, x2) -> (x1 cos - x2 sin,
     x1 sin + x2 cos), back in x's dtype (flash wants q, k, v in one dtype). One rotation written two
     ways: on the CPU one complex multiply (one eager kernel), on CUDA the pairs, which torch.compile fuses."""
-    if x.device.type == "cpu":
-        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))   # (B,H,L,hd/2) complex
-        return torch.view_as_real(xc * torch.polar(torch.ones_like(ang), ang)).flatten(-2).type_as(x)
+    if x.device.type != "cpu":
+        return rope_pairs(x, ang)
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))   # (B,H,L,hd/2) complex
+    return torch.view_as_real(xc * torch.polar(torch.ones_like(ang), ang)).flatten(-2).type_as(x)
+
+
+def rope_pairs(x, ang):
     x1, x2, cos, sin = x.float()[..., 0::2], x.float()[..., 1::2], ang.cos(), ang.sin()
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).type_as(x)
 
