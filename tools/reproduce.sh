@@ -119,7 +119,7 @@ if [ "$STAGES" = final ]; then   # the final table of the seed plan (docs/result
   done
   DF=$(for s in 3 4 5 6 7; do echo "$O/final/deltaforcing_s$s.pt"; done)
   W=$(meanw mean_w $DF); SH=$(meanw switched_share $DF)
-  C=$($PY -c "print(max(0.0, 1 - (1 - $W) / $SH))")            # schedule-only: the same mean trust on switched videos
+  C=$($PY -c "print(max(0.001, 1 - (1 - $W) / $SH))")          # schedule-only: the same mean trust (0 would mean off)
   for s in 3 4 5; do                                            # each control differs from Delta Forcing in one thing
     t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --trust_const="$W" --out_name=final/constw_s$s.pt $X
     t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --trust_shuffle=True --out_name=final/shuffled_s$s.pt $X
