@@ -15,7 +15,7 @@ over the HW pixels; sg is stop-gradient.
                         s0: the verdict's floor (--tr_floor), else 0
   DF (5) flagged step   g'(p) = g(p) - (1 - w) <g(p), b^> b^ at every pixel, b^ = b / ||b||  flagged_step
   DF (5') restoring     g'(p) = g(p) + (1 - w) <g0(p) - g(p), b^> b^, g0 the step of the        restoring_step
-                        teacher without the event (--tr_restore)
+                        teacher without the event (--tr_restore, the default)
   DF (6) continuity     L_MC,f = relu(||z_f - z_{f-1}|| - r m)^2 / m^2, z_0 = c_K            monotonic_continuity
   DF (6') appearance    L_AC,f = relu(sqrt(HW) ||mu(z_f) - mu(c_K)|| / m - r_a)^2, joins (6)  appearance_conservation
   DF (7) loss           L = mean_f 0.5 ||z_f - sg(z_f - g'_f)||^2 + lambda (1 - w) mean_f L_MC,f   delta_forcing_loss
@@ -33,8 +33,8 @@ Why (4) has a floor: s is never 0 on a trained teacher (its noise draws, its err
 and a teacher without any colour prior shows the same s everywhere. s0 is the verdict's own level
 where its condition cannot be biased yet (windows before their video's first switch), so tau bounds
 only the excess: the accepted bias above the floor, w (s - s0), never exceeds tau (TRPO's bound).
-Why (5) keeps reactivity: a turn moves the sprite, which changes pixels along sprite - background,
-a direction the recolour b^ barely shares; only the step's component along b^ is scaled.
+Why (5) and (5') keep reactivity: a turn moves the sprite, which changes pixels along sprite - background,
+a direction the recolour b^ barely shares; only the step's component along b^ is changed.
 Why (5') redirects where (5) damps: with w > 0 the flagged step still pushes along b^ toward the
 event's colour, only slower. Along b^ the restoring step follows instead the teacher asked without
 the event, which must take the colour from the history in the window: its component along b^ is
@@ -45,7 +45,7 @@ teacher gave up. In pixel space r must admit nearly every natural step (the band
 yellow on grey at 1.47 m, pays a little), so in the default (band) world on blurred predictions (6)
 sees background changes only: a recolour (smaller than a step) and a blurred teleport pass under
 r m (tests/test_trust_region.py).
-(6') sees them, but by an invariant of this world (motion conserves each channel's spatial mean on
+(6') sees recolours, but by an invariant of this world (motion conserves each channel's spatial mean on
 the torus) that a latent model lacks: off by default, kept for the ablation.
 """
 from dataclasses import dataclass, field, fields
