@@ -76,9 +76,9 @@ def stamp(path):
     """What changes when a checkpoint is rewritten (atomically, by os.replace); None once it is gone."""
     try:
         st = os.stat(path)
+        return st.st_mtime_ns, st.st_size
     except OSError:
         return None
-    return st.st_mtime_ns, st.st_size
 
 
 @functools.lru_cache(maxsize=256)
@@ -279,8 +279,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.reject(503, f"{app.cfg.max_clients} streams already open (--max_clients={app.cfg.max_clients})")
         try:
             self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
+            for k, v in (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")):
+                self.send_header(k, v)
             self.end_headers()
             self.send_event("hello", dict(stream=s.id, ckpt=name, size=g.world.size, chunk=g.chunk, fps=app.cfg.fps))
             app.play(s, self.send_event)
@@ -293,7 +293,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(((f"event: {kind}\n" if kind else "") + f"data: {json.dumps(data)}\n\n").encode())
 
     def gif(self, app, ids):
-        """GET /gif?streams=1,2: the sessions' kept frames side by side, upscaled x4 (as --live), as a GIF download."""
+        """GET /gif?streams=1,2: the sessions' kept frames side by side, upscaled 4x, as a GIF download."""
         if len(ids) > app.cfg.max_clients or len(set(ids)) < len(ids):
             return self.reject(400, f"name each stream once, at most {app.cfg.max_clients} (--max_clients)")
         try:
