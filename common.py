@@ -48,18 +48,25 @@ def cpu_has_bf16():
 
 
 BF16 = {"cuda": True}    # device type -> bf16 autocast on or not; the CPU starts in fp32 until set_precision
+FP32_STREAMS = {}        # device type -> whether sampling fewer than SMALL videos at once stays fp32 (auto on a CPU)
+SMALL = 16
 
 
 def set_precision(precision, device):
-    """--precision: auto = bf16 on CUDA and on a CPU that multiplies bf16 natively, else fp32.
-    Weights, gradients and optimizer state stay fp32 either way (autocast casts per op)."""
+    """--precision: bf16 or fp32 autocast everywhere; auto = bf16 on CUDA and on a CPU that multiplies bf16
+    natively, but on a CPU sampling fewer than 16 videos at once stays fp32: there bf16's casts and small
+    matrix products cost more than they save (docs/performance.md). Elsewhere fp32. Weights, gradients and
+    optimizer state stay fp32 either way (autocast casts per op)."""
     native = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
     BF16[device.type] = precision == "bf16" or (precision == "auto" and native)
+    FP32_STREAMS[device.type] = precision == "auto" and device.type == "cpu"
 
 
-def autocast(device):
-    """bf16 autocast where set_precision put it (no GradScaler needed: bf16 keeps fp32's range)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=BF16.get(device.type, False))
+def autocast(device, videos=None):
+    """bf16 autocast where set_precision put it (no GradScaler needed: bf16 keeps fp32's range);
+    videos: how many videos an inference call samples at once (None: training, always as set)."""
+    small = videos is not None and videos < SMALL and FP32_STREAMS.get(device.type, False)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=BF16.get(device.type, False) and not small)
 
 
 def compile_(module, enabled, **kw):

@@ -94,14 +94,19 @@ def rope_angles(t_pos, grid, head_dim, device):
     return ang.reshape(T * grid * grid, -1)                          # (T*g*g, head_dim/2)
 
 
-def apply_rope(x, ang):
-    """Rotate channel pairs of x (B,H,L,hd) by angles (L,hd/2) in fp32: (x1, x2) -> (x1 cos - x2 sin,
-    x1 sin + x2 cos), back in x's dtype (flash wants q, k, v in one dtype). One rotation written two
-    ways: on the CPU one complex multiply (one eager kernel), on CUDA the pairs, which torch.compile fuses."""
+def rotation(ang):
+    """The rotation RoPE applies, made once per forward and shared by every block: on the CPU the unit
+    complex numbers e^(i ang) (one complex multiply per use), on CUDA the angles (torch.compile fuses the pairs)."""
+    return torch.polar(torch.ones_like(ang), ang) if ang.device.type == "cpu" else ang
+
+
+def apply_rope(x, rot):
+    """Rotate channel pairs of x (B,H,L,hd) by rot = rotation(angles (L,hd/2)) in fp32: (x1, x2) ->
+    (x1 cos - x2 sin, x1 sin + x2 cos), back in x's dtype (flash wants q, k, v in one dtype)."""
     if x.device.type != "cpu":
-        return rope_pairs(x, ang)
+        return rope_pairs(x, rot)
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))   # (B,H,L,hd/2) complex
-    return torch.view_as_real(xc * torch.polar(torch.ones_like(ang), ang)).flatten(-2).type_as(x)
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
 def rope_pairs(x, ang):
@@ -138,7 +143,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate=gelu), nn.Linear(4 * dim, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, ang_q, ang_k, mask, past):
+    def forward(self, x, c, rot_q, rot_k, mask, past):
         """x (B,T,N,D) tokens, c (B,T,D) per-frame condition, past: cached keys and values
         (2,B,H,n,N,hd) or None. Returns the new tokens and this chunk's unrotated (k, v), each (B,H,T,N,hd)."""
         B, T, N, D = x.shape
@@ -146,11 +151,11 @@ class Block(nn.Module):
         h = modulate(self.norm1(x), sh1, sc1)
         q, k, v = rearrange(self.qkv(h), "b t n (three h d) -> three b h t n d", three=3, h=self.heads)
         k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))  # (B,H,n+T,N,hd)
-        q = apply_rope(q.flatten(2, 3), ang_q)                       # (B,H,T*N,hd)
-        k_all = apply_rope(k_all.flatten(2, 3), ang_k)               # (B,H,(Tc+T)*N,hd)
+        q = apply_rope(q.flatten(2, 3), rot_q)                       # (B,H,T*N,hd)
+        k_all = apply_rope(k_all.flatten(2, 3), rot_k)               # (B,H,(Tc+T)*N,hd)
         o = attention(q, k_all, v_all.flatten(2, 3), mask)
-        x = x + g1 * self.proj(rearrange(o, "b h (t n) d -> b t n (h d)", t=T))
-        x = x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
+        x = torch.addcmul(x, g1, self.proj(rearrange(o, "b h (t n) d -> b t n (h d)", t=T)))   # x + g1 * ...
+        x = torch.addcmul(x, g2, self.mlp(modulate(self.norm2(x), sh2, sc2)))
         return x, (k, v)
 
 
@@ -201,11 +206,11 @@ class VideoDiT(nn.Module):
         hd, N = self.mc.dim // self.mc.heads, self.grid ** 2
         kv, mask = None, None
         if past is None:
-            ang_q = ang_k = rope_angles(torch.arange(T, device=x.device), self.grid, hd, x.device)   # (T*N, hd/2)
+            rot_q = rot_k = rotation(rope_angles(torch.arange(T, device=x.device), self.grid, hd, x.device))   # (T*N, hd/2)
         else:
             kv, k_pos, q_pos, valid = past
-            ang_q = rope_angles(q_pos, self.grid, hd, x.device)
-            ang_k = rope_angles(torch.cat([k_pos, q_pos]), self.grid, hd, x.device)
+            rot_k = rotation(rope_angles(torch.cat([k_pos, q_pos]), self.grid, hd, x.device))   # cache, then x
+            rot_q = rot_k[-T * N:]
             if valid is not None:                                    # a filling or cleared cache hides slots;
                 keys = torch.cat([valid, valid.new_ones(*valid.shape[:-1], T)], -1)   # a full one needs no mask
                 mask = keys.repeat_interleave(N, -1)                 # (n+T)*N, or (B, (n+T)*N) per stream
@@ -215,7 +220,7 @@ class VideoDiT(nn.Module):
             mask = ch[:, None] >= ch[None, :]                        # (T*N, T*N) bool
         new_kv = []
         for i, block in enumerate(self.blocks):
-            h, kv_i = block(h, c, ang_q, ang_k, mask, None if kv is None else kv[i])
+            h, kv_i = block(h, c, rot_q, rot_k, mask, None if kv is None else kv[i])
             new_kv.append(kv_i)
         sh, sc = self.final_adaLN(c)[:, :, None].chunk(2, -1)        # (B,T,1,D) each
         out = self.unpatchify(self.final_layer(modulate(self.final_norm(h), sh, sc)))

@@ -72,7 +72,7 @@ class Player:
         """event (B,chunk) -> the next chunk (B,chunk,3,S,S), float, on the device."""
         S, ch = self.g.world.size, self.g.chunk
         noise = torch.stack([torch.randn(ch, 3, S, S, generator=gn) for gn in self.noise_gens]).to(self.device)
-        with autocast(self.device):
+        with autocast(self.device, videos=len(self.noise_gens)):
             return rollout(self.g.model, noise, event.to(self.device), self.g.stream["sigmas"], ch, self.cache,
                            switch=self.switch, gen=self.noise_gens).float()
 

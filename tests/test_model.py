@@ -6,7 +6,7 @@ import torch
 import model as model_module
 from conftest import CH, SIGMAS, MC, MODEL_ARGS, B, T, randomized
 from model import (KVCache, VideoDiT, add_noise, apply_rope, build, pred_x0, randn, recache,
-                   rope_angles, rope_pairs, rollout, shift_sigma, stream as stream_step)
+                   rope_angles, rope_pairs, rollout, rotation, shift_sigma, stream as stream_step)
 
 
 def inputs(seed=0):
@@ -125,8 +125,8 @@ def test_cpu_rope_equals_the_pairwise_rotation():
     qkv = torch.randn(2, 48, 3 * 4 * 32)                             # (B,L,3*H*hd), q/k/v are strided views
     q = qkv.view(2, 48, 3, 4, 32)[:, :, 1].transpose(1, 2)           # (B,H,L,hd), the k slice
     for x in (q, q.bfloat16()):
-        assert torch.allclose(apply_rope(x, ang).float(), rope_pairs(x, ang).float(), atol=1e-6, rtol=1e-5 if x.dtype == torch.float32 else 1e-2)
-    assert apply_rope(q.bfloat16(), ang).dtype == torch.bfloat16
+        assert torch.allclose(apply_rope(x, rotation(ang)).float(), rope_pairs(x, ang).float(), atol=1e-6, rtol=1e-5 if x.dtype == torch.float32 else 1e-2)
+    assert apply_rope(q.bfloat16(), rotation(ang)).dtype == torch.bfloat16
 
 
 def test_sink_and_window_keep_memory_bounded():
@@ -309,6 +309,24 @@ def test_cpu_attention_equals_sdpa(masked):
     mask = (torch.rand(2, 1, 1, 9, generator=g) > 0.3) | (torch.arange(9) >= 5) if masked else None
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.allclose(model_module.attention(q, k, v, mask), ref, atol=1e-6)
+
+
+def test_precision_auto_keeps_small_cpu_streams_in_fp32(monkeypatch):
+    """The rule the benchmark justifies: on a CPU with native bf16, auto trains and samples 16 or more
+    videos in bf16 but samples fewer in fp32; an explicit --precision is obeyed everywhere; CUDA is bf16."""
+    import common
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
+    on = lambda device, videos=None: common.autocast(device, videos)._enabled
+    common.set_precision("auto", cpu)
+    assert on(cpu) and on(cpu, videos=16) and on(cpu, videos=64)
+    assert not on(cpu, videos=1) and not on(cpu, videos=15)
+    common.set_precision("bf16", cpu)
+    assert on(cpu) and on(cpu, videos=1)
+    common.set_precision("fp32", cpu)
+    assert not on(cpu) and not on(cpu, videos=64)
+    common.set_precision("auto", torch.device("cuda"))            # (no CUDA autocast object on a CPU-only machine)
+    assert common.BF16["cuda"] and not common.FP32_STREAMS["cuda"]
 
 
 def test_precision_auto_bf16_where_the_cpu_multiplies_it_and_weights_stay_fp32(monkeypatch):

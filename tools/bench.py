@@ -32,7 +32,7 @@ import longtune
 import sample
 import teacher
 import trust_region
-from common import BF16, adamw, autocast, check_file, compile_, ema_copy, pick_device, set_precision
+from common import BF16, SMALL, adamw, autocast, check_file, compile_, ema_copy, pick_device, set_precision
 from config import Config, Count, OneOf, Whole, cli
 from model import KVCache, build, pred_x0, rollout
 from world import natural_step, teacher_batch
@@ -45,7 +45,7 @@ PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12
 class BenchConfig(Config):
     compile: OneOf("auto", "on", "off") = "auto"   # auto: on CUDA only | on: also on the CPU | off
     big_batch: Count = 16         # the large batch for streaming throughput
-    frames: Count = 256           # stream length for cached streaming against recompute
+    frames: Count = 64            # stream length for cached streaming against recompute (its cost grows as frames^2)
     late: Count = 1000            # per-frame cost is compared at frame 50 and at this frame
     repeats: Count = 3            # best of n for whole-call timings
     steps: Count = 3              # timed training steps per stage, after two warm-up steps
@@ -177,79 +177,109 @@ def main(cfg):
         fn(), fn()
         return fn
 
+    # The modes (eager fp32 and bf16 on a CPU with native bf16; eager and compiled where compiled) are timed
+    # in turn, call by call, so that a machine speeding up or slowing down meets every mode alike.
+    modes = [(f"eager {p}", p, False) for p in precisions] + ([(f"compiled {precisions[-1]}", precisions[-1], True)]
+                                                              if compiled else [])
+
+    def each(fn):           # {label: fn(label, on)} over the modes in turn, each under its own precision
+        out = {}
+        for label, prec, on in modes:
+            set_precision(prec, device)
+            out[label] = fn(label, on)
+        return out
+
+    nets = each(lambda label, on: compile_(build(teacher.model_args(tcfg), model.state_dict(), device).eval(), True,
+                dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default") if on else model)
+    gens = {label: sample.StreamModel(net, stream_, teacher.world_of(tcfg)) for label, net in nets.items()}
     warm = (dcfg.n_sink + dcfg.n_window) // ch + 1                  # chunks until the cache is full
     batches = {TEACHER: tcfg.batch, DMD: dcfg.batch, BASELINE: lcfg.batch, DELTA: lcfg.batch}
     # evaluations per frame: the teacher's sample_steps (twice with CFG) against the student's levels + its cache write
     ceiling = tcfg.sample_steps * (2 if tcfg.guidance else 1) / (len(sigmas) + 1)
-    rates, flops, speed = {}, {}, {}                                # rates[mode, batch], flops[step], speed[mode, step]
-    for kind, prec in [("eager", p) for p in precisions] + ([("compiled", precisions[-1])] if compiled else []):
-        label, on, eager = f"{kind} {prec}", kind == "compiled", f"eager {prec}"
-        set_precision(prec, device)
-        net = compile_(build(teacher.model_args(tcfg), model.state_dict(), device).eval(), True, dynamic=False,
-                       mode="reduce-overhead" if device.type == "cuda" else "default") if on else model
-        g = sample.StreamModel(net, stream_, teacher.world_of(tcfg))   # compiled: static shapes, a CUDA graph on CUDA
-
-        for B in (1, cfg.big_batch):                                # ---- streaming
-            for _ in range(2):                                      # warm-up: compiles and records every graph
-                stream_times(g, B, ch * (warm + 4), device)
-            g0 = counters["stats"]["unique_graphs"]
-            times = stream_times(g, B, ch * (warm + 20), device)
-            rates[label, B] = B * ch / statistics.median(times[warm:])
+    rates, speed, flops = {}, {}, {}                                # rates[mode, batch], speed[mode, step], flops[step]
+    for B in (1, cfg.big_batch):                                    # ---- streaming
+        for _ in range(2):                                          # warm-up: compiles and records every graph
+            each(lambda label, on: stream_times(gens[label], B, ch * (warm + 4), device))
+        g0, times = counters["stats"]["unique_graphs"], {label: [] for label in gens}
+        for _ in range(cfg.repeats):
+            for label, t in each(lambda label, on: stream_times(gens[label], B, ch * (warm + 20), device)).items():
+                times[label].append(t)
+        for label, _, on in modes:
+            rates[label, B] = B * ch / statistics.median(x for t in times[label] for x in t[warm:])
             add((f"{label}: streaming, batch {B}, steady state", rates[label, B], "frames/s"),
-                (f"{label}: first-chunk latency, batch {B}", times[0] * 1000, "ms"))
+                (f"{label}: first-chunk latency, batch {B}", statistics.median(t[0] for t in times[label]) * 1000, "ms"))
             if on:
                 add((f"{label}: graphs traced in total / new in a warmed stream, batch {B}",
                      f"{g0} / {counters['stats']['unique_graphs'] - g0}", ""),
-                    (f"compiled / eager streaming, batch {B}", rates[label, B] / rates[eager, B], "x"))
-        if not on and prec == precisions[0]:                        # one long stream, 50 frames early and late
-            times = stream_times(g, 1, -(-(cfg.late + 50) // ch) * ch, device)   # whole chunks
-            early, late = (statistics.median(times[f // ch:(f + 50) // ch]) for f in (50, cfg.late))
-            F, kv = cfg.frames, (dcfg.n_sink, dcfg.n_window)
-            noise, ev = torch.randn(1, F, 3, S, S, device=device), torch.zeros(1, F, dtype=torch.long, device=device)
-            t_cache = timed(torch.no_grad()(lambda: rollout(model, noise, ev, sigmas, ch, KVCache(*kv))), device)
-            t_recompute = timed(lambda: recompute_stream(model, noise, ev, sigmas, ch), device)
-            add(("per-frame cost at frames 50-100 (eager, batch 1)", early / ch * 1000, "ms"),
-                (f"per-frame cost at frames {cfg.late}-{cfg.late + 50}", late / ch * 1000, "ms"),
-                (f"per-frame cost, frame {cfg.late} / frame 50", late / early, "x"),
-                (f"{F} frames, cached streaming (eager)", F / t_cache, "frames/s"),
-                (f"{F} frames, recompute the causal prefix", F / t_recompute, "frames/s"),
-                ("cache / recompute", t_recompute / t_cache, "x"))
+                    (f"compiled / eager streaming, batch {B}", rates[label, B] / rates[modes[-2][0], B], "x"))
 
-        for what, batch in batches.items():                         # ---- training
-            fn, g0 = make(what, on), counters["stats"]["unique_graphs"]
-            dt = clock(lambda: [fn() for _ in range(cfg.steps)], device) / cfg.steps
-            graphs = counters["stats"]["unique_graphs"] - g0        # a rarer path (a recache) may compile late
-            if what not in flops:   # the very same steps again (same seed), counted: matmuls and attention,
-                fn = make(what, on)  # forward and backward, as MFU counts (the CPU's attention is matmuls too)
-                with FlopCounterMode(display=False) as counted:
-                    for _ in range(cfg.steps):
-                        fn()
-                flops[what] = counted.get_total_flops() / cfg.steps
-            speed[label, what] = dt
+    label0 = modes[0][0]                                            # one long stream, 50 frames early and late, thrice
+    set_precision(modes[0][1], device)
+    for run in range(3):
+        times = stream_times(gens[label0], 1, -(-(cfg.late + 50) // ch) * ch, device)   # whole chunks
+        early, late = (statistics.median(times[f // ch:(f + 50) // ch]) for f in (50, cfg.late))
+        add((f"{label0}, run {run + 1}: per-frame cost at frames 50-100 / {cfg.late}-{cfg.late + 50}, batch 1",
+             f"{early / ch * 1000:.2f} / {late / ch * 1000:.2f}", "ms"),
+            (f"{label0}, run {run + 1}: per-frame cost, frame {cfg.late} / frame 50", late / early, "x"))
+    F, kv = cfg.frames, (dcfg.n_sink, dcfg.n_window)
+    noise, ev = torch.randn(1, F, 3, S, S, device=device), torch.zeros(1, F, dtype=torch.long, device=device)
+    t_cache = timed(torch.no_grad()(lambda: rollout(model, noise, ev, sigmas, ch, KVCache(*kv))), device)
+    t_recompute = timed(lambda: recompute_stream(model, noise, ev, sigmas, ch), device)
+    add((f"{F} frames, cached streaming ({label0})", F / t_cache, "frames/s"),
+        (f"{F} frames, recompute the causal prefix", F / t_recompute, "frames/s"),
+        ("cache / recompute", t_recompute / t_cache, "x"))
+
+    for what, batch in batches.items():                             # ---- training, the modes step by step in turn
+        fns, g0 = each(lambda label, on: make(what, on)), counters["stats"]["unique_graphs"]
+        steps = {label: [] for label in fns}
+        for _ in range(cfg.steps):
+            for label, dt in each(lambda label, on: clock(fns[label], device)).items():
+                steps[label].append(dt)
+        graphs = counters["stats"]["unique_graphs"] - g0            # a rarer path (a recache) may compile late
+        fn = make(what, False)      # the very same steps again (same seed), counted: matmuls and attention,
+        with FlopCounterMode(display=False) as counted:   # forward and backward, as MFU counts (the CPU's attention too)
+            for _ in range(cfg.steps):
+                fn()
+        flops[what] = counted.get_total_flops() / cfg.steps
+        for label, _, on in modes:
+            dt = speed[label, what] = statistics.median(steps[label])
             mfu = f"{100 * flops[what] / dt / peak:.1f}%" if peak else "n/a (no bf16 peak for this device)"
             add((f"{label}: {what}, batch {batch}" + (f" ({graphs} graphs compiled while timed)" if on else ""),
                  dt * 1000, "ms"),
                 (f"{label}: {what}: {flops[what] / 1e9:.2f} GFLOP/step, achieved / MFU",
                  f"{flops[what] / dt / 1e9:,.1f} GFLOP/s / {mfu}", ""))
-            if device.type == "cuda" and not on:                    # eager: each sync is one op, not a graph
-                add((f"host syncs per step (the host waits for the GPU): {what}", host_syncs(make(what, on)), ""))
-        if on:
-            add(*[(f"compiled / eager train step speed-up: {w}", speed[eager, w] / speed[label, w], "x") for w in batches])
-        elif prec == "bf16" and "fp32" in precisions:               # the CPU's matrix units against fp32, same run
-            add(*[(f"bf16 / fp32 speed-up: {w}", speed["eager fp32", w] / speed[label, w], "x") for w in batches],
-                *[(f"bf16 / fp32 speed-up: streaming, batch {B}", rates[label, B] / rates["eager fp32", B], "x")
-                  for B in (1, cfg.big_batch)])
+        if device.type == "cuda":                                   # eager: each sync is one op, not a graph
+            add((f"host syncs per step (the host waits for the GPU): {what}", host_syncs(make(what, False)), ""))
 
-        grid = teacher.euler_grid(tcfg.sample_steps, tcfg.sample_shift)     # ---- the teacher, same compile and dtype
-        clip = autocast(device)(lambda: teacher.sample(g.model, torch.zeros(1, T, dtype=torch.long, device=device),
-                                                       torch.randn(1, T, 3, S, S, device=device), grid, tcfg.guidance))
-        t_teacher = timed(clip, device, cfg.repeats)
-        ratio = rates[label, 1] / (T / t_teacher)
-        add((f"{label}: teacher Euler {tcfg.sample_steps} steps + CFG, batch 1", T / t_teacher, "frames/s"),
+    grid = teacher.euler_grid(tcfg.sample_steps, tcfg.sample_shift)     # ---- the teacher's sampler, batch 1
+    t_teacher = {label: [] for label in gens}
+    for _ in range(cfg.repeats):
+        for label, dt in each(lambda label, on: timed(autocast(device, videos=1)(lambda: teacher.sample(
+                gens[label].model, torch.zeros(1, T, dtype=torch.long, device=device),
+                torch.randn(1, T, 3, S, S, device=device), grid, tcfg.guidance)), device)).items():
+            t_teacher[label].append(dt)
+    for label, _, _ in modes:
+        ratio = rates[label, 1] / (T / min(t_teacher[label]))
+        add((f"{label}: teacher Euler {tcfg.sample_steps} steps + CFG, batch 1", T / min(t_teacher[label]), "frames/s"),
             (f"{label}: student stream / teacher sampler, batch 1", ratio, "x"),
             (f"{label}: share of the evaluation-count ceiling, {ceiling:.1f}x", 100 * ratio / ceiling, "%"))
 
+    if compiled:
+        add(*[(f"compiled / eager train step speed-up: {w}", speed[modes[-2][0], w] / speed[modes[-1][0], w], "x")
+              for w in batches])
+    if len(precisions) == 2:                                        # the CPU's matrix units against fp32, same run
+        f32, b16 = "eager fp32", "eager bf16"
+        add(*[(f"bf16 / fp32 speed-up: {w}", speed[f32, w] / speed[b16, w], "x") for w in batches],
+            *[(f"bf16 / fp32 speed-up: streaming, batch {B}", rates[b16, B] / rates[f32, B], "x") for B in (1, cfg.big_batch)])
+        auto = lambda videos: b16 if videos is None or videos >= SMALL else f32   # --precision=auto's rule (common.py)
+        add(*[(f"auto ({auto(None)[6:]}) / fp32: {w}", speed[f32, w] / speed[auto(None), w], "x") for w in batches],
+            *[(f"auto ({auto(B)[6:]}) / fp32: streaming, batch {B}", rates[auto(B), B] / rates[f32, B], "x")
+              for B in (1, cfg.big_batch)],
+            (f"auto ({auto(1)[6:]}): share of the evaluation-count ceiling, student / teacher sampler, batch 1",
+             100 * rates[auto(1), 1] * min(t_teacher[auto(1)]) / T / ceiling, "%"))
+
     if cfg.profile:                                                 # the last mode's: the faster setting of each
+        g = gens[modes[-1][0]]
         profile(lambda: stream_times(g, 1, ch * (warm + 2), device), device, f"a stream of {warm + 2} chunks, batch 1")
         for what in batches:
             profile(make(what, compiled), device, what)

@@ -208,7 +208,7 @@ def teacher_probe(tck, cfg, device):
     sig = teacher_stage.euler_grid(tc["sample_steps"], tc["sample_shift"]).to(device)
     for i in range(len(sig) - 1):                                 # Euler + CFG, the context inpainted by replacement
         x[:, :H] = add_noise(ctx, torch.randn(ctx.shape, generator=gen).to(device), sig[i].expand(len(x), H))
-        with autocast(device):
+        with autocast(device, videos=len(x)):
             x = teacher_stage.sample(model, ev.to(device), x, sig[i:i + 2], tc["guidance"]).float()
     return float(np.mean(batch_metrics(x.cpu(), ev, w, chunk=tc["chunk"])["react"]))
 
@@ -220,7 +220,7 @@ def generator_probe(g, cfg, switch):
     H, ch = s["window"] - g.chunk, g.chunk                        # history: all but one chunk of a teacher window
     x_real, ev = real_clips(g.world, H + ch, H, cfg.seeds, cfg.seed)
     cache = KVCache(s["n_sink"], s["n_window"])
-    with autocast(device):
+    with autocast(device, videos=len(ev)):
         for i in range(0, H, ch):                                 # the real history, written clean under the old event
             f = x_real[:, i:i + ch].to(device)
             stream(g.model, f, torch.zeros(f.shape[:2], device=device), ev[:, i:i + ch].to(device), cache, write=True)
