@@ -9,6 +9,7 @@
 #   REHEARSE=1 bash tools/reproduce.sh gpu-check DIR   # the same on the CPU: 2 steps of batch 4 per loop, bench tiny
 #   STAGES=final bash tools/reproduce.sh tiny   # the next reading's final table: seeds 300-331, training seeds 3-7,
 #                                     # the controls at 3-5, the rho = 0 chain; run it once (about 11 h on 2 cores)
+#   STAGES=final SEEDS="3 4 5" CONTROLS=3 RHO0= bash tools/reproduce.sh tiny   # a part of it (the seeds named)
 # Steps: teacher, distillation and the two probes; for training seeds 0-2 the long-tuning baseline,
 # Delta Forcing and the constant-w control (w held at the default runs' mean trust) from the same student;
 # the ablations (seed 0: step only, continuity only, with 6', without the floor); the signal AUC table (tools.drift
@@ -105,37 +106,48 @@ printf "# Results, preset %s\n\n%s, %s, torch %s. Made by \`STAGES=%s bash tools
   "$dev" "$($PY -c 'import torch; print(torch.__version__)')" "$STAGES" "$P" > "$MD"
 t() { local t0=$SECONDS; echo "=== $*"; "$@"; echo "  ($(( SECONDS - t0 )) s: $*)" | tee -a "$O/times.log"; }
 
-if [ "$STAGES" = final ]; then   # the final table of the seed plan (docs/results.md): run once, on blocks never looked at
+if [ "$STAGES" = final ]; then   # the final table of the seed plan (docs/results.md): run once, on blocks never looked at.
+  # Where one sitting cannot hold it, in parts: SEEDS (baseline, Delta Forcing), CONTROLS (each control) and RHO0 (the
+  # rho = 0 chain) name a part's training seeds; a checkpoint already there is kept (a part resumed, or run by hand
+  # with these very flags), so the controls pair with the Delta Forcing runs of the same chain.
+  SEEDS=${SEEDS-3 4 5 6 7}; CONTROLS=${CONTROLS-3 4 5}; RHO0=${RHO0-3 4 5}
   meanw() { $PY -c "import sys, torch; print(sum(torch.load(p, map_location='cpu', weights_only=True)['metrics'][sys.argv[1]]
     for p in sys.argv[2:]) / len(sys.argv[2:]))" "$@"; }
-  for R in "$O" "$O/rho0"; do                                   # the chain, and the rho = 0 chain (nothing to fix)
+  run() { [ -f "$1/final/$2_s$3.pt" ] || t $PY longtune.py --preset="$P" --out_dir="$1" --seed="$3" "${@:4}" --out_name="final/$2_s$3.pt" $X; }
+  for R in "$O" $([ -z "$RHO0" ] || echo "$O/rho0"); do          # the chain, and the rho = 0 chain (nothing to fix)
     mkdir -p "$R/final"
     [ -f "$R/teacher.pt" ] || t $PY teacher.py --preset="$P" --out_dir="$R" $([ "$R" = "$O" ] || echo --rho=0) $X
     [ -f "$R/student.pt" ] || t $PY distill.py --preset="$P" --out_dir="$R" $X
   done
-  for s in 3 4 5 6 7; do                                        # training seeds 3-7: the baseline and Delta Forcing
-    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --out_name=final/longtune_s$s.pt $X
-    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --out_name=final/deltaforcing_s$s.pt $X
+  for s in $SEEDS; do                                           # the baseline and Delta Forcing
+    run "$O" longtune "$s"
+    run "$O" deltaforcing "$s" --trust_region=True
   done
-  DF=$(for s in 3 4 5 6 7; do echo "$O/final/deltaforcing_s$s.pt"; done)
-  W=$(meanw mean_w $DF); SH=$(meanw switched_share $DF)
-  C=$($PY -c "print(max(0.001, 1 - (1 - $W) / $SH))")          # schedule-only: the same mean trust (0 would mean off)
-  for s in 3 4 5; do                                            # each control differs from Delta Forcing in one thing
-    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --trust_const="$W" --out_name=final/constw_s$s.pt $X
-    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --trust_shuffle=True --out_name=final/shuffled_s$s.pt $X
-    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --trust_schedule="$C" --out_name=final/schedule_s$s.pt $X
-    t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --guidance=0 --out_name=final/guidance0_s$s.pt $X
-    t $PY longtune.py --preset="$P" --out_dir="$O/rho0" --seed=$s --out_name=final/longtune_s$s.pt $X
-    t $PY longtune.py --preset="$P" --out_dir="$O/rho0" --seed=$s --trust_region=True --out_name=final/deltaforcing_s$s.pt $X
+  if [ -n "$CONTROLS" ]; then
+    DF=$(ls "$O"/final/deltaforcing_s*.pt)
+    W=$(meanw mean_w $DF); SH=$(meanw switched_share $DF)
+    C=$($PY -c "print(max(0.001, 1 - (1 - $W) / $SH))")        # schedule-only: the same mean trust (0 would mean off)
+  fi
+  for s in $CONTROLS; do                                        # each control differs from Delta Forcing in one thing
+    run "$O" constw "$s" --trust_region=True --trust_const="$W"
+    run "$O" shuffled "$s" --trust_region=True --trust_shuffle=True
+    run "$O" schedule "$s" --trust_region=True --trust_schedule="$C"
+    run "$O" guidance0 "$s" --guidance=0
   done
-  ck() { for s in $2; do printf "%s/final/%s_s%d.pt," "$3" "$1" $s; done; }
+  for s in $RHO0; do
+    run "$O/rho0" longtune "$s"
+    run "$O/rho0" deltaforcing "$s" --trust_region=True
+  done
+  ck() { for s in $2; do printf "%s/final/%s_s%d.pt," "$3" "$1" "$s"; done; }
   printf "\n## The final table (evaluation seeds 300-331, the built-in and the drawn schedules)\n" >> "$MD"
   t $PY -m tools.evaluate --preset="$P" --seeds=${PS:-32} --first_seed=300 --drawn=True --reference="$O/final/longtune.pt" \
-    --json="$O/final.json" --md="$MD" --svg="$O/final.svg" --ckpts="$O/student.pt,$(ck longtune "3 4 5 6 7" "$O")$(ck deltaforcing \
-    "3 4 5 6 7" "$O")$(ck constw "3 4 5" "$O")$(ck shuffled "3 4 5" "$O")$(ck schedule "3 4 5" "$O")$(ck guidance0 "3 4 5" "$O")"
-  printf "\n## The rho = 0 chain on the same block\n" >> "$MD"
-  t $PY -m tools.evaluate --preset="$P" --seeds=${PS:-32} --first_seed=300 --drawn=True --reference="$O/rho0/final/longtune.pt" \
-    --json="$O/final_rho0.json" --md="$MD" --ckpts="$(ck longtune "3 4 5" "$O/rho0")$(ck deltaforcing "3 4 5" "$O/rho0")"
+    --json="$O/final.json" --md="$MD" --svg="$O/final.svg" --ckpts="$O/student.pt,$(ck longtune "$SEEDS" "$O")$(ck deltaforcing \
+    "$SEEDS" "$O")$(ck constw "$CONTROLS" "$O")$(ck shuffled "$CONTROLS" "$O")$(ck schedule "$CONTROLS" "$O")$(ck guidance0 "$CONTROLS" "$O")"
+  if [ -n "$RHO0" ]; then
+    printf "\n## The rho = 0 chain on the same block\n" >> "$MD"
+    t $PY -m tools.evaluate --preset="$P" --seeds=${PS:-32} --first_seed=300 --drawn=True --reference="$O/rho0/final/longtune.pt" \
+      --json="$O/final_rho0.json" --md="$MD" --ckpts="$(ck longtune "$RHO0" "$O/rho0")$(ck deltaforcing "$RHO0" "$O/rho0")"
+  fi
   echo "wrote $MD"; exit 0
 fi
 t $PY teacher.py --preset="$P" --out_dir="$O" $X
