@@ -24,7 +24,7 @@ from config import BadInput
 
 # ----------------------------------------------------------------------------- device, precision, compile
 
-def pick_device(name, local_rank=0, precision="auto"):
+def pick_device(name, local_rank=0, precision="auto", interactive=False):
     """cuda (this process's GPU under torchrun), else mps, else cpu; TF32 matmuls on CUDA; --precision."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -32,7 +32,7 @@ def pick_device(name, local_rank=0, precision="auto"):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.cuda.set_device(device)
-    set_precision(precision, device)
+    set_precision(precision, device, interactive)
     return device
 
 
@@ -48,25 +48,22 @@ def cpu_has_bf16():
 
 
 BF16 = {"cuda": True}    # device type -> bf16 autocast on or not; the CPU starts in fp32 until set_precision
-FP32_STREAMS = {}        # device type -> whether sampling fewer than SMALL videos at once stays fp32 (auto on a CPU)
-SMALL = 16
 
 
-def set_precision(precision, device):
-    """--precision: bf16 or fp32 autocast everywhere; auto = bf16 on CUDA and on a CPU that multiplies bf16
-    natively, but on a CPU sampling fewer than 16 videos at once stays fp32: there bf16's casts and small
-    matrix products cost more than they save (docs/performance.md). Elsewhere fp32. Weights, gradients and
-    optimizer state stay fp32 either way (autocast casts per op)."""
+def set_precision(precision, device, interactive=False):
+    """--precision: bf16 or fp32 autocast everywhere. auto: bf16 on CUDA and on a CPU that multiplies bf16
+    natively, but fp32 for an interactive run on a CPU (interactive=True: sample.py and the web page, one
+    video streamed at batch 1, where bf16's casts cost more than its small matmuls save; docs/performance.md);
+    fp32 elsewhere. Training and evaluation never depend on it. Weights, gradients and optimizer state stay
+    fp32 either way (autocast casts per op)."""
     native = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
-    BF16[device.type] = precision == "bf16" or (precision == "auto" and native)
-    FP32_STREAMS[device.type] = precision == "auto" and device.type == "cpu"
+    small = interactive and device.type == "cpu"
+    BF16[device.type] = precision == "bf16" or (precision == "auto" and native and not small)
 
 
-def autocast(device, videos=None):
-    """bf16 autocast where set_precision put it (no GradScaler needed: bf16 keeps fp32's range);
-    videos: how many videos an inference call samples at once (None: training, always as set)."""
-    small = videos is not None and videos < SMALL and FP32_STREAMS.get(device.type, False)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=BF16.get(device.type, False) and not small)
+def autocast(device):
+    """bf16 autocast where set_precision put it (no GradScaler needed: bf16 keeps fp32's range)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=BF16.get(device.type, False))
 
 
 def compile_(module, enabled, **kw):

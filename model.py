@@ -96,7 +96,8 @@ def rope_angles(t_pos, grid, head_dim, device):
 
 def rotation(ang):
     """The rotation RoPE applies, made once per forward and shared by every block: on the CPU the unit
-    complex numbers e^(i ang) (one complex multiply per use), on CUDA the angles (torch.compile fuses the pairs)."""
+    complex numbers e^(i ang) (one complex multiply per use); on CUDA the angles themselves, whose cos and
+    sin the compiled kernel computes where it rotates (inductor does not generate complex arithmetic)."""
     return torch.polar(torch.ones_like(ang), ang) if ang.device.type == "cpu" else ang
 
 

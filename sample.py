@@ -72,7 +72,7 @@ class Player:
         """event (B,chunk) -> the next chunk (B,chunk,3,S,S), float, on the device."""
         S, ch = self.g.world.size, self.g.chunk
         noise = torch.stack([torch.randn(ch, 3, S, S, generator=gn) for gn in self.noise_gens]).to(self.device)
-        with autocast(self.device, videos=len(self.noise_gens)):
+        with autocast(self.device):
             return rollout(self.g.model, noise, event.to(self.device), self.g.stream["sigmas"], ch, self.cache,
                            switch=self.switch, gen=self.noise_gens).float()
 
@@ -216,7 +216,7 @@ def live(cfg, g, device):
 def main(cfg):
     if cfg.live and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise BadInput("--live needs a terminal on stdin and stdout (run it in a terminal, over ssh -t, or in tmux)")
-    device = pick_device(cfg.device, precision=cfg.precision)
+    device = pick_device(cfg.device, precision=cfg.precision, interactive=True)
     g = load_generator(cfg.ckpt, device, cfg.weights)
     if not cfg.live:
         check_frames(cfg.frames, g.chunk)

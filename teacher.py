@@ -118,7 +118,7 @@ def evaluate(model, cfg, n, device, seed=1234):
     one, sw = eval_events(n, cfg.frames, cfg.chunk)
     ev = torch.cat([one, sw])
     noise = torch.randn(2 * n, cfg.frames, 3, cfg.size, cfg.size, generator=gen)
-    with autocast(device, videos=len(ev)):
+    with autocast(device):
         x = sample(model, ev.to(device), noise.to(device), euler_grid(cfg.sample_steps, cfg.sample_shift), cfg.guidance)
     x = x.float().cpu()
     return clip_scores(x, one, sw, world_of(cfg), first=1, chunk=cfg.chunk), x[:n], x[n:]

@@ -39,8 +39,8 @@ def test_score_and_markdown():
     per = evaluate.score(g, [("switch", "right@0,up@4", 8)], [0, 1], "recache")
     for k in evaluate.METRICS + ["n_react"]:
         assert len(per[("switch", k)]) == 1 and len(per[("all", k)][0]) == 2
-    result = stats.summarize_rows({"x_s0.pt": per, "x_s1.pt": per}, {"x.pt": ["x_s0.pt", "x_s1.pt"]}, "x.pt")
-    md = evaluate.markdown(result, [0, 1], "recache", "x.pt")
+    result = stats.summarize_rows({"x_s0.pt": per, "x_s1.pt": per}, {"x.pt": ["x_s0.pt", "x_s1.pt"]}, ["x.pt"])
+    md = evaluate.markdown(result, [0, 1], "recache", ["x.pt"])
     assert "**switch schedules**" in md and "| **x.pt** | 2 | " in md and "| x_s1.pt | | " in md and "| row | seeds | react |" in md
 
 
@@ -57,15 +57,20 @@ def test_rows_are_means_over_training_seeds_and_differences_are_paired():
     shared = [0.5, 0.7, 0.9]                                     # seed-to-seed variation both methods share
     per = {f"a_s{k}.pt": videos(v) for k, v in enumerate(shared)} | {f"b_s{k}.pt": videos(v + 0.1) for k, v in enumerate(shared)}
     rows = {"a.pt": [f"a_s{k}.pt" for k in range(3)], "b.pt": [f"b_s{k}.pt" for k in range(3)]}
-    r = stats.summarize_rows(per, rows, "a.pt")
+    r = stats.summarize_rows(per, rows, ["a.pt", "b.pt"])
     a = r["a.pt"]["all"]["react"]
     assert a["mean"] == pytest.approx(0.7) and a["n"] == 3
     assert a["ci95"] == pytest.approx(4.303 * 0.2 / 3 ** 0.5, rel=1e-3)   # t(0.975, 2) sd / sqrt(n): wide
-    assert r["b.pt"]["all"]["react"]["diff"]["mean"] == pytest.approx(0.1)
-    assert r["b.pt"]["all"]["react"]["diff"]["ci95"] == pytest.approx(0.0, abs=1e-9)   # paired: the shared part cancels
+    assert r["b.pt"]["all"]["react"]["diff"]["a.pt"]["mean"] == pytest.approx(0.1)
+    assert r["b.pt"]["all"]["react"]["diff"]["a.pt"]["ci95"] == pytest.approx(0.0, abs=1e-9)   # paired: the shared part cancels
+    assert r["a.pt"]["all"]["react"]["diff"]["b.pt"]["mean"] == pytest.approx(-0.1)         # each reference, both ways
+    assert "a.pt" not in r["a.pt"]["all"]["react"]["diff"]                                   # never against itself
+    r = stats.summarize_rows(per | {"c_s1.pt": videos(0.3)}, rows | {"c.pt": ["c_s1.pt"]}, ["c.pt"])
+    assert r["a.pt"]["all"]["react"]["diff"]["c.pt"] == dict(mean=pytest.approx(0.4), ci95=pytest.approx(float("nan"),
+                                                                  nan_ok=True), n=1)    # seed 1 only: a seeded reference pairs
     assert a["seeds"]["a_s2.pt"]["mean"] == pytest.approx(0.9) and a["seeds"]["a_s2.pt"]["ci95"] == pytest.approx(0.0)
     with pytest.raises(BadInput, match="--reference=c.pt names no row"):
-        stats.summarize_rows(per, rows, "c.pt")
+        stats.summarize_rows(per, rows, ["c.pt"])
 
 
 def test_benchmark_json_and_markdown(student_dir, tmp_path):

@@ -311,22 +311,18 @@ def test_cpu_attention_equals_sdpa(masked):
     assert torch.allclose(model_module.attention(q, k, v, mask), ref, atol=1e-6)
 
 
-def test_precision_auto_keeps_small_cpu_streams_in_fp32(monkeypatch):
-    """The rule the benchmark justifies: on a CPU with native bf16, auto trains and samples 16 or more
-    videos in bf16 but samples fewer in fp32; an explicit --precision is obeyed everywhere; CUDA is bf16."""
+def test_precision_auto_streams_an_interactive_cpu_run_in_fp32(monkeypatch):
+    """The rule the benchmark justifies: on a CPU with native bf16, auto trains and evaluates in bf16 but
+    runs sample.py and the web page (interactive) in fp32; an explicit --precision is obeyed; CUDA is bf16."""
     import common
-    cpu = torch.device("cpu")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
-    on = lambda device, videos=None: common.autocast(device, videos)._enabled
-    common.set_precision("auto", cpu)
-    assert on(cpu) and on(cpu, videos=16) and on(cpu, videos=64)
-    assert not on(cpu, videos=1) and not on(cpu, videos=15)
-    common.set_precision("bf16", cpu)
-    assert on(cpu) and on(cpu, videos=1)
-    common.set_precision("fp32", cpu)
-    assert not on(cpu) and not on(cpu, videos=64)
-    common.set_precision("auto", torch.device("cuda"))            # (no CUDA autocast object on a CPU-only machine)
-    assert common.BF16["cuda"] and not common.FP32_STREAMS["cuda"]
+    monkeypatch.setitem(common.BF16, "cuda", True)
+    for precision, interactive, device, bf16 in [("auto", False, cpu, True), ("auto", True, cpu, False),
+                                                 ("bf16", True, cpu, True), ("fp32", False, cpu, False),
+                                                 ("auto", True, cuda, True), ("fp32", True, cuda, False)]:
+        common.set_precision(precision, device, interactive)
+        assert common.BF16[device.type] == bf16, (precision, interactive, device)
 
 
 def test_precision_auto_bf16_where_the_cpu_multiplies_it_and_weights_stay_fp32(monkeypatch):

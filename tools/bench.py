@@ -6,8 +6,9 @@
     python -m tools.bench --profile=True        # and torch.profiler's top ops: a stream and each training step
 
 Each mode (eager; compiled, on CUDA by default; eager fp32 and bf16 on a CPU that multiplies bf16) times streaming,
-the stages' own training steps and the teacher's sampler, on untrained models (weights do not change speed). Each row
-is printed and saved as it is measured, cheap ones first, so a run cut short keeps the most.
+the stages' own training steps and the teacher's sampler, on untrained models (weights do not change speed). The modes
+are timed in turn, call by call, so that a drifting machine meets them alike. Each row is printed and saved as it is
+measured, streaming first, so a run cut short keeps the most (every mode is warmed, and compiled, before the first row).
 """
 
 import sys
@@ -32,7 +33,7 @@ import longtune
 import sample
 import teacher
 import trust_region
-from common import BF16, SMALL, adamw, autocast, check_file, compile_, ema_copy, pick_device, set_precision
+from common import BF16, adamw, autocast, check_file, compile_, ema_copy, pick_device, set_precision
 from config import Config, Count, OneOf, Whole, cli
 from model import KVCache, build, pred_x0, rollout
 from world import natural_step, teacher_batch
@@ -47,7 +48,7 @@ class BenchConfig(Config):
     big_batch: Count = 16         # the large batch for streaming throughput
     frames: Count = 64            # stream length for cached streaming against recompute (its cost grows as frames^2)
     late: Count = 1000            # per-frame cost is compared at frame 50 and at this frame
-    repeats: Count = 3            # best of n for whole-call timings
+    repeats: Count = 3            # rounds of the streaming and teacher-sampler timings (median of streams, best sampler)
     steps: Count = 3              # timed training steps per stage, after two warm-up steps
     threads: Whole = 0            # torch CPU threads; 0 = torch's default
     json: str = ""                # also write the rows here, as JSON
@@ -209,13 +210,21 @@ def main(cfg):
     # evaluations per frame: the teacher's sample_steps (twice with CFG) against the student's levels + its cache write
     ceiling = tcfg.sample_steps * (2 if tcfg.guidance else 1) / (len(sigmas) + 1)
     rates, speed, flops = {}, {}, {}                                # rates[mode, batch], speed[mode, step], flops[step]
+    grid, t_teacher = teacher.euler_grid(tcfg.sample_steps, tcfg.sample_shift), {label: [] for label in gens}
+    clip = lambda label: autocast(device)(lambda: teacher.sample(gens[label].model, torch.zeros(1, T, dtype=torch.long,
+                                      device=device), torch.randn(1, T, 3, S, S, device=device), grid, tcfg.guidance))
     for B in (1, cfg.big_batch):                                    # ---- streaming
         for _ in range(2):                                          # warm-up: compiles and records every graph
             each(lambda label, on: stream_times(gens[label], B, ch * (warm + 4), device))
+            if B == 1:
+                each(lambda label, on: clip(label)())
         g0, times = counters["stats"]["unique_graphs"], {label: [] for label in gens}
         for _ in range(cfg.repeats):
             for label, t in each(lambda label, on: stream_times(gens[label], B, ch * (warm + 20), device)).items():
                 times[label].append(t)
+            if B == 1:                                              # the teacher's sampler in the same turns
+                for label, dt in each(lambda label, on: timed(clip(label), device)).items():
+                    t_teacher[label].append(dt)
         for label, _, on in modes:
             rates[label, B] = B * ch / statistics.median(x for t in times[label] for x in t[warm:])
             add((f"{label}: streaming, batch {B}, steady state", rates[label, B], "frames/s"),
@@ -236,7 +245,7 @@ def main(cfg):
     noise, ev = torch.randn(1, F, 3, S, S, device=device), torch.zeros(1, F, dtype=torch.long, device=device)
     t_cache = timed(torch.no_grad()(lambda: rollout(model, noise, ev, sigmas, ch, KVCache(*kv))), device)
     t_recompute = timed(lambda: recompute_stream(model, noise, ev, sigmas, ch), device)
-    add((f"{F} frames, cached streaming ({label0})", F / t_cache, "frames/s"),
+    add((f"{F} frames, cached streaming (eager, no autocast)", F / t_cache, "frames/s"),
         (f"{F} frames, recompute the causal prefix", F / t_recompute, "frames/s"),
         ("cache / recompute", t_recompute / t_cache, "x"))
 
@@ -262,14 +271,7 @@ def main(cfg):
         if device.type == "cuda":                                   # eager: each sync is one op, not a graph
             add((f"host syncs per step (the host waits for the GPU): {what}", host_syncs(make(what, False)), ""))
 
-    grid = teacher.euler_grid(tcfg.sample_steps, tcfg.sample_shift)     # ---- the teacher's sampler, batch 1
-    t_teacher = {label: [] for label in gens}
-    for _ in range(cfg.repeats):
-        for label, dt in each(lambda label, on: timed(autocast(device, videos=1)(lambda: teacher.sample(
-                gens[label].model, torch.zeros(1, T, dtype=torch.long, device=device),
-                torch.randn(1, T, 3, S, S, device=device), grid, tcfg.guidance)), device)).items():
-            t_teacher[label].append(dt)
-    for label, _, _ in modes:
+    for label, _, _ in modes:                                       # ---- the student against the teacher's sampler
         ratio = rates[label, 1] / (T / min(t_teacher[label]))
         add((f"{label}: teacher Euler {tcfg.sample_steps} steps + CFG, batch 1", T / min(t_teacher[label]), "frames/s"),
             (f"{label}: student stream / teacher sampler, batch 1", ratio, "x"),
@@ -282,14 +284,15 @@ def main(cfg):
         f32, b16 = "eager fp32", "eager bf16"
         add(*[(f"bf16 / fp32 speed-up: {w}", speed[f32, w] / speed[b16, w], "x") for w in batches],
             *[(f"bf16 / fp32 speed-up: streaming, batch {B}", rates[b16, B] / rates[f32, B], "x") for B in (1, cfg.big_batch)])
-        auto = lambda videos: b16 if videos is None or videos >= SMALL else f32   # --precision=auto's rule (common.py)
-        add(*[(f"auto ({auto(None)[6:]}) / fp32: {w}", speed[f32, w] / speed[auto(None), w], "x") for w in batches],
-            *[(f"auto ({auto(B)[6:]}) / fp32: streaming, batch {B}", rates[auto(B), B] / rates[f32, B], "x")
-              for B in (1, cfg.big_batch)],
-            (f"auto ({auto(1)[6:]}): share of the evaluation-count ceiling, student / teacher sampler, batch 1",
-             100 * rates[auto(1), 1] * min(t_teacher[auto(1)]) / T / ceiling, "%"))
+        # --precision=auto (common.set_precision): bf16, but fp32 for sample.py and the web page (one stream, batch 1)
+        add(*[(f"auto (bf16) / fp32: {w}", speed[f32, w] / speed[b16, w], "x") for w in batches],
+            ("auto (fp32: sample.py, the web page) / fp32: streaming, batch 1", 1.0, "x (the same mode)"),
+            (f"auto (bf16: evaluation) / fp32: streaming, batch {cfg.big_batch}",
+             rates[b16, cfg.big_batch] / rates[f32, cfg.big_batch], "x"),
+            ("auto: student stream (fp32) / teacher sampler (bf16), batch 1, share of the evaluation-count ceiling",
+             100 * rates[f32, 1] * min(t_teacher[b16]) / T / ceiling, "%"))
 
-    if cfg.profile:                                                 # the last mode's: the faster setting of each
+    if cfg.profile:                                                 # the last mode's (bf16 where both were timed)
         g = gens[modes[-1][0]]
         profile(lambda: stream_times(g, 1, ch * (warm + 2), device), device, f"a stream of {warm + 2} chunks, batch 1")
         for what in batches:

@@ -105,7 +105,7 @@ def x0_at(net, x, ev, sigma, seed, device, guidance=0.0):
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
     s, ev = torch.full(ev.shape, sigma, device=device), ev.to(device)
     xt = add_noise(x.to(device), eps.to(device), s)
-    with autocast(device, videos=len(x)):
+    with autocast(device):
         return pred_x0(xt, forward_with_cfg(net, xt, s, ev, guidance).float(), s).cpu()
 
 

@@ -8,8 +8,8 @@
 The benchmark scores every checkpoint on the same videos with the world's exact metrics. The unit of a training
 method is the training seed: checkpoints NAME_s<k>.pt are one row NAME, whose figure is the mean over its training
 seeds of each seed's mean over the videos, with a t interval over training seeds; each seed's own row carries the
-evaluation noise (an interval over evaluation seeds); with --reference=NAME every row also gets its paired difference
-against NAME, seed by seed on the same videos, with a t interval. Tables to the terminal and --md, every number to --json,
+evaluation noise (an interval over evaluation seeds); with --reference=NAME[,NAME] every row also gets its paired difference
+against each NAME, seed by seed on the same videos, with a t interval. Tables to the terminal and --md, every number to --json,
 the frontier (react against identity failures and against pull; tools/plot.py) to --svg. The probes: react (does
 a model turn when the event switches?), failures (how a generator loses the sprite after a switch) and clips
 (checkpoints on the teacher's own evaluation clips, scored as training scores them at its end).
@@ -56,7 +56,7 @@ class EvalConfig(Config):
     first_seed: Whole = 0          # seeds first_seed .. first_seed + seeds - 1 (tune on some, report on fresh ones)
     drawn: bool = False            # add the drawn group: 20 schedules by a fixed rule and seed (for the final table only)
     pool: bool = True              # checkpoints named NAME_s<k>.pt (training seeds) make one row NAME
-    reference: str = ""            # a row (NAME.pt, or a checkpoint path): every row's paired difference against it
+    reference: str = ""            # rows (NAME.pt, or a checkpoint path; comma-separated): every row's paired difference against each
     switch_cache: SwitchCache = "recache_window"   # at every event switch: recache_window | recache | keep | clear
     json: str = ""                 # also write the results here, as JSON
     md: str = ""                   # also append the markdown tables to this file
@@ -135,7 +135,7 @@ def score(g, schedules, seeds, switch):
     return per
 
 
-def markdown(result, seeds, switch, reference=""):
+def markdown(result, seeds, switch, references=()):
     """Per group: each row (mean +- t interval over its training seeds, n seeds), its seeds' rows (mean +- the
     evaluation noise), and with a reference its paired difference (mean +- t interval over training seeds)."""
     f = lambda c: f"{c['mean']:.3f} +- {c['ci95']:.3f}"
@@ -143,16 +143,17 @@ def markdown(result, seeds, switch, reference=""):
     for grp in next(iter(result.values())):
         lines += [f"\n**{grp} schedules** (evaluation seeds {seeds[0]}-{seeds[-1]}, switch cache {switch}; a row: mean "
                   "+- 95% t interval over its training seeds; a seed: +- the evaluation noise over evaluation seeds"
-                  + (f"; paired: the row minus {reference}, seed by seed" if reference else "") + ")\n",
+                  + ("; paired: the row minus a reference, seed by seed" if references else "") + ")\n",
                   "| row | seeds | " + " | ".join(METRICS) + " |", "|---|---:|" + "---:|" * len(METRICS)]
         for row, r in result.items():
             lines.append(f"| **{row}** | {r[grp][METRICS[0]]['n']} | " + " | ".join(f(r[grp][k]) for k in METRICS) + " |")
             if len(r[grp][METRICS[0]]["seeds"]) > 1:
                 lines += [f"| {p} | | " + " | ".join(f(r[grp][k]["seeds"][p]) for k in METRICS) + " |"
                           for p in r[grp][METRICS[0]]["seeds"]]
-            if reference and row != reference:
-                lines.append(f"| {row} - {reference}, paired | {r[grp][METRICS[0]]['diff']['n']} | "
-                             + " | ".join(f"{r[grp][k]['diff']['mean']:+.3f} +- {r[grp][k]['diff']['ci95']:.3f}" for k in METRICS) + " |")
+            for ref in references:
+                if ref != row and r[grp][METRICS[0]]["diff"][ref]["n"]:   # n = 0: no seed in common
+                    lines.append(f"| {row} - {ref}, paired | {r[grp][METRICS[0]]['diff'][ref]['n']} | " + " | ".join(
+                        f"{r[grp][k]['diff'][ref]['mean']:+.3f} +- {r[grp][k]['diff'][ref]['ci95']:.3f}" for k in METRICS) + " |")
     return "\n".join(lines)
 
 
@@ -164,11 +165,13 @@ def benchmark(cfg, paths, models):
     rows = {}
     for path in paths:
         rows.setdefault(re.sub(r"_s\d+(\.pt)$", r"\1", path) if cfg.pool else path, []).append(path)   # NAME_s1.pt -> NAME.pt
-    if cfg.reference and cfg.reference not in rows:
-        raise BadInput(f"--reference={cfg.reference} names no row; rows: {', '.join(rows)}")
+    references = [r.strip() for r in cfg.reference.split(",") if r.strip()]
+    for ref in references:
+        if ref not in rows:
+            raise BadInput(f"--reference={ref} names no row; rows: {', '.join(rows)}")
     per_ckpt = {p: score(g, schedules, seeds, cfg.switch_cache) for p, g in zip(paths, models)}
-    result = summarize_rows(per_ckpt, rows, cfg.reference)
-    text = markdown(result, seeds, cfg.switch_cache, cfg.reference)
+    result = summarize_rows(per_ckpt, rows, references)
+    text = markdown(result, seeds, cfg.switch_cache, references)
     print(text)
     if cfg.md:
         with open(cfg.md, "a") as f:                             # appends: one file can collect several runs
@@ -208,7 +211,7 @@ def teacher_probe(tck, cfg, device):
     sig = teacher_stage.euler_grid(tc["sample_steps"], tc["sample_shift"]).to(device)
     for i in range(len(sig) - 1):                                 # Euler + CFG, the context inpainted by replacement
         x[:, :H] = add_noise(ctx, torch.randn(ctx.shape, generator=gen).to(device), sig[i].expand(len(x), H))
-        with autocast(device, videos=len(x)):
+        with autocast(device):
             x = teacher_stage.sample(model, ev.to(device), x, sig[i:i + 2], tc["guidance"]).float()
     return float(np.mean(batch_metrics(x.cpu(), ev, w, chunk=tc["chunk"])["react"]))
 
@@ -220,7 +223,7 @@ def generator_probe(g, cfg, switch):
     H, ch = s["window"] - g.chunk, g.chunk                        # history: all but one chunk of a teacher window
     x_real, ev = real_clips(g.world, H + ch, H, cfg.seeds, cfg.seed)
     cache = KVCache(s["n_sink"], s["n_window"])
-    with autocast(device, videos=len(ev)):
+    with autocast(device):
         for i in range(0, H, ch):                                 # the real history, written clean under the old event
             f = x_real[:, i:i + ch].to(device)
             stream(g.model, f, torch.zeros(f.shape[:2], device=device), ev[:, i:i + ch].to(device), cache, write=True)

@@ -108,23 +108,29 @@ t() { local t0=$SECONDS; echo "=== $*"; "$@"; echo "  ($(( SECONDS - t0 )) s: $*
 
 if [ "$STAGES" = final ]; then   # the final table of the seed plan (docs/results.md): run once, on blocks never looked at.
   # Where one sitting cannot hold it, in parts: SEEDS (baseline, Delta Forcing), CONTROLS (each control) and RHO0 (the
-  # rho = 0 chain) name a part's training seeds; a checkpoint already there is kept (a part resumed, or run by hand
-  # with these very flags), so the controls pair with the Delta Forcing runs of the same chain.
+  # rho = 0 chain) name a part's training seeds; a finished checkpoint already there is kept (a part run by hand with
+  # these very flags), an unfinished one resumed, so the controls pair with the Delta Forcing runs of the same chain.
   SEEDS=${SEEDS-3 4 5 6 7}; CONTROLS=${CONTROLS-3 4 5}; RHO0=${RHO0-3 4 5}
+  for s in $CONTROLS; do                                        # a control pairs with Delta Forcing of this chain
+    case " $SEEDS " in *" $s "*) ;; *) echo "tools/reproduce.sh: error: control seed $s is not in SEEDS='$SEEDS'" >&2; exit 2;; esac
+  done
   meanw() { $PY -c "import sys, torch; print(sum(torch.load(p, map_location='cpu', weights_only=True)['metrics'][sys.argv[1]]
     for p in sys.argv[2:]) / len(sys.argv[2:]))" "$@"; }
-  run() { [ -f "$1/final/$2_s$3.pt" ] || t $PY longtune.py --preset="$P" --out_dir="$1" --seed="$3" "${@:4}" --out_name="final/$2_s$3.pt" $X; }
-  for R in "$O" $([ -z "$RHO0" ] || echo "$O/rho0"); do          # the chain, and the rho = 0 chain (nothing to fix)
+  finished() { [ -f "$1" ] && $PY -c "import sys, torch
+sys.exit(not torch.load(sys.argv[1], map_location='cpu', weights_only=True)['metrics'])" "$1"; }   # the last save holds metrics
+  run() { finished "$1/final/$2_s$3.pt" || t $PY longtune.py --preset="$P" --out_dir="$1" --seed="$3" "${@:4}" \
+    --out_name="final/$2_s$3.pt" --resume=True $X; }
+  for R in $([ -z "$SEEDS" ] || echo "$O") $([ -z "$RHO0" ] || echo "$O/rho0"); do   # the chain; the rho = 0 chain (nothing to fix)
     mkdir -p "$R/final"
-    [ -f "$R/teacher.pt" ] || t $PY teacher.py --preset="$P" --out_dir="$R" $([ "$R" = "$O" ] || echo --rho=0) $X
-    [ -f "$R/student.pt" ] || t $PY distill.py --preset="$P" --out_dir="$R" $X
+    finished "$R/teacher.pt" || t $PY teacher.py --preset="$P" --out_dir="$R" $([ "$R" = "$O" ] || echo --rho=0) --resume=True $X
+    finished "$R/student.pt" || t $PY distill.py --preset="$P" --out_dir="$R" --resume=True $X
   done
   for s in $SEEDS; do                                           # the baseline and Delta Forcing
     run "$O" longtune "$s"
     run "$O" deltaforcing "$s" --trust_region=True
   done
-  if [ -n "$CONTROLS" ]; then
-    DF=$(ls "$O"/final/deltaforcing_s*.pt)
+  if [ -n "$CONTROLS" ]; then                                   # this part's Delta Forcing runs: their mean trust
+    DF=$(for s in $SEEDS; do echo "$O/final/deltaforcing_s$s.pt"; done)
     W=$(meanw mean_w $DF); SH=$(meanw switched_share $DF)
     C=$($PY -c "print(max(0.001, 1 - (1 - $W) / $SH))")        # schedule-only: the same mean trust (0 would mean off)
   fi
@@ -139,10 +145,10 @@ if [ "$STAGES" = final ]; then   # the final table of the seed plan (docs/result
     run "$O/rho0" deltaforcing "$s" --trust_region=True
   done
   ck() { for s in $2; do printf "%s/final/%s_s%d.pt," "$3" "$1" "$s"; done; }
-  printf "\n## The final table (evaluation seeds 300-331, the built-in and the drawn schedules)\n" >> "$MD"
-  t $PY -m tools.evaluate --preset="$P" --seeds=${PS:-32} --first_seed=300 --drawn=True --reference="$O/final/longtune.pt" \
-    --json="$O/final.json" --md="$MD" --svg="$O/final.svg" --ckpts="$O/student.pt,$(ck longtune "$SEEDS" "$O")$(ck deltaforcing \
-    "$SEEDS" "$O")$(ck constw "$CONTROLS" "$O")$(ck shuffled "$CONTROLS" "$O")$(ck schedule "$CONTROLS" "$O")$(ck guidance0 "$CONTROLS" "$O")"
+  [ -z "$SEEDS" ] || { printf "\n## The final table (evaluation seeds 300-331, the built-in and the drawn schedules)\n" >> "$MD"
+  t $PY -m tools.evaluate --preset="$P" --seeds=${PS:-32} --first_seed=300 --drawn=True \
+    --reference="$O/final/longtune.pt,$O/final/deltaforcing.pt" --json="$O/final.json" --md="$MD" --svg="$O/final.svg" --ckpts="$O/student.pt,$(ck longtune "$SEEDS" "$O")$(ck deltaforcing \
+    "$SEEDS" "$O")$(ck constw "$CONTROLS" "$O")$(ck shuffled "$CONTROLS" "$O")$(ck schedule "$CONTROLS" "$O")$(ck guidance0 "$CONTROLS" "$O")"; }
   if [ -n "$RHO0" ]; then
     printf "\n## The rho = 0 chain on the same block\n" >> "$MD"
     t $PY -m tools.evaluate --preset="$P" --seeds=${PS:-32} --first_seed=300 --drawn=True --reference="$O/rho0/final/longtune.pt" \

@@ -338,7 +338,7 @@ def close(server, app, wait=2.0):
 
 def main(cfg):
     """Serve until Ctrl-C or SIGTERM, then stop cleanly (exit 0)."""
-    server, app = start(cfg, pick_device(cfg.device, precision=cfg.precision))
+    server, app = start(cfg, pick_device(cfg.device, precision=cfg.precision, interactive=True))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda n, f: app.stop.set())
     host, port = server.server_address[:2]

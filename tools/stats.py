@@ -35,12 +35,14 @@ def t_interval(v):
     return dict(mean=float(v.mean()) if len(v) else float("nan"), ci95=float(half), n=len(v))
 
 
-def summarize_rows(per_ckpt, rows, reference=""):
+def summarize_rows(per_ckpt, rows, references=()):
     """per_ckpt: {path: {(group, metric): (schedules, seeds) values}}, rows: {row: [paths]} -> {row: {group: {metric:
     cell}}}, a cell the t interval over the row's checkpoints (training seeds) of each one's mean, with `seeds` (each
-    checkpoint's mean and evaluation noise) and, against `reference`, `diff`: the paired difference. A reference of
-    one checkpoint is paired with every seed; otherwise seeds pair by their _s<k> suffix."""
+    checkpoint's mean and evaluation noise) and `diff`: {reference: the paired difference} for each named reference
+    row but the row itself. A reference of one checkpoint with no _s<k> suffix (the student) is paired with every
+    seed; otherwise seeds pair by their _s<k> suffix, and a seed the reference lacks is left out."""
     seed = lambda path: (re.findall(r"_s(\d+)\.pt$", path) or [path])[0]
+    references = [references] if isinstance(references, str) else references
     out = {}
     for row, paths in rows.items():
         for (grp, k) in per_ckpt[paths[0]]:
@@ -50,17 +52,17 @@ def summarize_rows(per_ckpt, rows, reference=""):
                 noise = {p: interval(per_ckpt[p][grp, k]) for p in paths}
                 cell = dict(t_interval([noise[p]["mean"] for p in paths]), seeds=noise)
             out.setdefault(row, {}).setdefault(grp, {})[k] = cell
-    if reference:
+    for reference in references:
         if reference not in out:
             raise BadInput(f"--reference={reference} names no row; rows: {', '.join(out)}")
-        ref = {seed(p): c["mean"] for p, c in out[reference]["all"]["react"]["seeds"].items()}
         for row, groups in out.items():
             for grp, cells in groups.items():
                 for k, cell in cells.items():
-                    if k == "n_react":
+                    if k == "n_react" or row == reference:
                         continue
                     base = {seed(p): c["mean"] for p, c in out[reference][grp][k]["seeds"].items()}
-                    pair = lambda p: base[seed(p)] if len(ref) > 1 else next(iter(base.values()))
-                    d = [c["mean"] - pair(p) for p, c in cell["seeds"].items() if len(ref) == 1 or seed(p) in base]
-                    cell["diff"] = t_interval(d)
+                    one = len(base) == 1 and not next(iter(base)).isdigit()   # one checkpoint, no seed: every seed's
+                    d = [c["mean"] - (next(iter(base.values())) if one else base[seed(p)])
+                         for p, c in cell["seeds"].items() if one or seed(p) in base]
+                    cell.setdefault("diff", {})[reference] = t_interval(d)
     return out
