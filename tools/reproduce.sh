@@ -97,6 +97,12 @@ fi
 STAGES=${STAGES:-$([ "$P" = small ] && echo main || echo all)}
 case "$P" in tiny|small) ;; *) echo "tools/reproduce.sh: error: preset must be tiny, small or gpu-check, not '$P'" >&2; exit 2;; esac
 case "$STAGES" in all|main|final) ;; *) echo "tools/reproduce.sh: error: STAGES must be all, main or final, not '$STAGES'" >&2; exit 2;; esac
+if [ "$STAGES" = final ]; then                                  # a part's training seeds, checked before any work
+  SEEDS=${SEEDS-3 4 5 6 7}; CONTROLS=${CONTROLS-3 4 5}; RHO0=${RHO0-3 4 5}
+  for s in $CONTROLS; do                                        # a control pairs with Delta Forcing of its own chain
+    case " $SEEDS " in *" $s "*) ;; *) echo "tools/reproduce.sh: error: control seed $s is not in SEEDS='$SEEDS'" >&2; exit 2;; esac
+  done
+fi
 mkdir -p "$O"
 X=""; NS=16; PS=""                                              # REHEARSE: 2 steps per loop of batch 4, 1 seed
 [ -n "${REHEARSE:-}" ] && { X="--max_steps=2 --batch=4"; NS=1; PS=1; }
@@ -110,10 +116,6 @@ if [ "$STAGES" = final ]; then   # the final table of the seed plan (docs/result
   # Where one sitting cannot hold it, in parts: SEEDS (baseline, Delta Forcing), CONTROLS (each control) and RHO0 (the
   # rho = 0 chain) name a part's training seeds; a finished checkpoint already there is kept (a part run by hand with
   # these very flags), an unfinished one resumed, so the controls pair with the Delta Forcing runs of the same chain.
-  SEEDS=${SEEDS-3 4 5 6 7}; CONTROLS=${CONTROLS-3 4 5}; RHO0=${RHO0-3 4 5}
-  for s in $CONTROLS; do                                        # a control pairs with Delta Forcing of this chain
-    case " $SEEDS " in *" $s "*) ;; *) echo "tools/reproduce.sh: error: control seed $s is not in SEEDS='$SEEDS'" >&2; exit 2;; esac
-  done
   meanw() { $PY -c "import sys, torch; print(sum(torch.load(p, map_location='cpu', weights_only=True)['metrics'][sys.argv[1]]
     for p in sys.argv[2:]) / len(sys.argv[2:]))" "$@"; }
   finished() { [ -f "$1" ] && $PY -c "import sys, torch
