@@ -95,9 +95,8 @@ def rope_angles(t_pos, grid, head_dim, device):
 
 
 def rotation(ang):
-    """The rotation RoPE applies, made once per forward and shared by every block: on the CPU the unit
-    complex numbers e^(i ang) (one complex multiply per use); on CUDA the angles themselves, whose cos and
-    sin the compiled kernel computes where it rotates (inductor does not generate complex arithmetic)."""
+    """RoPE's rotation, made once per forward for every block: on the CPU e^(i ang) (one complex multiply
+    per use); on CUDA the angles, rotated pairwise where compiled (inductor has no complex arithmetic)."""
     return torch.polar(torch.ones_like(ang), ang) if ang.device.type == "cpu" else ang
 
 
