@@ -1,6 +1,7 @@
 """evaluate.py: the benchmark (schedules, 95% intervals, JSON, markdown and the frontier's SVG) and the
 probes (the identity-failure classification on hand-made tracks; every probe end to end)."""
 import json
+import shutil
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -73,9 +74,41 @@ def test_rows_are_means_over_training_seeds_and_differences_are_paired():
         stats.summarize_rows(per, rows, ["c.pt"])
 
 
+def test_merging_parts_gives_the_rows_of_one_evaluation(tmp_path):
+    """Parts of a table scored apart (each in its own folder) and merged give exactly the rows of one evaluation
+    of every checkpoint; a training seed scored twice is refused, and so are JSONs of other videos."""
+    rng = np.random.default_rng(0)
+    per = {f"{m}_s{k}.pt": {(g, k): rng.random((2, 4)) for g in ("all", "long") for k in evaluate.METRICS} | {("all", "n_react"): np.ones((2, 4))}
+           for m in ("a", "b") for k in range(4)}
+    rows = lambda ks: {f"{m}.pt": [f"{m}_s{k}.pt" for k in ks] for m in ("a", "b")}
+    whole = stats.summarize_rows(per, rows(range(4)), ["a.pt"])
+    parts = [json.loads(json.dumps(stats.summarize_rows({f"p{i}/{p}": v for p, v in per.items()},
+                                                        {f"p{i}/{r}": [f"p{i}/{p}" for p in ps] for r, ps in rows(ks).items()}, [])))
+             for i, ks in enumerate([(0, 1, 2), (3,)])]                   # one part of 3 seeds, one of 1
+    merged = stats.summarize(stats.merge(parts), ["a.pt"])
+    figures = lambda r: {(row, g, k, x): v for row in r for g in r[row] for k, c in r[row][g].items()
+                         for x, v in c.items() if x in ("mean", "ci95", "n", "total")} | {
+        (row, g, k, "diff", x): v for row in r for g in r[row] for k, c in r[row][g].items() for x, v in c.get("diff", {}).get("a.pt", {}).items()}
+    assert figures(merged) == pytest.approx(figures(whole), nan_ok=True) and len(figures(whole)) == 2 * (2 * 3 * 10 + 1) + 2 * 3 * 10
+    with pytest.raises(BadInput, match="training seed 3"):
+        stats.merge(parts + parts[1:])
+    for i, part in enumerate(parts):
+        (tmp_path / f"{i}.json").write_text(json.dumps(dict(schedules=[["all", "x", 8]], seeds=[0, 1, 2, 3], results=part)))
+    (tmp_path / "other.json").write_text(json.dumps(dict(schedules=[["all", "x", 8]], seeds=[5, 6, 7, 8], results=parts[1])))
+    cfg = evaluate.EvalConfig(merge=f"{tmp_path / '0.json'},{tmp_path / '1.json'}", reference="p0/b.pt", json=str(tmp_path / "m.json"))
+    r = evaluate.main(cfg)
+    assert r["a.pt"]["all"]["react"]["diff"]["b.pt"]["n"] == 4 and json.loads((tmp_path / "m.json").read_text())["seeds"] == [0, 1, 2, 3]
+    with pytest.raises(BadInput, match="other schedules or seeds"):
+        evaluate.main(evaluate.EvalConfig(merge=f"{tmp_path / '0.json'},{tmp_path / 'other.json'}"))
+    with pytest.raises(BadInput, match="cannot read --merge"):
+        evaluate.main(evaluate.EvalConfig(merge=str(tmp_path / "none.json")))
+
+
 def test_benchmark_json_and_markdown(student_dir, tmp_path):
-    st = str(student_dir / "student.pt")
-    cfg = evaluate.EvalConfig(ckpts=f"{st},{st}", seeds=2, json=str(tmp_path / "e.json"), svg=str(tmp_path / "f.svg"),
+    for k in (0, 1):                                              # two training seeds of one row x.pt
+        shutil.copy(student_dir / "student.pt", tmp_path / f"x_s{k}.pt")
+    st = str(tmp_path / "x.pt")
+    cfg = evaluate.EvalConfig(ckpts=f"{tmp_path / 'x_s0.pt'},{tmp_path / 'x_s1.pt'}", seeds=2, json=str(tmp_path / "e.json"), svg=str(tmp_path / "f.svg"),
                               schedule_file=str(tmp_path / "s.json"), frames=8, md=str(tmp_path / "r.md"))
     (tmp_path / "s.json").write_text(json.dumps(["right@0,up@4", "down@0"]))
     res = evaluate.main(cfg)
@@ -86,6 +119,8 @@ def test_benchmark_json_and_markdown(student_dir, tmp_path):
     md = (tmp_path / "r.md").read_text()
     assert "| row | seeds | react |" in md and f"| **{st}** | 2 | " in md   # two checkpoints of one row
     ET.parse(tmp_path / "f.svg")                                   # the frontier, drawn by the run
+    with pytest.raises(BadInput, match="names .*x_s0.pt twice"):
+        evaluate.main(evaluate.EvalConfig(ckpts=f"{tmp_path / 'x_s0.pt'},{tmp_path / 'x_s0.pt'}"))
 
 
 def svg_texts(path):

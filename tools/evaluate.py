@@ -1,6 +1,7 @@
 """The evaluation in one place: the benchmark over schedules and seeds, and three probes.
 
     python -m tools.evaluate --ckpts=out/longtune_s0.pt,out/longtune_s1.pt --first_seed=100 --seeds=16 --svg=out/f.svg
+    python -m tools.evaluate --merge=part1/final.json,part2/final.json --reference=longtune.pt --md=out/pooled.md
     python -m tools.evaluate --probe=react --teacher=out/teacher.pt --ckpts=out/student.pt --seeds=4
     python -m tools.evaluate --probe=failures --ckpts=out/longtune_s0.pt,out/deltaforcing_s0.pt --first_seed=100 --seeds=16
     python -m tools.evaluate --probe=clips --ckpts=out/teacher.pt,out/student.pt --first_seed=777 --seeds=8
@@ -10,7 +11,8 @@ method is the training seed: checkpoints NAME_s<k>.pt are one row NAME, whose fi
 seeds of each seed's mean over the videos, with a t interval over training seeds; each seed's own row carries the
 evaluation noise (an interval over evaluation seeds); with --reference=NAME[,NAME] every row also gets its paired difference
 against each NAME, seed by seed on the same videos, with a t interval. Tables to the terminal and --md, every number to --json,
-the frontier (react against identity failures and against pull; tools/plot.py) to --svg. The probes: react (does
+the frontier (react against identity failures and against pull; tools/plot.py) to --svg; --merge pools the rows of
+benchmarks run apart (parts of a table, each in its own folder) as if they had been one. The probes: react (does
 a model turn when the event switches?), failures (how a generator loses the sprite after a switch) and clips
 (checkpoints on the teacher's own evaluation clips, scored as training scores them at its end).
 """
@@ -23,6 +25,7 @@ if not __package__:   # run as a file, the stages are not on the path: say how t
 
 import json
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -39,7 +42,7 @@ from sample import check_frames, generate, load_generator, schedule_tensor
 from metrics import batch_metrics, look, segments, switches, track
 from world import EVENTS, World, ordered_pairs, parse_schedule, sample_videos
 from tools.plot import frontier_svg
-from tools.stats import interval, summarize_rows
+from tools.stats import merge, summarize, summarize_rows
 
 METRICS = ["react", "latency", "follow", "identity", "identity_free", "bias", "pull", "jumps", "valid", "drift"]
 
@@ -56,6 +59,8 @@ class EvalConfig(Config):
     first_seed: Whole = 0          # seeds first_seed .. first_seed + seeds - 1 (tune on some, report on fresh ones)
     drawn: bool = False            # add the drawn group: 20 schedules by a fixed rule and seed (for the final table only)
     pool: bool = True              # checkpoints named NAME_s<k>.pt (training seeds) make one row NAME
+    merge: str = ""                # comma-separated JSONs of earlier benchmarks of the same videos: their rows pooled by file name
+                                   # (parts run in different folders make one row), instead of scoring --ckpts
     reference: str = ""            # rows (NAME.pt, or a checkpoint path; comma-separated): every row's paired difference against each
     switch_cache: SwitchCache = "recache_window"   # at every event switch: recache_window | recache | keep | clear
     json: str = ""                 # also write the results here, as JSON
@@ -158,6 +163,7 @@ def markdown(result, seeds, switch, references=()):
 
 
 def benchmark(cfg, paths, models):
+    """Every checkpoint on the same videos -> the rows (a row NAME pools NAME_s<k>.pt), reported."""
     for flag in ("json", "md", "svg"):                           # every check before any work
         check_file(flag, getattr(cfg, flag))
     schedules = eval_schedules(cfg, models[0])
@@ -170,7 +176,31 @@ def benchmark(cfg, paths, models):
         if ref not in rows:
             raise BadInput(f"--reference={ref} names no row; rows: {', '.join(rows)}")
     per_ckpt = {p: score(g, schedules, seeds, cfg.switch_cache) for p, g in zip(paths, models)}
-    result = summarize_rows(per_ckpt, rows, references)
+    return report(cfg, summarize_rows(per_ckpt, rows, references), schedules, seeds, references)
+
+
+def merged(cfg):
+    """--merge: the rows of earlier benchmarks' JSONs (the same schedules and seeds), pooled by file name, reported."""
+    for flag in ("json", "md", "svg"):
+        check_file(flag, getattr(cfg, flag))
+    runs = []
+    for path in [p for p in cfg.merge.split(",") if p]:
+        try:
+            runs.append(json.load(open(path)))
+        except (OSError, ValueError) as e:
+            raise BadInput(f"cannot read --merge {path}: {e}") from None
+        if not isinstance(runs[-1], dict) or not {"schedules", "seeds", "results"} <= set(runs[-1]):
+            raise BadInput(f"--merge {path} is not a benchmark's JSON (tools.evaluate --json)")
+        if (runs[-1]["schedules"], runs[-1]["seeds"]) != (runs[0]["schedules"], runs[0]["seeds"]):
+            raise BadInput(f"--merge {path} scored other schedules or seeds than {cfg.merge.split(',')[0]}")
+    references = [os.path.basename(r.strip()) for r in cfg.reference.split(",") if r.strip()]
+    cfg.switch_cache = runs[0].get("switch_cache", cfg.switch_cache)   # what the table says it scored with
+    result = summarize(merge([r["results"] for r in runs]), references)
+    return report(cfg, result, runs[0]["schedules"], runs[0]["seeds"], references)
+
+
+def report(cfg, result, schedules, seeds, references):
+    """The rows to the terminal and to --md (appended), --json and --svg."""
     text = markdown(result, seeds, cfg.switch_cache, references)
     print(text)
     if cfg.md:
@@ -179,7 +209,7 @@ def benchmark(cfg, paths, models):
         print(f"appended the tables to {cfg.md}")
     if cfg.json:
         with open(cfg.json, "w") as f:
-            json.dump(dict(schedules=schedules, seeds=seeds, results=result), f, indent=1)
+            json.dump(dict(schedules=schedules, seeds=seeds, switch_cache=cfg.switch_cache, results=result), f, indent=1)
         print(f"wrote {cfg.json}")
     if cfg.svg:
         frontier_svg(cfg.svg, result, note=f"seeds {seeds[0]}-{seeds[-1]}, switch cache {cfg.switch_cache}; "
@@ -269,10 +299,16 @@ def identity_failures(g, cfg):
 
 @torch.no_grad()
 def main(cfg):
+    if cfg.merge:
+        if cfg.probe != "none":
+            raise BadInput(f"--merge belongs to the benchmark, not to --probe={cfg.probe}")
+        return merged(cfg)
     device = pick_device(cfg.device, precision=cfg.precision)
     paths = [p for p in cfg.ckpts.split(",") if p]
     if not paths:
         raise BadInput("--ckpts names no checkpoint")
+    if len(set(paths)) < len(paths):
+        raise BadInput(f"--ckpts names {next(p for p in paths if paths.count(p) > 1)} twice")
     if cfg.probe != "none" and (cfg.json or cfg.md or cfg.schedule_file or cfg.svg):
         raise BadInput(f"--json, --md, --svg and --schedule_file belong to the benchmark, not to --probe={cfg.probe}")
     tck = load_checkpoint(cfg.teacher, ["teacher"], "python teacher.py") if cfg.probe in ("react", "clips") else None
