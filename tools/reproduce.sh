@@ -9,7 +9,8 @@
 #   REHEARSE=1 bash tools/reproduce.sh gpu-check DIR   # the same on the CPU: 2 steps of batch 4 per loop, bench tiny
 #   STAGES=final bash tools/reproduce.sh tiny   # the next reading's final table: seeds 300-331, training seeds 3-7,
 #                                     # the controls at 3-5, the rho = 0 chain; run it once (about 11 h on 2 cores)
-#   STAGES=final SEEDS="3 4 5" CONTROLS=3 RHO0= bash tools/reproduce.sh tiny   # a part of it (the seeds named)
+#   STAGES=final SEEDS="3 4 5" CONTROLS=3 RHO0= bash tools/reproduce.sh tiny   # a part of it (the seeds named); the parts'
+#                                     # tables pooled: python -m tools.evaluate --merge=A/final.json,B/final.json --reference=...
 # Steps: teacher, distillation and the two probes; for training seeds 0-2 the long-tuning baseline,
 # Delta Forcing and the constant-w control (w held at the default runs' mean trust) from the same student;
 # the ablations (seed 0: step only, continuity only, with 6', without the floor); the signal AUC table (tools.drift
