@@ -85,7 +85,7 @@ class Config:
     preset: OneOf("tiny", "small") = "tiny"   # sizes: tiny (a laptop CPU) or small (one GPU); default by the device
     device: OneOf("auto", "cpu", "cuda", "mps") = "auto"   # auto: cuda, else mps, else cpu
     precision: OneOf("auto", "fp32", "bf16") = "auto"   # bf16 autocast; auto: bf16 on CUDA and on CPUs that multiply bf16 natively, but fp32 for sample.py and the web page on a CPU
-    seed: Whole = 0                # seeds every draw of the run (evaluate.py's videos: --first_seed)
+    seed: Whole = 0                # seeds every draw of the run (the benchmark's videos: tools.evaluate --first_seed)
 
 
 @dataclass

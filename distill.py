@@ -116,8 +116,8 @@ def dmd_sigma(B, shift, device):
 
 
 def dmd_surrogate(x, grad):
-    """DMD Eq. 7-8 as a loss, per frame: 0.5 ||x - sg(x - grad)||^2, whose gradient w.r.t. x is grad
-    (in float64, as Self Forcing). x (B,T,...) with graph -> (B,T)."""
+    """DMD Eq. 7-8 as a loss, per frame: 0.5 (x - sg(x - grad))^2 averaged over the frame's pixels, whose
+    gradient w.r.t. x is grad / (C H W) (in float64, as Self Forcing). x (B,T,...) with graph -> (B,T)."""
     target = (x.detach() - grad).double()
     return 0.5 * ((x.double() - target) ** 2).mean(dim=(2, 3, 4))
 
@@ -125,7 +125,7 @@ def dmd_surrogate(x, grad):
 def dmd_loss(x, event, *, teacher, critic, guidance, shift):
     """Distribution matching distillation (DMD, Yin et al. 2024; Self Forcing sec. 3.3).
     x (B,T,...) generator samples with graph; event (B,T). Returns the per-frame loss (B,T),
-    whose gradient w.r.t. x is grad = (fake - real) / mean|x - real|, and the steps: grad, and grad_null,
+    whose gradient w.r.t. x is proportional to grad = (fake - real) / mean|x - real|, and the steps: grad, and grad_null,
     the step the teacher without the event would give (Delta Forcing's DF (5'))."""
     B, T = x.shape[:2]
     sigma = dmd_sigma(B, shift, x.device)[:, None].expand(B, T)

@@ -56,8 +56,8 @@ class LongtuneConfig(RunConfig):
     log_every: Count = 20          # updates between log lines and checkpoints
     probe_every: Count = 100       # updates between small fixed switch probes, to see the metrics settle
     trust_region: bool = False     # Delta Forcing, DF (7) (trust_region.py): writes deltaforcing.pt
-    tr_step: bool = True           # ablation, False: the DMD step unscaled (no DF (5)); the continuity gate keeps 1 - w
-    tr_continuity: bool = True     # ablation, False: no continuity term (DF (6) and (6')), the flagged step alone
+    tr_step: bool = True           # ablation, False: the DMD step as it is (no DF (5) or (5')); the continuity gate keeps 1 - w
+    tr_continuity: bool = True     # ablation, False: no continuity term (DF (6) and (6')), the trust-region step alone
     tau: Positive = 0.0025         # DF (4), trust radius: the bias above the floor a window may pass on, in natural steps
     band_levels: BandLevels = "0.4,0.45,0.5,0.55"   # DF (2): fixed noise levels inside the teacher's band (tools.drift --probe=band)
     tr_restore: bool = True        # DF (5'): along the bias direction follow the teacher without the event; False: DF (5), scale
@@ -196,7 +196,8 @@ def main(cfg):
     tr = trust_region.TrustRegion.from_config(cfg) if cfg.trust_region else None   # its floor refills after a resume
     gen = torch.Generator().manual_seed(cfg.seed)                 # schedules: the same data for every run of a seed
     objs = dict(model=nets.student, ema=nets.ema, critic=nets.critic, optimizer=nets.opt, critic_optimizer=nets.opt_critic)
-    ck = resume(cfg, path, "longtune", f"python longtune.py --out_name={name}", gen, **objs)
+    remake = f"python longtune.py --out_name={name}" + (" --trust_region=True" if cfg.trust_region else "")
+    ck = resume(cfg, path, "longtune", remake, gen, **objs)
     step, skipped = (ck["step"], ck["skipped"]) if ck else (0, 0)
     seed_rank(run, cfg.seed, step, gen)
     streams = Streams(cfg, stream, w.size, gen, device, run.batch)

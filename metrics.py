@@ -2,7 +2,7 @@
 
 Every frame is read by `track` (background, sprite mask, colour, position on the torus); a video's
 scores compare what was tracked with the events it was generated under (docs/metrics.md defines
-each one). All metrics are in [0, 1] except `latency` (frames).
+each one). All metrics are in [0, 1] except `latency` (frames) and `n_react` (a count).
 """
 import math
 
@@ -126,7 +126,7 @@ def video_metrics(video, ev, w, first=1, grace=2, tol=0.5, chunk=2):
             pull.append(float(np.linalg.norm(a - c) <= np.linalg.norm(b - c) - PULL))
     seg0 = [t for t in range(bounds[1]) if tr["valid"][t]]
     tail = [t for t in range(T - max(2, T // 8), T) if tr["valid"][t]]
-    if seg0 and tail:   # colour distance normalised by the palette cube's diagonal, in [0, 1]
+    if seg0 and tail:   # two colour distances over twice the colour cube's diagonal, in [0, 1]
         drift = sum(np.linalg.norm(tr[k][seg0].mean(0) - tr[k][tail].mean(0)) for k in ("bg", "color")) / (4 * math.sqrt(3))
     else:
         drift = 1.0

@@ -18,7 +18,7 @@ over the HW pixels; sg is stop-gradient.
                         teacher without the event (--tr_restore, the default)
   DF (6) continuity     L_MC,f = relu(||z_f - z_{f-1}|| - r m)^2 / m^2, z_0 = c_K            monotonic_continuity
   DF (6') appearance    L_AC,f = relu(sqrt(HW) ||mu(z_f) - mu(c_K)|| / m - r_a)^2, joins (6)  appearance_conservation
-  DF (7) loss           L = mean_f 0.5 ||z_f - sg(z_f - g'_f)||^2 + lambda (1 - w) mean_f L_MC,f   delta_forcing_loss
+  DF (7) loss           L = mean_f,p 0.5 (z_f - sg(z_f - g'_f))^2 + lambda (1 - w) mean_f L_MC,f  delta_forcing_loss
 
 Our replacement for the abstract's "latent delta between teacher and generator trajectories" (2):
 the teacher's x0 of frames that already happened, with the event minus without it. A teacher that
@@ -66,7 +66,7 @@ class TrustRegion:
     mc_radius: float               # DF (6): r
     lam: float                     # DF (7): lambda
     ac_radius: float               # DF (6'): r_a
-    tr_step: bool                  # DF (5) on; off: the DMD step unscaled
+    tr_step: bool                  # DF (5) or (5') on; off: the DMD step as it is
     tr_continuity: bool            # DF (6) on
     tr_appearance: bool            # DF (6') joins DF (6)
     tr_restore: bool               # DF (5') in place of DF (5)

@@ -85,7 +85,7 @@ def test_merging_parts_gives_the_rows_of_one_evaluation(tmp_path):
     parts = [json.loads(json.dumps(stats.summarize_rows({f"p{i}/{p}": v for p, v in per.items()},
                                                         {f"p{i}/{r}": [f"p{i}/{p}" for p in ps] for r, ps in rows(ks).items()}, [])))
              for i, ks in enumerate([(0, 1, 2), (3,)])]                   # one part of 3 seeds, one of 1
-    merged = stats.summarize(stats.merge(parts), ["a.pt"])
+    merged = stats.rows_over_seeds(stats.merge(parts), ["a.pt"])
     figures = lambda r: {(row, g, k, x): v for row in r for g in r[row] for k, c in r[row][g].items()
                          for x, v in c.items() if x in ("mean", "ci95", "n", "total")} | {
         (row, g, k, "diff", x): v for row in r for g in r[row] for k, c in r[row][g].items() for x, v in c.get("diff", {}).get("a.pt", {}).items()}

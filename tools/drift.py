@@ -29,7 +29,7 @@ from distill import dmd_sigma, random_exit_step
 from metrics import batch_metrics, track
 from model import add_noise, build, cfg_mix, cond_uncond, forward_with_cfg, pred_x0
 from sample import generate, load_generator
-from tools.evaluate import interval
+from tools.stats import interval
 from world import CANON, World, ordered_pairs, sample_videos, save_strip, schedule_events
 
 

@@ -42,7 +42,7 @@ from sample import check_frames, generate, load_generator, schedule_tensor
 from metrics import batch_metrics, look, segments, switches, track
 from world import EVENTS, World, ordered_pairs, parse_schedule, sample_videos
 from tools.plot import frontier_svg
-from tools.stats import merge, summarize, summarize_rows
+from tools.stats import merge, rows_over_seeds, summarize_rows
 
 METRICS = ["react", "latency", "follow", "identity", "identity_free", "bias", "pull", "jumps", "valid", "drift"]
 
@@ -195,7 +195,7 @@ def merged(cfg):
             raise BadInput(f"--merge {path} scored other schedules or seeds than {cfg.merge.split(',')[0]}")
     references = [os.path.basename(r.strip()) for r in cfg.reference.split(",") if r.strip()]
     cfg.switch_cache = runs[0].get("switch_cache", cfg.switch_cache)   # what the table says it scored with
-    result = summarize(merge([r["results"] for r in runs]), references)
+    result = rows_over_seeds(merge([r["results"] for r in runs]), references)
     return report(cfg, result, runs[0]["schedules"], runs[0]["seeds"], references)
 
 

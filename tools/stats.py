@@ -53,7 +53,7 @@ def seed_of(path):
     return (re.findall(r"_s(\d+)\.pt$", path) or [path])[0]
 
 
-def summarize(cells, references=()):
+def rows_over_seeds(cells, references=()):
     """{row: {group: {metric: {path: cell}}}} (seed_cells, merge) -> {row: {group: {metric: cell}}}, a cell the t
     interval over the row's checkpoints (training seeds) of each one's mean, with `seeds` (each checkpoint's mean
     and evaluation noise) and `diff`: {reference: the paired difference} for each named reference row but the row
@@ -80,12 +80,12 @@ def summarize(cells, references=()):
 
 
 def summarize_rows(per_ckpt, rows, references=()):
-    """The benchmark's rows from its scores: summarize(seed_cells(per_ckpt, rows), references)."""
-    return summarize(seed_cells(per_ckpt, rows), references)
+    """The benchmark's rows from its scores: rows_over_seeds(seed_cells(per_ckpt, rows), references)."""
+    return rows_over_seeds(seed_cells(per_ckpt, rows), references)
 
 
 def merge(results):
-    """The results of several evaluations of the same videos (each JSON's "results") -> seed cells for summarize,
+    """The results of several evaluations of the same videos (each JSON's "results") -> seed cells for rows_over_seeds,
     a row by its file name, so parts run in different folders pool into one row; a training seed (or a seedless
     checkpoint) that two of them score for the same row is refused."""
     cells = {}
