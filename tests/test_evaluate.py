@@ -37,9 +37,10 @@ def test_interval_ignores_nan_and_gives_a_95_percent_half_width():
 
 def test_score_and_markdown():
     g = sample.StreamModel(randomized(), stream_setup(), World())
-    per = evaluate.score(g, [("switch", "right@0,up@4", 8)], [0, 1], "recache")
-    for k in evaluate.METRICS + ["n_react"]:
-        assert len(per[("switch", k)]) == 1 and len(per[("all", k)][0]) == 2
+    per = evaluate.score(g, [("switch", "right@0,up@4", 8), ("drawn", "down@0,left@3", 8)], [0, 1], "recache")
+    for k in evaluate.METRICS + ["n_react"]:                        # "all": every schedule but the drawn group
+        assert len(per[("switch", k)]) == 1 and len(per[("all", k)]) == 1 and len(per[("all", k)][0]) == 2
+        assert len(per[("drawn", k)]) == 1
     result = stats.summarize_rows({"x_s0.pt": per, "x_s1.pt": per}, {"x.pt": ["x_s0.pt", "x_s1.pt"]}, ["x.pt"])
     md = evaluate.markdown(result, [0, 1], "recache", ["x.pt"])
     assert "**switch schedules**" in md and "| **x.pt** | 2 | " in md and "| x_s1.pt | | " in md and "| row | seeds | react |" in md

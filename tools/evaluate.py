@@ -57,7 +57,7 @@ class EvalConfig(Config):
     frames: Count = 96             # --schedule_file: the length of its videos
     seeds: Count = 8               # evaluation seeds (--probe=react: clips per ordered pair)
     first_seed: Whole = 0          # seeds first_seed .. first_seed + seeds - 1 (tune on some, report on fresh ones)
-    drawn: bool = False            # add the drawn group: 20 schedules by a fixed rule and seed (for the final table only)
+    drawn: bool = False            # add the drawn group: 20 schedules by a fixed rule and seed, a row of its own, not in "all" (the final table)
     pool: bool = True              # checkpoints named NAME_s<k>.pt (training seeds) make one row NAME
     merge: str = ""                # comma-separated JSONs of earlier benchmarks of the same videos: their rows pooled by file name
                                    # (parts run in different folders make one row), instead of scoring --ckpts
@@ -130,12 +130,13 @@ def schedule_videos(g, schedules, seeds, switch):
 
 
 def score(g, schedules, seeds, switch):
-    """Every schedule x seed through one generator -> {(group, metric): (schedules, seeds) values}."""
+    """Every schedule x seed through one generator -> {(group, metric): (schedules, seeds) values}; the group
+    "all" holds the built-in (or --schedule_file) schedules, not the drawn group, which is its own row."""
     per = {}
     for group, ev, x in schedule_videos(g, schedules, seeds, switch):
         m = batch_metrics(x, ev, g.world, first=g.chunk, chunk=g.chunk)
         for k in METRICS + ["n_react"]:
-            for grp in (group, "all"):
+            for grp in (group,) if group == "drawn" else (group, "all"):
                 per.setdefault((grp, k), []).append(m[k])
     return per
 
