@@ -163,29 +163,30 @@ def markdown(result, seeds, switch, references=()):
     return "\n".join(lines)
 
 
+def listed(text):
+    """A comma-separated flag's items."""
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
 def benchmark(cfg, paths, models):
     """Every checkpoint on the same videos -> the rows (a row NAME pools NAME_s<k>.pt), reported."""
-    for flag in ("json", "md", "svg"):                           # every check before any work
-        check_file(flag, getattr(cfg, flag))
     schedules = eval_schedules(cfg, models[0])
     seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
     rows = {}
     for path in paths:
         rows.setdefault(re.sub(r"_s\d+(\.pt)$", r"\1", path) if cfg.pool else path, []).append(path)   # NAME_s1.pt -> NAME.pt
-    references = [r.strip() for r in cfg.reference.split(",") if r.strip()]
-    for ref in references:
+    references = listed(cfg.reference)
+    for ref in references:                                        # before any work
         if ref not in rows:
             raise BadInput(f"--reference={ref} names no row; rows: {', '.join(rows)}")
     per_ckpt = {p: score(g, schedules, seeds, cfg.switch_cache) for p, g in zip(paths, models)}
-    return report(cfg, summarize_rows(per_ckpt, rows, references), schedules, seeds, references)
+    return report(cfg, summarize_rows(per_ckpt, rows, references), schedules, seeds, cfg.switch_cache, references)
 
 
 def merged(cfg):
     """--merge: the rows of earlier benchmarks' JSONs (the same schedules and seeds), pooled by file name, reported."""
-    for flag in ("json", "md", "svg"):
-        check_file(flag, getattr(cfg, flag))
     runs = []
-    for path in [p for p in cfg.merge.split(",") if p]:
+    for path in listed(cfg.merge):
         try:
             runs.append(json.load(open(path)))
         except (OSError, ValueError) as e:
@@ -194,15 +195,15 @@ def merged(cfg):
             raise BadInput(f"--merge {path} is not a benchmark's JSON (tools.evaluate --json)")
         if (runs[-1]["schedules"], runs[-1]["seeds"]) != (runs[0]["schedules"], runs[0]["seeds"]):
             raise BadInput(f"--merge {path} scored other schedules or seeds than {cfg.merge.split(',')[0]}")
-    references = [os.path.basename(r.strip()) for r in cfg.reference.split(",") if r.strip()]
-    cfg.switch_cache = runs[0].get("switch_cache", cfg.switch_cache)   # what the table says it scored with
+    references = [os.path.basename(r) for r in listed(cfg.reference)]
     result = rows_over_seeds(merge([r["results"] for r in runs]), references)
-    return report(cfg, result, runs[0]["schedules"], runs[0]["seeds"], references)
+    switch = runs[0].get("switch_cache", cfg.switch_cache)        # what the parts were scored with
+    return report(cfg, result, runs[0]["schedules"], runs[0]["seeds"], switch, references)
 
 
-def report(cfg, result, schedules, seeds, references):
+def report(cfg, result, schedules, seeds, switch, references):
     """The rows to the terminal and to --md (appended), --json and --svg."""
-    text = markdown(result, seeds, cfg.switch_cache, references)
+    text = markdown(result, seeds, switch, references)
     print(text)
     if cfg.md:
         with open(cfg.md, "a") as f:                             # appends: one file can collect several runs
@@ -210,10 +211,10 @@ def report(cfg, result, schedules, seeds, references):
         print(f"appended the tables to {cfg.md}")
     if cfg.json:
         with open(cfg.json, "w") as f:
-            json.dump(dict(schedules=schedules, seeds=seeds, switch_cache=cfg.switch_cache, results=result), f, indent=1)
+            json.dump(dict(schedules=schedules, seeds=seeds, switch_cache=switch, results=result), f, indent=1)
         print(f"wrote {cfg.json}")
     if cfg.svg:
-        frontier_svg(cfg.svg, result, note=f"seeds {seeds[0]}-{seeds[-1]}, switch cache {cfg.switch_cache}; "
+        frontier_svg(cfg.svg, result, note=f"seeds {seeds[0]}-{seeds[-1]}, switch cache {switch}; "
                                            "intervals over training seeds")
         print(f"wrote {cfg.svg}")
     return result
@@ -300,12 +301,15 @@ def identity_failures(g, cfg):
 
 @torch.no_grad()
 def main(cfg):
+    if cfg.probe == "none":
+        for flag in ("json", "md", "svg"):                       # every check before any work
+            check_file(flag, getattr(cfg, flag))
     if cfg.merge:
         if cfg.probe != "none":
             raise BadInput(f"--merge belongs to the benchmark, not to --probe={cfg.probe}")
         return merged(cfg)
     device = pick_device(cfg.device, precision=cfg.precision)
-    paths = [p for p in cfg.ckpts.split(",") if p]
+    paths = listed(cfg.ckpts)
     if not paths:
         raise BadInput("--ckpts names no checkpoint")
     if len(set(paths)) < len(paths):

@@ -59,7 +59,6 @@ def rows_over_seeds(cells, references=()):
     and evaluation noise) and `diff`: {reference: the paired difference} for each named reference row but the row
     itself. A reference of one checkpoint with no _s<k> suffix (the student) is paired with every seed; otherwise
     seeds pair by their _s<k> suffix, and a seed the reference lacks is left out."""
-    references = [references] if isinstance(references, str) else references
     out = {row: {grp: {k: dict(total=sum(c["total"] for c in ck.values())) if k == "n_react"
                        else dict(t_interval([c["mean"] for c in ck.values()]), seeds=ck)
                        for k, ck in metrics.items()} for grp, metrics in groups.items()} for row, groups in cells.items()}
