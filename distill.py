@@ -126,7 +126,7 @@ def dmd_loss(x, event, *, teacher, critic, guidance, shift):
     """Distribution matching distillation (DMD, Yin et al. 2024; Self Forcing sec. 3.3).
     x (B,T,...) generator samples with graph; event (B,T). Returns the per-frame loss (B,T),
     whose gradient w.r.t. x is proportional to grad = (fake - real) / mean|x - real|, and the steps: grad, and grad_null,
-    the step the teacher without the event would give (Delta Forcing's DF (5'))."""
+    the step the teacher without the event would give (Delta Forcing's DF (5')), and real (its DF (3L))."""
     B, T = x.shape[:2]
     sigma = dmd_sigma(B, shift, x.device)[:, None].expand(B, T)
     with torch.no_grad():                                        # scores are targets, never trained through
@@ -137,7 +137,7 @@ def dmd_loss(x, event, *, teacher, critic, guidance, shift):
         norm = (x.detach() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)   # DMD Eq. 8: one normaliser per sample
         grad = torch.nan_to_num((fake - real) / norm)            # DMD Eq. 7-8: the KL gradient, normalised
         grad_null = torch.nan_to_num((fake - pred_x0(xt, v_u, sigma)) / norm)   # the same with the null event's real score
-    return dmd_surrogate(x, grad), dict(grad=grad, grad_null=grad_null)
+    return dmd_surrogate(x, grad), dict(grad=grad, grad_null=grad_null, real=real)
 
 
 def critic_loss(critic, x, event, shift, frames=None):

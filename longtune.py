@@ -68,7 +68,9 @@ class LongtuneConfig(RunConfig):
     mc_radius: NonNegative = 1.4   # DF (6), r: a new frame may move r natural steps (python world.py prints a step's size)
     lam: NonNegative = 1.0         # DF (7), lambda: the weight of the continuity term
     tr_appearance: bool = False    # extra, True: DF (6') (a toy invariant) joins the continuity term
-    ac_radius: NonNegative = 0.1   # DF (6'), r_a: pooled-colour change a new frame may show, in natural steps
+    ac_radius: NonNegative = 0.1   # DF (6') and (6''), r_a: pooled-colour change a new frame may show, in natural steps
+    tr_anchor: bool = False        # candidate, True: DF (6'') (a toy invariant), appearance anchored before the switch, joins (6)
+    tr_literal: bool = False       # candidate, True: the abstract's literal delta, DF (3L), with the whole step bounded, DF (5L)
     renamed = {"ema": "ema_decay", "steps": "dmd_steps"}
 
 
@@ -98,7 +100,8 @@ class Streams:
         """Generate the next frames: a whole teacher window at the start of a video, then F new
         frames. -> the supervised window (B,W,...), its per-frame events (B,W), the new-frame
         mask (W,), and which streams' windows hold a switch (B,). Sets `unswitched` (B,): which
-        videos have not switched yet (DF (4)'s floor reads those windows)."""
+        videos have not switched yet (DF (4)'s floor reads those windows), and `anchor` (B,C,H,W):
+        the last frame before each video's latest switch, or its first frame (DF (6''))."""
         W, K = self.stream["window"], self.cfg.context
         n = W if self.t == 0 else W - K
         noise = torch.randn(self.batch, n, 3, self.size, self.size, device=self.device)
@@ -106,6 +109,7 @@ class Streams:
         new = rollout(model, noise, ev, sigmas, self.stream["chunk"], self.cache, exit_step=exit_step,
                       switch=self.cfg.switch_cache)
         window = new if self.context is None else torch.cat([self.context, new], 1)   # (B,W,C,H,W)
+        self.mark_anchor(new, ev)
         win_ev = self.events[:, self.t + n - W:self.t + n]           # (B,W) each frame's own event
         if self.cfg.window_events == "current":
             win_ev = win_ev[:, -1:].expand(-1, W)                    # LongLive: the newest event for the whole window
@@ -118,16 +122,32 @@ class Streams:
         return window, win_ev, torch.arange(W, device=self.device) >= W - n, holds_switch
 
 
-def window_loss(per_frame, window, ev, aux, mask, *, teacher, m, tr, video_switched=None):
+    def mark_anchor(self, new, ev):
+        """DF (6'')'s anchor after n new frames with their events ev (B,n): where a video switches
+        among them, the frame just before its last switch there."""
+        if self.context is None:
+            self.anchor = new[:, 0].detach()                         # a video's first frame
+            return
+        evs = torch.cat([self.events[:, self.t - 1:self.t], ev], 1)  # the event before each new frame, then theirs
+        frames = torch.cat([self.context[:, -1:], new], 1).detach()  # the frame before each new frame, then them
+        switch = evs[:, 1:] != evs[:, :-1]                            # (B,n): new frame j starts another event
+        last = (switch * torch.arange(1, len(ev[0]) + 1, device=ev.device)).argmax(1)   # its index j, 0 if none
+        before = frames[torch.arange(len(ev), device=ev.device), last]
+        self.anchor = torch.where(switch.any(1)[:, None, None, None], before, self.anchor)
+
+
+def window_loss(per_frame, window, ev, aux, mask, *, teacher, m, tr, video_switched=None, anchor=None):
     """The one place the supervised window's loss is made: LongLive's DMD masked to the new frames,
     or with tr (trust_region.TrustRegion) Delta Forcing's, DF (7), at the floor of earlier updates.
-    aux: dmd_loss's steps; video_switched (B,): which windows' videos have switched."""
+    aux: dmd_loss's steps; video_switched (B,): which windows' videos have switched; anchor: DF (6'')'s."""
     if tr is None:
         return per_frame[:, mask].mean(), {}                     # LongLive: DMD on the window's new frames
     K, s0 = int((~mask).sum()), tr.s0()
-    verdict = trust_region.band_verdict(teacher, window, ev, K=K, levels=tr.levels) if K else None   # DF (2)
+    asks = K and not tr.tr_literal                               # DF (3L) reads DMD's own forward instead
+    verdict = trust_region.band_verdict(teacher, window, ev, K=K, levels=tr.levels) if asks else None   # DF (2)
     loss, logs = trust_region.delta_forcing_loss(window, aux["grad"], verdict, K=K, m=m, tr=tr, s0=s0,
-                                                 grad_null=aux["grad_null"], video_switched=video_switched)
+                                                 grad_null=aux["grad_null"], video_switched=video_switched,
+                                                 real=aux.get("real"), anchor=anchor)
     if tr.floor is not None and logs:
         logs["floor"] = torch.as_tensor(s0, device=window.device).expand_as(logs["s"])
     return loss, logs
@@ -152,7 +172,7 @@ def tune_update(streams, nets, cfg, *, stream, m, tr=None, n_ranks=1):
         per_frame, aux = distill.dmd_loss(window, ev, teacher=nets.teacher, critic=nets.critic,
                                            guidance=cfg.guidance, shift=stream["shift"])
         loss, logs = window_loss(per_frame, window, ev, aux, mask, teacher=nets.teacher, m=m, tr=tr,
-                                 video_switched=~streams.unswitched)
+                                 video_switched=~streams.unswitched, anchor=streams.anchor)
     if tr is not None and tr.floor is not None and "s" in logs:
         tr.floor.add(logs["s"], streams.unswitched)              # DF (4): after this update's loss, never before
     gnorm, applied = optimizer_step(nets.student, nets.opt, loss, cfg.grad_clip, n_ranks)

@@ -18,7 +18,15 @@ over the HW pixels; sg is stop-gradient.
                         teacher without the event (--tr_restore, the default)
   DF (6) continuity     L_MC,f = relu(||z_f - z_{f-1}|| - r m)^2 / m^2, z_0 = c_K            monotonic_continuity
   DF (6') appearance    L_AC,f = relu(sqrt(HW) ||mu(z_f) - mu(c_K)|| / m - r_a)^2, joins (6)  appearance_conservation
+  DF (6'') anchored     (6') with c_K replaced by a, the look before the video's latest switch  (--tr_anchor)
   DF (7) loss           L = mean_f,p 0.5 (z_f - sg(z_f - g'_f))^2 + lambda (1 - w) mean_f L_MC,f  delta_forcing_loss
+
+The abstract's literal words, kept as a row that departs from (2)-(5) (--tr_literal): the latent delta
+between teacher and generator trajectories, the teacher's implied transition T_f - c_K against the
+generator's z_f - c_K on the new frames, at DMD's level, and the trust region as TRPO's bound on how
+far one update moves the generator:
+  DF (3L) literal delta  s = sqrt(mean_f ||(T_f - c_K) - (z_f - c_K)||^2) / m = rms_f ||T_f - z_f|| / m   literal_consistency
+  DF (5L) proximal step  g' = w g: the whole step, not one direction                         (delta_forcing_loss)
 
 Our replacement for the abstract's "latent delta between teacher and generator trajectories" (2):
 the teacher's x0 of frames that already happened, with the event minus without it. A teacher that
@@ -46,7 +54,9 @@ yellow on grey at 1.47 m, pays a little), so in the default (band) world on blur
 sees background changes only: a recolour (smaller than a step) and a blurred teleport pass under
 r m (tests/test_trust_region.py).
 (6') sees recolours, but by an invariant of this world (motion conserves each channel's spatial mean on
-the torus) that a latent model lacks: off by default, kept for the ablation.
+the torus) that a latent model lacks: off by default, kept for the ablation. (6'') uses the same
+invariant, anchored where drift cannot have started yet: c_K drifts with the generator, so (6') bounds
+one window's change, (6'') the change accumulated since the switch. Off by default for the same reason.
 """
 from dataclasses import dataclass, field, fields
 
@@ -73,6 +83,8 @@ class TrustRegion:
     trust_const: float             # control: w held at this value in every window (0: off)
     trust_shuffle: bool            # control: DF (4)'s w permuted over the batch's windows
     trust_schedule: float          # control: w at this value in windows of videos that switched, 1 elsewhere (0: off)
+    tr_anchor: bool                # DF (6'') joins DF (6)
+    tr_literal: bool               # DF (3L) and (5L) in place of DF (2)-(5')
     floor: "Floor" = field(init=False, repr=False)
     perm: torch.Generator = field(init=False, repr=False)
 
@@ -114,6 +126,13 @@ def transition_consistency(verdict, m):
     mu = verdict.float().mean((-2, -1))                          # (B,n,K,C) per-channel spatial means
     hw = verdict.shape[-1] * verdict.shape[-2]
     return mu.norm(dim=-1).pow(2).mean((1, 2)).sqrt() * hw ** 0.5 / m, mu.mean((1, 2))
+
+
+def literal_consistency(real, new, m):
+    """DF (3L): s = rms_f ||(T_f - c_K) - (z_f - c_K)|| / m = rms_f ||T_f - z_f|| / m, the teacher's implied
+    transition against the generator's over the F new frames, in natural steps. real: DMD's real x0
+    (B,F,...), new: the generator's frames (B,F,...) -> s (B,)."""
+    return frame_norm(real - new.detach()).pow(2).mean(1).sqrt() / m
 
 
 def trust_weight(s, tau, s0=0.0, eps=1e-6):
@@ -201,18 +220,25 @@ def trust(s, tr, s0, video_switched):
     return w
 
 
-def delta_forcing_loss(window, grad, verdict, *, K, m, tr, s0, grad_null=None, video_switched=None):
+def delta_forcing_loss(window, grad, verdict, *, K, m, tr, s0, grad_null=None, video_switched=None, real=None,
+                       anchor=None):
     """DF (7): L = mean_f L_DMD,f (with the step of DF (5) or (5')) + lambda (1 - w) mean_f L_MC,f over
     the F new frames. window (B,K+F,...) with graph on the new frames; grad: the DMD step g of
-    distill.dmd_loss (B,K+F,...), grad_null its step without the event (for DF (5')); verdict:
-    band_verdict's V (None when K = 0); m: the natural step; tr: the knobs (TrustRegion); s0: DF (4)'s
-    floor now; video_switched (B,): which windows' videos have switched (the schedule control).
+    distill.dmd_loss (B,K+F,...), grad_null its step without the event (for DF (5')), real its real
+    x0 (for DF (3L)); verdict: band_verdict's V (None when K = 0 or with DF (3L)); m: the natural step;
+    tr: the knobs (TrustRegion); s0: DF (4)'s floor now; video_switched (B,): which windows' videos have
+    switched (the schedule control); anchor (B,C,H,W): the look before each video's latest switch (DF (6'')).
     Returns the loss and, for the log, each window's w, s and mean L_MC (B,), detached."""
     if K == 0:                                                   # the first window of a video: w = 1, plain DMD
         return dmd_surrogate(window, grad).mean(), {}
-    s, b = transition_consistency(verdict, m)                    # DF (2-3): latent delta, consistency
+    if tr.tr_literal:
+        s = literal_consistency(real[:, K:], window[:, K:], m)   # DF (3L)
+    else:
+        s, b = transition_consistency(verdict, m)                # DF (2-3): latent delta, consistency
     w = trust(s, tr, s0, video_switched)                         # DF (4), or a control
-    if tr.tr_step:                                               # DF (5) or (5'): only the flagged component moves
+    if tr.tr_step and tr.tr_literal:
+        g = w[:, None, None, None, None] * grad                  # DF (5L): the whole step bounded
+    elif tr.tr_step:                                             # DF (5) or (5'): only the flagged component moves
         g = restoring_step(grad, grad_null, b, w) if tr.tr_restore else flagged_step(grad, b, w)
     else:
         g = grad
@@ -223,6 +249,8 @@ def delta_forcing_loss(window, grad, verdict, *, K, m, tr, s0, grad_null=None, v
         mc = monotonic_continuity(new, last, m, tr.mc_radius)    # DF (6)
         if tr.tr_appearance:
             mc = mc + appearance_conservation(new, last, m, tr.ac_radius)   # DF (6')
+        if tr.tr_anchor:
+            mc = mc + appearance_conservation(new, anchor, m, tr.ac_radius)   # DF (6''): anchored before the switch
         loss = loss + tr.lam * ((1 - w)[:, None] * mc).mean()    # DF (7): continuity takes the rest
         logs["mc"] = mc.detach().mean(1)
     return loss, logs

@@ -77,15 +77,23 @@ def test_auc_interval_resamples_streams_not_windows():
     assert hi - lo > 2 * (whi - wlo)
 
 
-def test_signal_probe_scores_training_windows_with_every_candidate(student_dir, capsys, monkeypatch):
+def test_signal_probe_scores_training_windows_with_every_candidate(student_dir, capsys, monkeypatch, tmp_path):
     calls = iter(range(10 ** 6))                                 # the test generator is untrained: a tracker that labels
     monkeypatch.setattr(drift, "track", lambda v, w: dict(valid=[True], color_id=[next(calls) % 4]))   # windows in turn
     drift.main(drift.DriftConfig(probe="signals", ckpts=str(student_dir / "student.pt"), seeds=1, windows=4,
-                                 teacher=str(student_dir / "teacher.pt"), device="cpu"))
+                                 teacher=str(student_dir / "teacher.pt"), device="cpu", scores=str(tmp_path / "sig.npz")))
     out = capsys.readouterr().out
-    assert {"k", "verdict_band", "verdict_dmd", "switch"} <= set(drift.SIGNALS)   # the literal delta, DF (3), references
+    assert {"literal", "verdict_band", "verdict_dmd", "switch"} <= set(drift.SIGNALS)   # the literal delta, DF (3), references
     assert all(text in out for text in drift.SIGNALS.values()), out
     assert "The signal's level" in out and "before the first switch" in out
+    saved = np.load(tmp_path / "sig_student.npz")
+    assert set(drift.SIGNALS) <= set(saved.files) and len(saved["label"]) == len(saved["verdict_band"]) == len(saved["stream"])
+
+
+def test_the_old_event_is_the_one_each_video_switched_from():
+    past = torch.tensor([[0, 0, 1, 1, 2, 2], [3, 3, 3, 3, 3, 3], [0, 0, 0, 0, 1, 1]])
+    ev = past[:, 2:]                                             # a window of the last 4 frames
+    assert drift.old_events(past, ev).tolist() == [[1, 1, 1, 1], [3, 3, 3, 3], [0, 0, 0, 0]]
 
 
 def test_bad_lengths_and_policies_are_one_line(student_dir, capsys, monkeypatch):

@@ -23,10 +23,11 @@ DEFAULTS = {k: getattr(longtune.LongtuneConfig(), k) for k in KNOBS}   # the one
 TAU = DEFAULTS["tau"]
 
 
-def dfl(window, grad, verdict, K=K, m=M, s0=0.0, grad_null=None, video_switched=None, **kw):
+def dfl(window, grad, verdict, K=K, m=M, s0=0.0, grad_null=None, video_switched=None, real=None, anchor=None, **kw):
     """delta_forcing_loss with longtune's defaults for every knob not given, at the floor s0."""
     return tr.delta_forcing_loss(window, grad, verdict, K=K, m=m, tr=tr.TrustRegion(**(DEFAULTS | kw)), s0=s0,
-                                 grad_null=grad if grad_null is None else grad_null, video_switched=video_switched)
+                                 grad_null=grad if grad_null is None else grad_null, video_switched=video_switched,
+                                 real=real, anchor=anchor)
 
 
 def clip(pos0, moves, color=0, bg=0, w=W):
@@ -471,3 +472,65 @@ def test_continuity_in_the_band_world_sees_backgrounds_not_recolours():
     assert (cost(blur(window)) == 0).all() and (cost(blur(recolour)) == 0).all() and (cost(recolour) == 0).all()
     assert cost(blur(background))[2] > 0 and (cost(blur(background))[[0, 1, 3, 4, 5]] == 0).all()
     assert (cost(blur(teleport)) == 0).all() and cost(teleport)[2] > 0
+
+
+# ----------------------------------------------------------------------------- the candidates: DF (6'') anchored, DF (3L)/(5L) literal
+
+@pytest.mark.parametrize("c0,c1,bg", [(0, 3, 1), (2, 3, 0), (1, 2, 2)])   # the band palette's smallest and largest recolours
+def test_the_anchored_appearance_sees_the_drift_that_the_last_frame_hides(c0, c1, bg):
+    """A sprite recoloured before the window (c_K already drifted): (6') against c_K sees nothing,
+    (6'') against the look before the switch sees every new frame, at r_a = 0.03 (a whole band
+    recolour moves the pooled colour 0.066-0.115 natural steps; r_a = 0.1, (6')'s, would pass most)."""
+    before, drifted = turn_window(color=c0, bg=bg, w=B_), turn_window(color=c1, bg=bg, w=B_)
+    m, ra = natural_step(B_, 8, 2), 0.03
+    new, anchor = drifted[:, K:], before[:, K - 1]
+    assert tr.appearance_conservation(new, drifted[:, K - 1], m, ra).max() < 1e-9
+    assert (tr.appearance_conservation(new, anchor, m, ra) > 0).all()
+    window = drifted.clone().requires_grad_()
+    low = verdict(drifted, before)                               # the condition repaints history: w < 1
+    on, logs = dfl(window, torch.zeros_like(window), low, m=m, tr_anchor=True, ac_radius=ra, anchor=anchor)
+    off, _ = dfl(window, torch.zeros_like(window), low, m=m, tr_anchor=False, ac_radius=ra, anchor=anchor)
+    assert logs["w"].item() < 1 and on > off
+    full, _ = dfl(window, torch.zeros_like(window), verdict(before, before), m=m, tr_anchor=True, ac_radius=ra,
+                  anchor=anchor)
+    assert full == 0                                             # w = 1: the gate gives it no weight
+
+
+def test_the_stream_anchor_is_the_frame_before_the_latest_switch():
+    """longtune.Streams.mark_anchor on hand-made events: first frame at a video's start; where new
+    frames switch, the frame before the last switch among them; elsewhere kept."""
+    s = longtune.Streams.__new__(longtune.Streams)
+    frames = torch.arange(10.0)[None, :, None, None, None].expand(3, 10, 3, 2, 2).clone()   # frame i holds value i
+    s.events = torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2, 2, 2], [0] * 10, [0, 0, 0, 0, 0, 0, 0, 0, 3, 3]])
+    s.context, s.t = None, 0
+    s.mark_anchor(frames[:, :4], s.events[:, :4])
+    assert s.anchor[:, 0, 0, 0].tolist() == [0, 0, 0]
+    s.context, s.t = frames[:, 2:4], 4
+    s.mark_anchor(frames[:, 4:8], s.events[:, 4:8])
+    assert s.anchor[:, 0, 0, 0].tolist() == [5, 0, 0]            # switches at 4 and 6: the frame before 6
+    s.context, s.t = frames[:, 6:8], 8
+    s.mark_anchor(frames[:, 8:10], s.events[:, 8:10])
+    assert s.anchor[:, 0, 0, 0].tolist() == [5, 0, 7]            # a switch at 8: frame 7, before the new frames
+
+
+def test_the_literal_delta_is_the_teacher_against_the_generator_transition():
+    window, real, _ = random_window()
+    last = window[:, K - 1:K]
+    s = tr.literal_consistency(real[:, K:], window[:, K:], M)
+    implied, taken = real[:, K:] - last, window[:, K:] - last    # (T_f - c_K) against (z_f - c_K)
+    assert torch.allclose(s, tr.frame_norm(implied - taken).pow(2).mean(1).sqrt() / M, atol=1e-5)
+
+
+def test_the_literal_reading_bounds_the_whole_step_and_an_agreeing_teacher_is_the_baseline():
+    """DF (5L): every component of the step scaled by w; a teacher that agrees with the generator
+    (T = z, s = 0 below the floor) gives exactly the baseline."""
+    base, grad, _ = random_window()
+    grads = []
+    for kw in (dict(tr_step=False), dict(), dict(real=base * 0)):
+        x = base.clone().requires_grad_()
+        loss, logs = dfl(x, grad, None, tr_literal=True, tr_continuity=False, **(dict(real=base) | kw))
+        loss.backward()
+        grads.append((x.grad, logs["w"]))
+    (g0, w0), (g1, _), (g2, w2) = grads
+    assert (w0 == 1).all() and torch.equal(g0, g1)               # T = z: full trust, the plain DMD gradient
+    assert (w2 < 1).all() and torch.allclose(g2, w2[:, None, None, None, None] * g0, atol=1e-9)

@@ -16,6 +16,7 @@ if not __package__:   # run as a file, the stages are not on the path: say how t
     print("run it from the repository root as: python -m tools.drift [--key=value ...]", file=sys.stderr)
     sys.exit(2)
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,7 @@ class DriftConfig(Config):
     windows: Count = 40            # --probe=signals: windows per stream seed
     first_seed: Whole = 100        # seeds first_seed .. first_seed + seeds - 1
     picture: str = ""              # --probe=band: a PNG of one clip and the teacher's x0 at each level, 8x
+    scores: str = ""               # --probe=signals: also write each checkpoint's window scores, labels, streams: PATH_<ckpt>.npz
     md: str = ""                   # also append the markdown table to this file
 
 
@@ -155,10 +157,39 @@ def auc(score, label, stream, boot=1000):
     return one(score, label), *np.nanpercentile(boots, [2.5, 97.5])   # a resample without both kinds is nan
 
 
-SIGNALS = {"k": "k = rms(T - G) / m at the DMD level: teacher minus critic, the abstract's literal delta",
+SIGNALS = {"k": "k = rms(T - G) / m at the DMD level: teacher minus critic",
+           "literal": "DF (3L): rms_f ||(T_f - c_K) - (z_f - c_K)|| / m on the new frames at the DMD level, the abstract's literal delta",
            "verdict_dmd": "condition's verdict T^e - T^0, per-channel means, at the DMD level (no extra forward)",
            "verdict_band": "condition's verdict, per-channel means, at the band levels (DF (3), the default)",
+           "verdict_window": "the band verdict over every frame of the window, not only the committed ones",
+           "verdict_b": "the band verdict's mean ||b|| in place of its RMS (the committed frames)",
+           "verdict_old": "the band verdict of the new event against the old one (T^e - T^old) in place of the null event",
            "switch": "reference: the window holds a switch (the schedule, not a signal)"}
+
+
+def old_events(past, ev):
+    """verdict_old's events: each frame's own event, the video's newest event replaced by the one it
+    switched from (unchanged in a video that never switched). past (B,t): each stream's events up to
+    the window's last frame; ev (B,W): the window's."""
+    newest, old = ev[:, -1], ev[:, -1].clone()
+    for b in range(len(ev)):
+        before = past[b][past[b] != newest[b]]
+        if len(before):
+            old[b] = before[-1]
+    return torch.where(ev == newest[:, None], old[:, None], ev)
+
+
+def scores_path(cfg, path):
+    """--scores=out/sig.npz: one file per checkpoint, out/sig_<checkpoint name>.npz."""
+    return cfg.scores.removesuffix(".npz") + "_" + os.path.basename(path).removesuffix(".pt") + ".npz"
+
+
+def band_verdict_seeded(teacher, window, ev, W, levels, seed):
+    """DF (2) over all W frames of the window, from noise drawn by `seed`: two calls with one seed
+    share their noise, so their difference is the events' alone."""
+    with torch.random.fork_rng(devices=[window.device] if window.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return tr.band_verdict(teacher, window, ev, K=W, levels=levels)
 
 
 def signal_rows(cfg, path, teacher, device):
@@ -174,20 +205,29 @@ def signal_rows(cfg, path, teacher, device):
     for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
         torch.manual_seed(seed)
         streams = longtune.Streams(lt, st, w.size, torch.Generator().manual_seed(seed), device, 8)
-        for _ in range(cfg.windows):
+        for i in range(cfg.windows):
+            events, t = streams.events, streams.t                # before the advance: the stream's whole schedule
             with torch.no_grad(), autocast(device):
                 window, ev, mask, switched = streams.advance(gen_net, st["sigmas"], random_exit_step(st["sigmas"]))
                 window, K = window.float(), int((~mask).sum())
                 if not K:                                        # a video's first window: nothing committed yet
                     continue
+                ev_old = old_events(events[:, :t + len(window[0]) - K], ev)
                 sigma = dmd_sigma(len(window), st["shift"], device)[:, None].expand(ev.shape)
                 xt = add_noise(window, torch.randn_like(window), sigma)
                 t_e, t_0 = (pred_x0(xt, v.float(), sigma) for v in cond_uncond(teacher, xt, sigma, ev))
-                t_g = cfg_mix(t_e, t_0, ck["config"]["guidance"]) - pred_x0(xt, critic(xt, sigma, ev).float(), sigma)
-                verdict = tr.band_verdict(teacher, window, ev, K=K, levels=levels)                 # DF (2)
+                real, W = cfg_mix(t_e, t_0, ck["config"]["guidance"]), len(window[0])              # DMD's real x0
+                t_g = real - pred_x0(xt, critic(xt, sigma, ev).float(), sigma)
+                v_e, v_old = (band_verdict_seeded(teacher, window, e, W, levels, 1000 * seed + i) for e in (ev, ev_old))
+                verdict = v_e[:, :, :K]                                                             # DF (2)
+                hw = window.shape[-1] * window.shape[-2]
                 sc = dict(k=tr.frame_norm(t_g[:, :K]).pow(2).mean(1).sqrt() / m, switch=switched.float(),
+                          literal=tr.literal_consistency(real[:, K:], window[:, K:], m),          # DF (3L)
                           verdict_dmd=tr.transition_consistency((t_e - t_0)[:, None, :K], m)[0],
-                          verdict_band=tr.transition_consistency(verdict, m)[0])                    # DF (3)
+                          verdict_band=tr.transition_consistency(verdict, m)[0],                    # DF (3)
+                          verdict_window=tr.transition_consistency(v_e, m)[0],
+                          verdict_b=tr.transition_consistency(verdict, m)[1].norm(dim=-1) * hw ** 0.5 / m,
+                          verdict_old=tr.transition_consistency((v_e - v_old)[:, :, :K], m)[0])
             for b in range(len(window)):
                 last, e = track(window[b, K - 1:K], w), int(ev[b, -1])
                 if last["valid"][0] and CANON[e] >= 0:
@@ -201,6 +241,8 @@ def signal_rows(cfg, path, teacher, device):
     sc, y, u = {k: np.array(v) for k, v in scores.items()}, np.array(labels), np.array(fresh)
     rows = [f"| {path} | {text} | " + "{:.3f} [{:.3f}, {:.3f}]".format(*auc(sc[name], y, np.array(lane))) + f" | {y.sum()} / {len(y)} |"
             for name, text in SIGNALS.items()]
+    if cfg.scores:
+        np.savez(scores_path(cfg, path), label=y, unswitched=u, stream=np.array(lane), **sc)
     s = sc["verdict_band"]                                       # DF (3)'s s: its level, which a fixed tau reads
     med = lambda sel: f"{np.median(s[sel]):.4f} ({sel.sum()})" if sel.any() else "-"   # noqa: E731
     return rows, [f"| {path} | {med(~y)} | {med(y)} | {med(u)} | {med(~u)} |"]
@@ -215,6 +257,8 @@ def table(caption, text, numbers, rows):
 def main(cfg):
     check_file("md", cfg.md)                                     # every check before any work
     check_file("picture", cfg.picture)
+    for p in cfg.ckpts.split(",") if cfg.scores else []:
+        check_file("scores", scores_path(cfg, p))
     device = pick_device(cfg.device, precision=cfg.precision)
     paths = [p for p in cfg.ckpts.split(",") if p]
     if not paths and cfg.probe != "band":
