@@ -31,7 +31,23 @@ from world import World, eval_events, random_events, save_strip, save_video
 
 
 @dataclass
-class DistillConfig(RunConfig):
+class DMDConfig(RunConfig):
+    """DMD's knobs, shared by this stage and long tuning (longtune.py changes some defaults)."""
+    dmd_steps: Whole = 150         # generator updates, each after critic_ratio critic updates
+    critic_ratio: Count = 5        # DMD2 / Self Forcing: 5 critic updates per generator update
+    batch: Count = 16              # rollouts per update (the global batch under torchrun)
+    lr: Positive = 5e-5            # the generator's learning rate
+    critic_lr: Positive = 1e-5     # a fifth of the generator's, as Self Forcing (4e-7 / 2e-6) and LongLive (1e-5 / 2e-6)
+    guidance: NonNegative = 1.0    # g of the real score: cond + g (cond - uncond) (Self Forcing: 3; docs/defaults.md)
+    grad_clip: Positive = 10.0     # gradient-norm clip
+    ema_decay: Prob = 0.99         # EMA decay of the generator
+    ema_start: Whole = 50          # updates before the EMA starts averaging (Self Forcing: a third of the way in)
+    log_every: Count = 10          # updates between log lines and checkpoints
+    renamed = {"ema": "ema_decay"}
+
+
+@dataclass
+class DistillConfig(DMDConfig):
     teacher: str = ""              # teacher checkpoint; default out_dir/teacher.pt, trained first if missing
     # the student
     chunk: Count = 2               # frames per autoregressive chunk
@@ -45,19 +61,8 @@ class DistillConfig(RunConfig):
     ode_pairs: Count = 512         # teacher trajectories
     ode_steps: Whole = 600         # regression steps
     ode_lr: Positive = 3e-4        # learning rate of the regression
-    # phase 2: DMD
-    dmd_steps: Whole = 150         # generator updates, each after critic_ratio critic updates
-    critic_ratio: Count = 5        # DMD2 / Self Forcing: 5 critic updates per generator update
-    batch: Count = 16              # rollouts per update (the global batch under torchrun)
-    lr: Positive = 5e-5            # the generator's learning rate
-    critic_lr: Positive = 1e-5     # a fifth of the generator's, as Self Forcing (4e-7 / 2e-6) and LongLive
-    guidance: NonNegative = 1.0    # g of the real score: cond + g (cond - uncond) (Self Forcing: 3; docs/defaults.md)
-    grad_clip: Positive = 10.0     # gradient-norm clip
-    ema_decay: Prob = 0.99         # EMA decay of the generator
-    ema_start: Whole = 50          # updates before the EMA starts averaging (Self Forcing: a third of the way in)
+    # phase 2: DMD, with DMDConfig's knobs
     eval_samples: Count = 64       # clips of each kind in the final evaluation
-    log_every: Count = 10          # updates between log lines and checkpoints
-    renamed = {"ema": "ema_decay"}
 
 
 # small: one GPU, sized for about 6 min of the whole chain on one H100 (docs/defaults.md)

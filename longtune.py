@@ -27,15 +27,16 @@ import distill
 import trust_region
 from common import (autocast, check_in_sync, checkpointer, ema_update, init_run, load_checkpoint, optimizer_step,
                     resume, seed_rank)
-from config import BadInput, BandLevels, Count, NonNegative, OneOf, Positive, Prob, RunConfig, SwitchCache, Whole, capped, cli
+from config import BadInput, BandLevels, Count, NonNegative, OneOf, Positive, Prob, SwitchCache, Whole, capped, cli
 from distill import random_exit_step
-from metrics import batch_metrics, summarize
+from metrics import batch_metrics, mean_over_videos
 from model import KVCache, rollout
 from world import World, ordered_pairs, random_events
 
 
 @dataclass
-class LongtuneConfig(RunConfig):
+class LongtuneConfig(distill.DMDConfig):
+    """Long tuning's knobs; DMD's (distill.DMDConfig) with more updates, a smaller batch, a later EMA."""
     out_name: str = ""             # default longtune.pt (deltaforcing.pt with --trust_region=True)
     student: str = ""              # default out_dir/student.pt
     windows: Count = 8             # rollout length, in teacher windows
@@ -44,14 +45,8 @@ class LongtuneConfig(RunConfig):
     window_events: OneOf("true", "current") = "true"   # true: each frame's own event | current: the newest frame's (LongLive)
     critic_frames: OneOf("window", "new") = "window"   # the critic learns the whole window | only its new frames (LongLive)
     max_switches: Count = 3        # switches per long video: 1 .. max_switches
-    dmd_steps: Count = 400         # generator updates
-    critic_ratio: Count = 5        # critic updates per generator update, each on a freshly generated window
+    dmd_steps: Count = 400         # generator updates, each after critic_ratio critic updates on fresh windows
     batch: Count = 8               # streams (the global batch under torchrun)
-    lr: Positive = 5e-5            # the generator's learning rate, as distill.py
-    critic_lr: Positive = 1e-5     # a fifth, as LongLive (1e-5 / 2e-6) and Self Forcing
-    guidance: NonNegative = 1.0    # g of the real score: cond + g (cond - uncond)
-    grad_clip: Positive = 10.0     # gradient-norm clip
-    ema_decay: Prob = 0.99         # EMA decay of the generator
     ema_start: Whole = 100         # updates before the EMA starts averaging
     log_every: Count = 20          # updates between log lines and checkpoints
     probe_every: Count = 100       # updates between small fixed switch probes, to see the metrics settle
@@ -136,17 +131,17 @@ class Streams:
         self.anchor = torch.where(switch.any(1)[:, None, None, None], before, self.anchor)
 
 
-def window_loss(per_frame, window, ev, aux, mask, *, teacher, m, tr, video_switched=None, anchor=None):
+def window_loss(per_frame, window, ev, aux, mask, *, teacher, m, tr, unswitched=None, anchor=None):
     """The one place the supervised window's loss is made: LongLive's DMD masked to the new frames,
     or with tr (trust_region.TrustRegion) Delta Forcing's, DF (7), at the floor of earlier updates.
-    aux: dmd_loss's steps; video_switched (B,): which windows' videos have switched; anchor: DF (6'')'s."""
+    aux: dmd_loss's steps; unswitched (B,): which windows' videos have not switched yet; anchor: DF (6'')'s."""
     if tr is None:
         return per_frame[:, mask].mean(), {}                     # LongLive: DMD on the window's new frames
     K, s0 = int((~mask).sum()), tr.s0()
     asks = K and not tr.tr_literal                               # DF (3L) reads DMD's own forward instead
     verdict = trust_region.band_verdict(teacher, window, ev, K=K, levels=tr.levels) if asks else None   # DF (2)
     loss, logs = trust_region.delta_forcing_loss(window, aux["grad"], verdict, K=K, m=m, tr=tr, s0=s0,
-                                                 grad_null=aux["grad_null"], video_switched=video_switched,
+                                                 grad_null=aux["grad_null"], unswitched=unswitched,
                                                  real=aux.get("real"), anchor=anchor)
     if tr.floor is not None and logs:
         logs["floor"] = torch.as_tensor(s0, device=window.device).expand_as(logs["s"])
@@ -156,8 +151,8 @@ def window_loss(per_frame, window, ev, aux, mask, *, teacher, m, tr, video_switc
 def tune_update(streams, nets, cfg, *, stream, m, tr=None, n_ranks=1):
     """One long-tuning iteration: cfg.critic_ratio critic updates, each on the streams' next window
     generated without a graph, then one generator update on the window after that (graph at one
-    exit step shared by its chunks), with LongLive's DMD loss masked to the new frames, or with tr
-    (trust_region.TrustRegion) Delta Forcing's, whose floor then learns this update's windows.
+    exit step shared by its chunks), with window_loss (LongLive's, or with tr, trust_region.TrustRegion,
+    Delta Forcing's, whose floor then learns this update's windows).
     -> (loss, critic loss, gnorm, applied, logs, holds_switch)."""
     device, sigmas = streams.device, stream["sigmas"]
     for _ in range(cfg.critic_ratio):                            # DMD2: 5 critic updates, each on fresh samples
@@ -172,7 +167,7 @@ def tune_update(streams, nets, cfg, *, stream, m, tr=None, n_ranks=1):
         per_frame, aux = distill.dmd_loss(window, ev, teacher=nets.teacher, critic=nets.critic,
                                            guidance=cfg.guidance, shift=stream["shift"])
         loss, logs = window_loss(per_frame, window, ev, aux, mask, teacher=nets.teacher, m=m, tr=tr,
-                                 video_switched=~streams.unswitched, anchor=streams.anchor)
+                                 unswitched=streams.unswitched, anchor=streams.anchor)
     if tr is not None and tr.floor is not None and "s" in logs:
         tr.floor.add(logs["s"], streams.unswitched)              # DF (4): after this update's loss, never before
     gnorm, applied = optimizer_step(nets.student, nets.opt, loss, cfg.grad_clip, n_ranks)
@@ -191,7 +186,7 @@ def probe(model, stream, world, n, device, seed=4321):
     with autocast(device):
         x = rollout(model, noise.to(device), ev.to(device), stream["sigmas"], ch, KVCache(stream["n_sink"], stream["n_window"]),
                     gen=gen).float().cpu()
-    return summarize(batch_metrics(x, ev, world, first=ch, chunk=ch))
+    return mean_over_videos(batch_metrics(x, ev, world, first=ch, chunk=ch))
 
 
 def load_student(cfg):

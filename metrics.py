@@ -153,7 +153,7 @@ def batch_metrics(videos, ev, w, **kw):
     return {k: [r[k] for r in rows] for k in rows[0]}
 
 
-def summarize(per_video):
+def mean_over_videos(per_video):
     """Mean of each metric over videos, ignoring nan (metrics that did not apply)."""
     return {k: float(np.nanmean(v)) if not np.all(np.isnan(v)) else float("nan") for k, v in per_video.items()}
 
@@ -162,8 +162,8 @@ def clip_scores(x, one, sw, w, first, chunk):
     """Scores of the evaluation clips x = [one-event ; switch] (2n,T,...): follow, valid, jumps,
     canon on the one-event clips; react, latency, identity, identity_free, bias, pull (and their valid) on the switches."""
     n = len(one)
-    m1 = summarize(batch_metrics(x[:n], one, w, first=first, chunk=chunk))
-    m2 = summarize(batch_metrics(x[n:], sw, w, first=first, chunk=chunk))
+    m1 = mean_over_videos(batch_metrics(x[:n], one, w, first=first, chunk=chunk))
+    m2 = mean_over_videos(batch_metrics(x[n:], sw, w, first=first, chunk=chunk))
     out = {k: m1[k] for k in ("follow", "valid", "jumps", "canon")}
     out.update({k: m2[k] for k in ("react", "latency", "identity", "identity_free", "bias", "pull")}, switch_valid=m2["valid"])
     return out

@@ -358,11 +358,11 @@ def rollout(model, noise, event, sigmas, chunk, cache, *, exit_step=None, switch
     B, T = noise.shape[:2]
     exit_step = len(sigmas) - 1 if exit_step is None else exit_step
     before = torch.cat([cache.newest_events()[:, None] if len(cache) else event[:, :1], event[:, :-1]], 1)
-    switched = (event != before)[:, ::chunk].any(0).tolist()     # per chunk: did some stream switch? (one host read)
+    switch_at = (event != before)[:, ::chunk].any(0).tolist()    # per chunk: does some stream switch? (one host read)
     outs = []
     for i in range(0, T, chunk):
         x, ev = noise[:, i:i + chunk], event[:, i:i + chunk]     # (B,chunk,C,H,W), (B,chunk)
-        if switched[i // chunk] and switch != "keep":            # none of recache's work unless a stream switched
+        if switch_at[i // chunk] and switch != "keep":            # none of recache's work unless a stream switched
             if switch.startswith("recache"):                    # (the changed streams only)
                 recache(model, cache, ev[:, 0], chunk, relabel_sink=switch == "recache")
             else:

@@ -206,13 +206,13 @@ def appearance_conservation(new, last, m, ac_radius):
     return torch.relu(dev - ac_radius) ** 2
 
 
-def trust(s, tr, s0, video_switched):
+def trust(s, tr, s0, unswitched):
     """DF (4)'s w, or a control that differs from it in one thing: w held constant, w shuffled over the
-    batch's windows, or w set by the schedule alone (video_switched (B,): the window's video has switched)."""
+    batch's windows, or w set by the schedule alone (unswitched (B,): the window's video has not switched yet)."""
     if tr.trust_const:
         w = torch.full_like(s, tr.trust_const)
     elif tr.trust_schedule:
-        w = torch.where(video_switched, tr.trust_schedule, 1.0).to(s.dtype)
+        w = torch.where(unswitched, 1.0, tr.trust_schedule).to(s.dtype)
     else:
         w = trust_weight(s, tr.tau, s0)                          # DF (4)
     if tr.trust_shuffle:
@@ -220,14 +220,14 @@ def trust(s, tr, s0, video_switched):
     return w
 
 
-def delta_forcing_loss(window, grad, verdict, *, K, m, tr, s0, grad_null=None, video_switched=None, real=None,
+def delta_forcing_loss(window, grad, verdict, *, K, m, tr, s0, grad_null=None, unswitched=None, real=None,
                        anchor=None):
     """DF (7): L = mean_f L_DMD,f (with the step of DF (5) or (5')) + lambda (1 - w) mean_f L_MC,f over
     the F new frames. window (B,K+F,...) with graph on the new frames; grad: the DMD step g of
     distill.dmd_loss (B,K+F,...), grad_null its step without the event (for DF (5')), real its real
     x0 (for DF (3L)); verdict: band_verdict's V (None when K = 0 or with DF (3L)); m: the natural step;
-    tr: the knobs (TrustRegion); s0: DF (4)'s floor now; video_switched (B,): which windows' videos have
-    switched (the schedule control); anchor (B,C,H,W): the look before each video's latest switch (DF (6'')).
+    tr: the knobs (TrustRegion); s0: DF (4)'s floor now; unswitched (B,): which windows' videos have
+    not switched yet (the schedule control); anchor (B,C,H,W): the look before each video's latest switch (DF (6'')).
     Returns the loss and, for the log, each window's w, s and mean L_MC (B,), detached."""
     if K == 0:                                                   # the first window of a video: w = 1, plain DMD
         return dmd_surrogate(window, grad).mean(), {}
@@ -235,7 +235,7 @@ def delta_forcing_loss(window, grad, verdict, *, K, m, tr, s0, grad_null=None, v
         s = literal_consistency(real[:, K:], window[:, K:], m)   # DF (3L)
     else:
         s, b = transition_consistency(verdict, m)                # DF (2-3): latent delta, consistency
-    w = trust(s, tr, s0, video_switched)                         # DF (4), or a control
+    w = trust(s, tr, s0, unswitched)                             # DF (4), or a control
     if tr.tr_step and tr.tr_literal:
         g = w[:, None, None, None, None] * grad                  # DF (5L): the whole step bounded
     elif tr.tr_step:                                             # DF (5) or (5'): only the flagged component moves

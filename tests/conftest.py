@@ -105,11 +105,17 @@ def assert_one_line_error(r, *words):
         assert w in lines[0], lines[0]
 
 
+def config_of(script):
+    """A script's module and the config class its cli takes: the most derived of the module's own."""
+    mod = importlib.import_module(module_name(script))
+    own = [v for k, v in vars(mod).items() if k.endswith("Config") and getattr(v, "__module__", "") == mod.__name__]
+    return mod, next(c for c in own if not any(o is not c and issubclass(o, c) for o in own))
+
+
 def run_cli(script, args, capsys, monkeypatch):
     """A script's entry point, in this process (no interpreter start-up): -> (exit code, stderr).
     Any exception other than the one-line BadInput escapes and fails the test, as a traceback would."""
-    mod = importlib.import_module(module_name(script))
-    cls = next(v for k, v in vars(mod).items() if k.endswith("Config") and getattr(v, "__module__", "") == mod.__name__)
+    mod, cls = config_of(script)
     monkeypatch.setattr(sys, "argv", [script, *args])
     capsys.readouterr()
     try:

@@ -2,23 +2,16 @@
 a comment; every bad value of every field is one line and exit 2 before any work; --help prints
 the descriptions. The walk reads the configs, so a field added later is covered too."""
 import dataclasses
-import importlib
 import math
 import sys
 
 import pytest
 
 from config import Choice, Levels, Range, cli, field_checks, field_help
-from conftest import ROOT, assert_one_line_exit_2, module_name, run_cli
+from conftest import ROOT, assert_one_line_exit_2, config_of, module_name, run_cli
 
 SCRIPTS = ["teacher.py", "distill.py", "longtune.py", "sample.py", "tools/evaluate.py", "tools/serve.py", "tools/bench.py",
            "tools/drift.py"]
-
-
-def config_of(script):
-    mod = importlib.import_module(module_name(script))
-    cls = next(v for k, v in vars(mod).items() if k.endswith("Config") and getattr(v, "__module__", "") == mod.__name__)
-    return mod, cls
 
 
 def bad_values(typ, check):

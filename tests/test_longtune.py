@@ -121,11 +121,11 @@ def test_window_events_match_the_events_frames_were_generated_under(window_event
     with torch.no_grad():
         for _ in range(6):                                       # 26-frame videos: one reset on the way
             schedule = s.events.clone()
-            window, ev, mask, switched = s.advance(m, SIGMAS, exit_step=0)
+            window, ev, mask, holds_switch = s.advance(m, SIGMAS, exit_step=0)
             gen_ev = torch.cat(made, 1)[:, -W:]                  # what the window's frames were generated under
             assert window.shape[:2] == ev.shape == (3, W)
-            assert torch.equal(switched, (gen_ev != gen_ev[:, -1:]).any(1))
-            seen_switch |= bool(switched.any())
+            assert torch.equal(holds_switch, (gen_ev != gen_ev[:, -1:]).any(1))
+            seen_switch |= bool(holds_switch.any())
             if window_events == "true":
                 assert torch.equal(ev, gen_ev)
             else:

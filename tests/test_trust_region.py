@@ -23,10 +23,10 @@ DEFAULTS = {k: getattr(longtune.LongtuneConfig(), k) for k in KNOBS}   # the one
 TAU = DEFAULTS["tau"]
 
 
-def dfl(window, grad, verdict, K=K, m=M, s0=0.0, grad_null=None, video_switched=None, real=None, anchor=None, **kw):
+def dfl(window, grad, verdict, K=K, m=M, s0=0.0, grad_null=None, unswitched=None, real=None, anchor=None, **kw):
     """delta_forcing_loss with longtune's defaults for every knob not given, at the floor s0."""
     return tr.delta_forcing_loss(window, grad, verdict, K=K, m=m, tr=tr.TrustRegion(**(DEFAULTS | kw)), s0=s0,
-                                 grad_null=grad if grad_null is None else grad_null, video_switched=video_switched,
+                                 grad_null=grad if grad_null is None else grad_null, unswitched=unswitched,
                                  real=real, anchor=anchor)
 
 
@@ -434,7 +434,7 @@ def test_the_shuffled_control_permutes_the_same_weights():
 
 def test_the_schedule_control_distrusts_exactly_the_windows_of_switched_videos():
     window, grad, V = random_window()
-    _, logs = dfl(window, grad, V, trust_schedule=0.3, video_switched=torch.tensor([True, False]))
+    _, logs = dfl(window, grad, V, trust_schedule=0.3, unswitched=torch.tensor([False, True]))
     assert logs["w"].tolist() == pytest.approx([0.3, 1.0])
 
 

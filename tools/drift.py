@@ -208,7 +208,7 @@ def signal_rows(cfg, path, teacher, device):
         for i in range(cfg.windows):
             events, t = streams.events, streams.t                # before the advance: the stream's whole schedule
             with torch.no_grad(), autocast(device):
-                window, ev, mask, switched = streams.advance(gen_net, st["sigmas"], random_exit_step(st["sigmas"]))
+                window, ev, mask, holds_switch = streams.advance(gen_net, st["sigmas"], random_exit_step(st["sigmas"]))
                 window, K = window.float(), int((~mask).sum())
                 if not K:                                        # a video's first window: nothing committed yet
                     continue
@@ -221,7 +221,7 @@ def signal_rows(cfg, path, teacher, device):
                 v_e, v_old = (band_verdict_seeded(teacher, window, e, W, levels, 1000 * seed + i) for e in (ev, ev_old))
                 verdict = v_e[:, :, :K]                                                             # DF (2)
                 hw = window.shape[-1] * window.shape[-2]
-                sc = dict(k=tr.frame_norm(t_g[:, :K]).pow(2).mean(1).sqrt() / m, switch=switched.float(),
+                sc = dict(k=tr.frame_norm(t_g[:, :K]).pow(2).mean(1).sqrt() / m, switch=holds_switch.float(),
                           literal=tr.literal_consistency(real[:, K:], window[:, K:], m),          # DF (3L)
                           verdict_dmd=tr.transition_consistency((t_e - t_0)[:, None, :K], m)[0],
                           verdict_band=tr.transition_consistency(verdict, m)[0],                    # DF (3)
