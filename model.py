@@ -95,15 +95,17 @@ def rope_angles(t_pos, grid, head_dim, device):
 
 
 def rotation(ang):
-    """RoPE's rotation, made once per forward for every block: on the CPU e^(i ang) (one complex multiply
-    per use); on CUDA the angles, rotated pairwise where compiled (inductor has no complex arithmetic)."""
-    return torch.polar(torch.ones_like(ang), ang) if ang.device.type == "cpu" else ang
+    """RoPE's rotation, made once per forward for every block: in eager on the CPU e^(i ang) (one complex
+    multiply per use); on CUDA, and wherever compiled, the angles, rotated pairwise (inductor has no
+    complex arithmetic)."""
+    eager_cpu = ang.device.type == "cpu" and not torch.compiler.is_compiling()
+    return torch.polar(torch.ones_like(ang), ang) if eager_cpu else ang
 
 
 def apply_rope(x, rot):
     """Rotate channel pairs of x (B,H,L,hd) by rot = rotation(angles (L,hd/2)) in fp32: (x1, x2) ->
     (x1 cos - x2 sin, x1 sin + x2 cos), back in x's dtype (flash wants q, k, v in one dtype)."""
-    if x.device.type != "cpu":
+    if not rot.is_complex():
         return rope_pairs(x, rot)
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))   # (B,H,L,hd/2) complex
     return torch.view_as_real(xc * rot).flatten(-2).type_as(x)

@@ -282,6 +282,23 @@ def test_compiled_stream_does_not_recompile_as_it_grows():
     assert graphs[0] <= 6 and graphs[2] == graphs[1] == graphs[0], graphs
 
 
+def test_a_compiled_stream_traces_whole_with_real_rope_and_equals_eager():
+    """Traced (as inductor would see it), RoPE rotates pairwise in real arithmetic, so the whole
+    forward is one graph (fullgraph: no break at a complex multiply), and the stream equals eager's."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    m = randomized()
+    compiled = torch.compile(m, backend="aot_eager", dynamic=False, fullgraph=True)
+    args = (torch.randn(1, 8, 3, 16, 16), torch.zeros(1, 8, dtype=torch.long), [1.0, 0.5], CH)
+    with torch.no_grad():
+        a, b = (rollout(net, *args, KVCache(2, 4), gen=torch.Generator().manual_seed(0)) for net in (m, compiled))
+    assert torch.allclose(a, b, atol=1e-5)
+    from model import rotation
+    ang = torch.rand(4, 8)
+    assert rotation(ang).is_complex() and not torch.compile(rotation, backend="eager", fullgraph=True)(ang).is_complex()
+    torch._dynamo.reset()
+
+
 def test_compile_in_place_keeps_plain_state_dict_keys():
     from common import compile_
     m = randomized()
