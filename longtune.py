@@ -66,6 +66,7 @@ class LongtuneConfig(distill.DMDConfig):
     ac_radius: NonNegative = 0.1   # DF (6') and (6''), r_a: pooled-colour change a new frame may show, in natural steps
     tr_anchor: bool = False        # candidate, True: DF (6'') (a toy invariant), appearance anchored before the switch, joins (6)
     tr_literal: bool = False       # candidate, True: the abstract's literal delta, DF (3L), with the whole step bounded, DF (5L)
+    tr_verdict: OneOf("committed", "window") = "committed"   # DF (2) on the K committed frames | candidate: every frame
     renamed = {"ema": "ema_decay", "steps": "dmd_steps"}
 
 
@@ -139,7 +140,8 @@ def window_loss(per_frame, window, ev, aux, mask, *, teacher, m, tr, unswitched=
         return per_frame[:, mask].mean(), {}                     # LongLive: DMD on the window's new frames
     K, s0 = int((~mask).sum()), tr.s0()
     asks = K and not tr.tr_literal                               # DF (3L) reads DMD's own forward instead
-    verdict = trust_region.band_verdict(teacher, window, ev, K=K, levels=tr.levels) if asks else None   # DF (2)
+    read = K if tr.tr_verdict == "committed" else window.shape[1]   # the frames DF (2) reads
+    verdict = trust_region.band_verdict(teacher, window, ev, K=read, levels=tr.levels) if asks else None   # DF (2)
     loss, logs = trust_region.delta_forcing_loss(window, aux["grad"], verdict, K=K, m=m, tr=tr, s0=s0,
                                                  grad_null=aux["grad_null"], unswitched=unswitched,
                                                  real=aux.get("real"), anchor=anchor)

@@ -9,7 +9,8 @@ over the HW pixels; sg is stop-gradient.
 
   DF (1) natural step   m: a constant of the data (world.natural_step), stored by the teacher
   DF (2) latent delta   V_ij = T^e_j - T^0_j on the committed frames j <= K,                 band_verdict
-                        at fixed levels sigma_i inside the noise band
+                        at fixed levels sigma_i inside the noise band (--tr_verdict=window: on every
+                        frame of the window, the new ones too)
   DF (3) consistency    s = sqrt(HW) sqrt(mean_ij ||mu(V_ij)||^2) / m,  b = mean_ij mu(V_ij)  transition_consistency
   DF (4) trust region   w = min(1, tau / (relu(s - s0) + eps)), sg; w = 1 when K = 0         trust_weight, Floor
                         s0: the verdict's floor (--tr_floor), else 0
@@ -85,6 +86,7 @@ class TrustRegion:
     trust_schedule: float          # control: w at this value in windows of videos that switched, 1 elsewhere (0: off)
     tr_anchor: bool                # DF (6'') joins DF (6)
     tr_literal: bool               # DF (3L) and (5L) in place of DF (2)-(5')
+    tr_verdict: str                # DF (2) reads the committed frames ("committed") or the whole window ("window")
     floor: "Floor" = field(init=False, repr=False)
     perm: torch.Generator = field(init=False, repr=False)
 
@@ -107,9 +109,10 @@ class TrustRegion:
 
 @torch.no_grad()
 def band_verdict(teacher, window, event, *, K, levels):
-    """DF (2): V_ij = T^e_j - T^0_j, the teacher's x0 of the committed frames with each frame's
-    event minus without it, from the window noised to each fixed level in `levels` (one forward).
-    window (B,W,...), event (B,W) -> (B,n,K,C,H,W). No gradient: a verdict, never a target."""
+    """DF (2): V_ij = T^e_j - T^0_j, the teacher's x0 of the first K frames (the committed ones; all W
+    with --tr_verdict=window) with each frame's event minus without it, from the window noised to each
+    fixed level in `levels` (one forward). window (B,W,...), event (B,W) -> (B,n,K,C,H,W). No gradient:
+    a verdict, never a target."""
     B, n = window.shape[0], len(levels)
     x = window.detach().repeat(n, 1, 1, 1, 1)                    # (n B, W, ...), level-major
     sigma = torch.tensor(levels, device=x.device).repeat_interleave(B)[:, None].expand(n * B, window.shape[1])

@@ -198,7 +198,7 @@ def test_longtune_bad_input(student_dir, tmp_path, kw, msg):
 def test_the_loss_takes_each_knob_by_its_flag_name_and_holds_no_default():
     """One name per knob from the flag down to the equation, and one source for each default (the config)."""
     knobs = [f for f in dataclasses.fields(trust_region.TrustRegion) if f.init]
-    assert {f.name for f in knobs} <= {f.name for f in dataclasses.fields(longtune.LongtuneConfig)} and len(knobs) == 15
+    assert {f.name for f in knobs} <= {f.name for f in dataclasses.fields(longtune.LongtuneConfig)} and len(knobs) == 16
     assert all(f.default is dataclasses.MISSING for f in knobs)
     cfg = longtune.LongtuneConfig(tau=0.125, lam=3.0, tr_floor=False)
     t = trust_region.TrustRegion.from_config(cfg)

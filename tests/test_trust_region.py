@@ -513,6 +513,28 @@ def test_the_stream_anchor_is_the_frame_before_the_latest_switch():
     assert s.anchor[:, 0, 0, 0].tolist() == [5, 0, 7]            # a switch at 8: frame 7, before the new frames
 
 
+class NewFramesTeacher(Teacher):
+    """The stub teacher whose event recolours only the new frames (after the K committed)."""
+    def forward(self, x, sigma, event):
+        v = super().forward(x, sigma, event)
+        v[:, :K] = super().forward(x[:, :K], sigma[:, :K], torch.full_like(event[:, :K], self.null_event))
+        return v
+
+
+def test_the_window_verdict_reads_the_new_frames_too():
+    """--tr_verdict=window: DF (2) over every frame of the window; a condition that repaints only the
+    new frames leaves the committed verdict at full trust and lowers the window verdict's."""
+    base, grad, _ = random_window()
+    mask, ev = torch.arange(8) >= K, torch.zeros(2, 8, dtype=torch.long)
+    w = {}
+    for read in ("committed", "window"):
+        knobs = tr.TrustRegion.from_config(longtune.LongtuneConfig(trust_region=True, tr_verdict=read, tr_floor=False))
+        _, logs = longtune.window_loss(distill.dmd_surrogate(base, grad), base, ev, dict(grad=grad, grad_null=grad), mask,
+                                       teacher=NewFramesTeacher(0.3), m=M, tr=knobs)
+        w[read] = logs["w"]
+    assert (w["committed"] == 1).all() and (w["window"] < 1).all()
+
+
 def test_the_literal_delta_is_the_teacher_against_the_generator_transition():
     window, real, _ = random_window()
     last = window[:, K - 1:K]
