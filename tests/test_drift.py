@@ -90,6 +90,15 @@ def test_signal_probe_scores_training_windows_with_every_candidate(student_dir, 
     assert set(drift.SIGNALS) <= set(saved.files) and len(saved["label"]) == len(saved["verdict_band"]) == len(saved["stream"])
 
 
+def test_the_curve_probe_reads_pull_frame_by_frame(student_dir, capsys):
+    drift.main(drift.DriftConfig(probe="curve", ckpts=str(student_dir / "student.pt"), seeds=1, lengths="4", after=6,
+                                 device="cpu"))
+    out = capsys.readouterr().out
+    assert "Pull frame by frame" in out and "| f = 0 | f = 2 | f = 4 | switches |" in out, out
+    row = next(line for line in out.splitlines() if line.startswith(f"| {student_dir / 'student.pt'} | 4 |"))
+    assert all(0 <= float(v) <= 1 for v in row.strip("| ").split(" | ")[2:5])
+
+
 def test_the_old_event_is_the_one_each_video_switched_from():
     past = torch.tensor([[0, 0, 1, 1, 2, 2], [3, 3, 3, 3, 3, 3], [0, 0, 0, 0, 1, 1]])
     ev = past[:, 2:]                                             # a window of the last 4 frames

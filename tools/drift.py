@@ -5,8 +5,9 @@ a teacher that is condition-aligned but trajectory-agnostic passes its bias to t
     python -m tools.drift --probe=verdicts --ckpts=out/longtune.pt --first_seed=100 --seeds=4
     python -m tools.drift --probe=band --teacher=out/teacher.pt --picture=out/band.png
     python -m tools.drift --probe=signals --ckpts=out/student.pt,out/longtune.pt --seeds=4
+    python -m tools.drift --probe=curve --ckpts=out/longtune.pt,out/deltaforcing.pt --lengths=16 --after=48
 
-videos: how often and how soon a generator recolours after a switch; verdicts: what the teacher and critic paint
+videos: how often and how soon a generator recolours after a switch; curve: pull frame by frame after it; verdicts: what the teacher and critic paint
 on its windows; band: where the teacher is biased but not blind; signals: which signal tells windows apart (DF (3)).
 """
 
@@ -27,7 +28,7 @@ import trust_region as tr
 from common import autocast, check_file, load_checkpoint, pick_device
 from config import BadInput, BandLevels, Config, Count, OneOf, SwitchCache, Whole, cli
 from distill import dmd_sigma, random_exit_step
-from metrics import batch_metrics, track
+from metrics import PULL, batch_metrics, track
 from model import add_noise, build, cfg_mix, cond_uncond, forward_with_cfg, pred_x0
 from sample import generate, load_generator
 from tools.stats import interval
@@ -37,7 +38,7 @@ from world import CANON, World, ordered_pairs, sample_videos, save_strip, schedu
 @dataclass
 class DriftConfig(Config):
     ckpts: str = "out/student.pt,out/longtune.pt"   # comma-separated generator checkpoints, a block of rows each
-    probe: OneOf("videos", "verdicts", "band", "signals") = "videos"   # videos | verdicts | band | signals (top)
+    probe: OneOf("videos", "curve", "verdicts", "band", "signals") = "videos"   # videos | curve | verdicts | band | signals (top)
     teacher: str = "out/teacher.pt"  # --probe=verdicts, band and signals: the teacher checkpoint
     lengths: str = ""              # frames of the old event before the switch, multiples of the chunk (default: 1, 2, 4 windows)
     after: Whole = 0               # frames of the new event after the switch (default: 4 teacher windows)
@@ -83,6 +84,29 @@ def video_rows(cfg, path, g, lengths, policies):
             known = [o for o in onsets if o is not None]
             rows.append(f"| {path} | {policy} | {L} | " + " | ".join(f"{c['mean']:.3f} +- {c['ci95']:.3f}" for c in cells)
                         + f" | {np.mean(known) if known else float('nan'):.1f} ({len(known)}) |")
+    return rows
+
+
+CURVE_AT = (0, 2, 4, 8, 12, 16, 24, 32, 40, 47)                # frames after the switch, as columns
+
+
+def curve_rows(cfg, path, g, lengths):
+    """Pull frame by frame: after one switch following L frames of the old event, the share of switches
+    whose sprite colour at frame f after it came PULL closer to the new event's canonical colour than its
+    mean colour before (pull's rule, metrics.py, one frame at a time; an untracked frame is not pulled)."""
+    seeds, rows = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds)), []
+    for L in lengths:
+        ev, x = switch_videos(g, L, cfg.after, seeds, "recache_window")
+        hits, n = np.zeros(cfg.after), 0
+        for v, new in zip(x, ev[:, -1].tolist()):
+            t, c = track(v, g.world), g.world.colors[max(CANON[new], 0)].numpy()
+            b = t["color"][:L][t["valid"][:L]].mean(0) if t["valid"][:L].any() else c
+            if CANON[new] < 0 or np.linalg.norm(b - c) < PULL:       # as pull: counted where it could show
+                continue
+            hits += t["valid"][L:] & (np.linalg.norm(t["color"][L:] - c, axis=1) <= np.linalg.norm(b - c) - PULL)
+            n += 1
+        rows.append(f"| {path} | {L} | " + " | ".join(f"{hits[f] / max(n, 1):.2f}" for f in CURVE_AT if f < cfg.after)
+                    + f" | {n} |")
     return rows
 
 
@@ -274,7 +298,7 @@ def main(cfg):
     if not policies or any(p not in known for p in policies):
         raise BadInput(f"--policies={cfg.policies!r}: each one of {', '.join(known)}")
     sigmas = [float(v) for v in cfg.sigmas.split(",")]             # checked by the config (BandLevels)
-    tck = load_checkpoint(cfg.teacher, ["teacher"], "python teacher.py") if cfg.probe != "videos" else None
+    tck = load_checkpoint(cfg.teacher, ["teacher"], "python teacher.py") if cfg.probe not in ("videos", "curve") else None
     teacher = build(tck["model_args"], tck["ema"], device).eval() if tck else None
     seeds = f"seeds {cfg.first_seed}-{cfg.first_seed + cfg.seeds - 1}"
     if cfg.probe == "videos":
@@ -282,6 +306,11 @@ def main(cfg):
                      "interval over seeds; onset: mean frames until the new canonical colour holds, over the n recolours)",
                      "checkpoint | cache at the switch", "L | react | identity | bias | pull | onset (n)",
                      [r for p, g in zip(paths, models) for r in video_rows(cfg, p, g, lengths, policies)])
+    elif cfg.probe == "curve":
+        cols = " | ".join(f"f = {f}" for f in CURVE_AT if f < cfg.after)
+        text = table(f"**Pull frame by frame after one switch** ({seeds}, 12 ordered pairs each; share of the switches whose "
+                     "sprite colour at frame f after the switch came 0.2 closer to the new event's colour than before it)",
+                     "checkpoint", f"L | {cols} | switches", [r for p, g in zip(paths, models) for r in curve_rows(cfg, p, g, lengths)])
     elif cfg.probe == "verdicts":
         text = table(f"**Colour verdicts of x0 at fixed noise levels** ({seeds}, 12 ordered pairs each; over the frames "
                      "whose sprite is not of their event's canonical colour)", "videos of | net | window", f"sigma | {SHARES}",
