@@ -26,7 +26,8 @@ from common import (adamw, autocast, check_in_sync, checkpointer, compile_, ema_
                     load_checkpoint, optimizer_step, resume, seed_rank)
 from config import BadInput, Count, NonNegative, Positive, Prob, RunConfig, Sigmas, SwitchCache, Whole, capped, cli
 from metrics import clip_scores
-from model import KVCache, add_noise, build, cfg_mix, cond_uncond, pred_x0, rollout, shift_sigma
+from model import add_noise, build, cfg_mix, cond_uncond, pred_x0, shift_sigma
+from streaming import KVCache, rollout
 from world import World, eval_events, random_events, save_strip, save_video
 
 

@@ -30,7 +30,7 @@ from common import (autocast, check_in_sync, checkpointer, ema_update, init_run,
 from config import BadInput, BandLevels, Count, NonNegative, OneOf, Positive, Prob, SwitchCache, Whole, capped, cli
 from distill import random_exit_step
 from metrics import batch_metrics, mean_over_videos
-from model import KVCache, rollout
+from streaming import KVCache, rollout
 from world import World, ordered_pairs, random_events
 
 

@@ -20,7 +20,8 @@ import torch
 
 from common import autocast, compile_, load_checkpoint, pick_device
 from config import BadInput, Config, Count, NonNegative, OneOf, SwitchCache, cli
-from model import KVCache, build, rollout
+from model import build
+from streaming import KVCache, rollout
 from world import EVENTS, World, parse_schedule, schedule_events, to_rgb
 
 

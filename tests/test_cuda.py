@@ -19,7 +19,8 @@ import distill
 import sample
 import teacher
 from common import autocast, compile_
-from model import KVCache, build, stream as stream_step
+from model import build
+from streaming import KVCache, stream as stream_step
 
 TCFG = teacher.TeacherConfig(**teacher.PRESETS["small"])
 DCFG = distill.DistillConfig(**distill.PRESETS["small"])

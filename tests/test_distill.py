@@ -11,7 +11,8 @@ import teacher
 from common import load_checkpoint
 from config import BadInput
 from conftest import CH, SIGMAS, assert_one_line_error, distill_cfg, randomized, run, stream_setup, tiny_cfg
-from model import KVCache, add_noise, build, pred_x0, rollout
+from model import add_noise, build, pred_x0
+from streaming import KVCache, rollout
 from metrics import switches
 from world import World, eval_events
 

@@ -10,7 +10,7 @@ import trust_region
 from common import load_checkpoint
 from config import BadInput, check_config
 from conftest import CH, SIGMAS, longtune_cfg, randomized, stream_setup
-from model import KVCache, rollout
+from streaming import KVCache, rollout
 from metrics import switches
 from world import World
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import model as model_module
+import streaming
 from conftest import CH, SIGMAS, MC, MODEL_ARGS, B, T, randomized
-from model import (KVCache, VideoDiT, add_noise, apply_rope, build, pred_x0, randn, recache,
-                   rope_angles, rope_pairs, rollout, rotation, shift_sigma, stream as stream_step)
+from model import VideoDiT, add_noise, apply_rope, build, pred_x0, rope_angles, rope_pairs, rotation, shift_sigma
+from streaming import KVCache, randn, recache, rollout, stream as stream_step
 
 
 def inputs(seed=0):
@@ -200,8 +201,8 @@ def test_recache_runs_exactly_at_the_chunks_that_open_with_a_switch(monkeypatch)
     ev = torch.zeros(2, 12, dtype=torch.long)
     ev[0, 6:], ev[1, 9:], ev[1, 4:6] = 3, 5, 2                   # chunk 2, chunk 3; a switch inside chunk 1 is
     m, calls = randomized(), []                                  # seen at the next chunk's boundary: 2 vs 2, none
-    real = model_module.recache
-    monkeypatch.setattr(model_module, "recache", lambda *a, **k: calls.append(a[1].n_seen) or real(*a, **k))
+    real = streaming.recache
+    monkeypatch.setattr(streaming, "recache", lambda *a, **k: calls.append(a[1].n_seen) or real(*a, **k))
     with torch.no_grad():
         cache = KVCache(2, 8)
         rollout(m, torch.randn(2, 3, 3, 16, 16), torch.zeros(2, 3, dtype=torch.long), SIGMAS, 3, cache)
@@ -293,7 +294,6 @@ def test_a_compiled_stream_traces_whole_with_real_rope_and_equals_eager():
     with torch.no_grad():
         a, b = (rollout(net, *args, KVCache(2, 4), gen=torch.Generator().manual_seed(0)) for net in (m, compiled))
     assert torch.allclose(a, b, atol=1e-5)
-    from model import rotation
     ang = torch.rand(4, 8)
     assert rotation(ang).is_complex() and not torch.compile(rotation, backend="eager", fullgraph=True)(ang).is_complex()
     torch._dynamo.reset()

@@ -35,7 +35,8 @@ import teacher
 import trust_region
 from common import BF16, adamw, autocast, check_file, compile_, ema_copy, pick_device, set_precision
 from config import Config, Count, OneOf, Whole, cli
-from model import KVCache, build, pred_x0, rollout
+from model import build, pred_x0
+from streaming import KVCache, rollout
 from world import natural_step, teacher_batch
 
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,

@@ -37,7 +37,8 @@ import distill
 import teacher as teacher_stage
 from common import autocast, check_file, load_checkpoint, pick_device
 from config import BadInput, Config, Count, OneOf, SwitchCache, Whole, cli
-from model import KVCache, add_noise, build, rollout, stream
+from model import add_noise, build
+from streaming import KVCache, rollout, stream
 from sample import check_frames, generate, load_generator, schedule_tensor
 from metrics import batch_metrics, look, segments, switches, track
 from world import EVENTS, World, ordered_pairs, parse_schedule, sample_videos
