@@ -27,7 +27,7 @@ between teacher and generator trajectories, the teacher's implied transition T_f
 generator's z_f - c_K on the new frames, at DMD's level, and the trust region as TRPO's bound on how
 far one update moves the generator:
   DF (3L) literal delta  s = sqrt(mean_f ||(T_f - c_K) - (z_f - c_K)||^2) / m = rms_f ||T_f - z_f|| / m   literal_consistency
-  DF (5L) proximal step  g' = w g: the whole step, not one direction                         (delta_forcing_loss)
+  DF (5L) proximal step  g' = w g: the whole step, not one direction                         trusted_step
 
 Our replacement for the abstract's "latent delta between teacher and generator trajectories" (2):
 the teacher's x0 of frames that already happened, with the event minus without it. A teacher that
@@ -223,6 +223,16 @@ def trust(s, tr, s0, unswitched):
     return w
 
 
+def trusted_step(grad, grad_null, b, w, tr):
+    """The step DF (7) descends: DF (5') (the default) or (5), where only the component along b^ moves;
+    with DF (3L), DF (5L) g' = w g, the whole step bounded; with tr_step off, g itself."""
+    if not tr.tr_step:
+        return grad
+    if tr.tr_literal:
+        return w[:, None, None, None, None] * grad               # DF (5L)
+    return restoring_step(grad, grad_null, b, w) if tr.tr_restore else flagged_step(grad, b, w)
+
+
 def delta_forcing_loss(window, grad, verdict, *, K, m, tr, s0, grad_null=None, unswitched=None, real=None,
                        anchor=None):
     """DF (7): L = mean_f L_DMD,f (with the step of DF (5) or (5')) + lambda (1 - w) mean_f L_MC,f over
@@ -230,21 +240,16 @@ def delta_forcing_loss(window, grad, verdict, *, K, m, tr, s0, grad_null=None, u
     distill.dmd_loss (B,K+F,...), grad_null its step without the event (for DF (5')), real its real
     x0 (for DF (3L)); verdict: band_verdict's V (None when K = 0 or with DF (3L)); m: the natural step;
     tr: the knobs (TrustRegion); s0: DF (4)'s floor now; unswitched (B,): which windows' videos have
-    not switched yet (the schedule control); anchor (B,C,H,W): the look before each video's latest switch (DF (6'')).
-    Returns the loss and, for the log, each window's w, s and mean L_MC (B,), detached."""
+    not switched yet (the schedule control); anchor (B,C,H,W): the look before each video's latest
+    switch (DF (6'')). Returns the loss and, for the log, each window's w, s and mean L_MC (B,), detached."""
     if K == 0:                                                   # the first window of a video: w = 1, plain DMD
         return dmd_surrogate(window, grad).mean(), {}
     if tr.tr_literal:
-        s = literal_consistency(real[:, K:], window[:, K:], m)   # DF (3L)
+        s, b = literal_consistency(real[:, K:], window[:, K:], m), None   # DF (3L)
     else:
         s, b = transition_consistency(verdict, m)                # DF (2-3): latent delta, consistency
     w = trust(s, tr, s0, unswitched)                             # DF (4), or a control
-    if tr.tr_step and tr.tr_literal:
-        g = w[:, None, None, None, None] * grad                  # DF (5L): the whole step bounded
-    elif tr.tr_step:                                             # DF (5) or (5'): only the flagged component moves
-        g = restoring_step(grad, grad_null, b, w) if tr.tr_restore else flagged_step(grad, b, w)
-    else:
-        g = grad
+    g = trusted_step(grad, grad_null, b, w, tr)                  # DF (5'), (5) or (5L)
     loss = dmd_surrogate(window[:, K:], g[:, K:]).mean()         # DF (7): DMD on the new frames
     logs = dict(w=w, s=s.detach())
     if tr.tr_continuity:
