@@ -38,7 +38,7 @@ class DMDConfig(RunConfig):
     critic_ratio: Count = 5        # DMD2 / Self Forcing: 5 critic updates per generator update
     batch: Count = 16              # rollouts per update (the global batch under torchrun)
     lr: Positive = 5e-5            # the generator's learning rate
-    critic_lr: Positive = 1e-5     # a fifth of the generator's, as Self Forcing (4e-7 / 2e-6) and LongLive (1e-5 / 2e-6)
+    critic_lr: Positive = 1e-5     # a fifth of the generator's, as Self Forcing and LongLive (critic / generator: 4e-7 / 2e-6; 2e-6 / 1e-5)
     guidance: NonNegative = 1.0    # g of the real score: cond + g (cond - uncond) (Self Forcing: 3; docs/defaults.md)
     grad_clip: Positive = 10.0     # gradient-norm clip
     ema_decay: Prob = 0.99         # EMA decay of the generator

@@ -18,7 +18,7 @@ event instead, as LongLive gives its text teacher one prompt per window.
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from tqdm import tqdm
@@ -36,7 +36,8 @@ from world import World, ordered_pairs, random_events
 
 @dataclass
 class LongtuneConfig(distill.DMDConfig):
-    """Long tuning's knobs; DMD's (distill.DMDConfig) with more updates, a smaller batch, a later EMA."""
+    """Long tuning's knobs; DMD's (distill.DMDConfig) with more updates, a smaller batch, a later EMA and
+    sparser logs."""
     out_name: str = ""             # default longtune.pt (deltaforcing.pt with --trust_region=True)
     student: str = ""              # default out_dir/student.pt
     windows: Count = 8             # rollout length, in teacher windows
@@ -119,8 +120,9 @@ class Streams:
 
 
     def mark_anchor(self, new, ev):
-        """DF (6'')'s anchor after n new frames with their events ev (B,n): where a video switches
-        among them, the frame just before its last switch there."""
+        """Set self.anchor (B,C,H,W), DF (6'')'s, after n new frames with their events ev (B,n): a video's
+        first frame at its start; where a video switches among the new frames, the frame just before
+        its last switch there; elsewhere the anchor it had."""
         if self.context is None:
             self.anchor = new[:, 0].detach()                         # a video's first frame
             return
@@ -135,7 +137,8 @@ class Streams:
 def window_loss(per_frame, window, ev, aux, mask, *, teacher, m, tr, unswitched=None, anchor=None):
     """The one place the supervised window's loss is made: LongLive's DMD masked to the new frames,
     or with tr (trust_region.TrustRegion) Delta Forcing's, DF (7), at the floor of earlier updates.
-    aux: dmd_loss's steps; unswitched (B,): which windows' videos have not switched yet; anchor: DF (6'')'s."""
+    aux: dmd_loss's steps; unswitched (B,): which windows' videos have not switched yet; anchor: DF (6'')'s.
+    -> (the loss, the logs: each window's w, s, mc and floor, empty for the baseline)."""
     if tr is None:
         return per_frame[:, mask].mean(), {}                     # LongLive: DMD on the window's new frames
     K, s0 = int((~mask).sum()), tr.s0()
@@ -191,8 +194,20 @@ def probe(model, stream, world, n, device, seed=4321):
     return mean_over_videos(batch_metrics(x, ev, world, first=ch, chunk=ch))
 
 
+def check_knobs(cfg):
+    """Delta Forcing's knobs do nothing without --trust_region=True, and the literal reading reads no
+    band verdict: say so rather than train something else than was asked."""
+    default = LongtuneConfig()
+    changed = [f.name for f in fields(trust_region.TrustRegion) if f.init and getattr(cfg, f.name) != getattr(default, f.name)]
+    if changed and not cfg.trust_region:
+        raise BadInput(f"--{changed[0]}={getattr(cfg, changed[0])} is a Delta Forcing knob: add --trust_region=True")
+    if cfg.tr_literal and cfg.tr_verdict != "committed":
+        raise BadInput(f"--tr_literal=True reads no band verdict: drop --tr_verdict={cfg.tr_verdict}")
+
+
 def load_student(cfg):
     """Every check of longtune's inputs that needs the checkpoints, before any work."""
+    check_knobs(cfg)
     path = cfg.student or os.path.join(cfg.out_dir, "student.pt")
     ck = load_checkpoint(path, ["student"], f"python distill.py --preset={cfg.preset}")
     W, ch = ck["stream"]["window"], ck["stream"]["chunk"]

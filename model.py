@@ -96,9 +96,10 @@ def rope_angles(t_pos, grid, head_dim, device):
 
 
 def rotation(ang):
-    """RoPE's rotation, made once per forward for every block: in eager on the CPU e^(i ang) (one complex
-    multiply per use); on CUDA, and wherever compiled, the angles, rotated pairwise (inductor has no
-    complex arithmetic)."""
+    """RoPE's rotation for apply_rope, made once per forward for every block. In eager on the CPU the
+    complex e^(i ang) (one complex multiply per use); on CUDA, and wherever compiled, the angles
+    themselves, whose cos and sin rope_pairs takes in each block (inductor has no complex arithmetic,
+    and a compiled graph fuses them)."""
     eager_cpu = ang.device.type == "cpu" and not torch.compiler.is_compiling()
     return torch.polar(torch.ones_like(ang), ang) if eager_cpu else ang
 
@@ -113,6 +114,7 @@ def apply_rope(x, rot):
 
 
 def rope_pairs(x, ang):
+    """apply_rope in real arithmetic: x (B,H,L,hd) rotated pairwise by the angles ang (L,hd/2)."""
     x1, x2, cos, sin = x.float()[..., 0::2], x.float()[..., 1::2], ang.cos(), ang.sin()
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).type_as(x)
 

@@ -30,8 +30,8 @@ class KVCache:
         return self.events[:, t if t < self.n_sink else self.n_sink + (t - self.n_sink) % self.n_window]
 
     def view(self, T):
-        """VideoDiT.forward's `past` for T frames: the whole buffers, their positions, and which slots each
-        stream may see: (cap,) while filling, (B,cap) once a stream was cleared, None when all see all."""
+        """VideoDiT.forward's `past` for T frames: the whole buffers, their positions, the T new frames'
+        positions, and which slots each stream may see: (cap,) while filling, (B,cap) once a stream was cleared, None when all see all."""
         if self.n_seen == 0:
             return None
         n = len(self)

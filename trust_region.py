@@ -28,6 +28,9 @@ generator's z_f - c_K on the new frames, at DMD's level, and the trust region as
 far one update moves the generator:
   DF (3L) literal delta  s = sqrt(mean_f ||(T_f - c_K) - (z_f - c_K)||^2) / m = rms_f ||T_f - z_f|| / m   literal_consistency
   DF (5L) proximal step  g' = w g: the whole step, not one direction                         trusted_step
+(A caveat a student should see: our optimiser is Adam, which divides by a running RMS of the gradient,
+so a scale shared by every window and every update would cancel; (5L) bounds how much each window
+weighs against the others, not how far one update moves the weights.)
 
 Our replacement for the abstract's "latent delta between teacher and generator trajectories" (2):
 the teacher's x0 of frames that already happened, with the event minus without it. A teacher that
@@ -56,8 +59,10 @@ sees background changes only: a recolour (smaller than a step) and a blurred tel
 r m (tests/test_trust_region.py).
 (6') sees recolours, but by an invariant of this world (motion conserves each channel's spatial mean on
 the torus) that a latent model lacks: off by default, kept for the ablation. (6'') uses the same
-invariant, anchored where drift cannot have started yet: c_K drifts with the generator, so (6') bounds
-one window's change, (6'') the change accumulated since the switch. Off by default for the same reason.
+invariant against an anchor that does not drift with the generator: c_K does, so (6') bounds one
+window's change, (6'') the change accumulated since the video's latest switch (the look before it; a
+look already drifted at an earlier switch is kept as it is). Gated by 1 - w like (6), it acts only
+while the window is still flagged. Off by default for the same reason as (6').
 """
 from dataclasses import dataclass, field, fields
 
@@ -76,7 +81,7 @@ class TrustRegion:
     band_levels: str               # DF (2): the fixed noise levels inside the band, comma-separated
     mc_radius: float               # DF (6): r
     lam: float                     # DF (7): lambda
-    ac_radius: float               # DF (6'): r_a
+    ac_radius: float               # DF (6') and (6''): r_a
     tr_step: bool                  # DF (5) or (5') on; off: the DMD step as it is
     tr_continuity: bool            # DF (6) on
     tr_appearance: bool            # DF (6') joins DF (6)
@@ -155,6 +160,7 @@ class Floor:
         self.size, self.least, self.buf = size, least, None
 
     def value(self):
+        """s0 now, a 0-dim tensor: the lower median of the buffer's counted windows, inf until `least`."""
         if self.buf is None:
             return torch.tensor(float("inf"))
         seen = (~self.buf.isnan()).sum()
@@ -235,7 +241,7 @@ def trusted_step(grad, grad_null, b, w, tr):
 
 def delta_forcing_loss(window, grad, verdict, *, K, m, tr, s0, grad_null=None, unswitched=None, real=None,
                        anchor=None):
-    """DF (7): L = mean_f L_DMD,f (with the step of DF (5) or (5')) + lambda (1 - w) mean_f L_MC,f over
+    """DF (7): L = mean_f L_DMD,f (with trusted_step's step) + lambda (1 - w) mean_f L_MC,f over
     the F new frames. window (B,K+F,...) with graph on the new frames; grad: the DMD step g of
     distill.dmd_loss (B,K+F,...), grad_null its step without the event (for DF (5')), real its real
     x0 (for DF (3L)); verdict: band_verdict's V (None when K = 0 or with DF (3L)); m: the natural step;

@@ -149,7 +149,7 @@ def schedule_events(schedule, frames, chunk):
 
 
 def ordered_pairs(n=len(EVENTS)):
-    """Every ordered pair (old, new) of distinct events among the first n (4: the moving ones)."""
+    """Every ordered pair (old, new) of distinct events among the first n (all five by default; 4: the moving ones)."""
     return [(a, b) for a in range(n) for b in range(n) if a != b]
 
 

@@ -81,8 +81,10 @@ def test_signal_probe_scores_training_windows_with_every_candidate(student_dir, 
     calls = iter(range(10 ** 6))                                 # the test generator is untrained: a tracker that labels
     monkeypatch.setattr(drift, "track", lambda v, w: dict(valid=[True], color_id=[next(calls) % 4]))   # windows in turn
     drift.main(drift.DriftConfig(probe="signals", ckpts=str(student_dir / "student.pt"), seeds=1, windows=4,
-                                 teacher=str(student_dir / "teacher.pt"), device="cpu", scores=str(tmp_path / "sig.npz")))
+                                 teacher=str(student_dir / "teacher.pt"), device="cpu", scores=str(tmp_path / "sig.npz"),
+                                 match_w=0.6))
     out = capsys.readouterr().out
+    assert "tau for mean w 0.6: literal" in out
     assert {"literal", "verdict_band", "verdict_dmd", "switch"} <= set(drift.SIGNALS)   # the literal delta, DF (3), references
     assert all(text in out for text in drift.SIGNALS.values()), out
     assert "The signal's level" in out and "before the first switch" in out
@@ -97,6 +99,13 @@ def test_the_curve_probe_reads_pull_frame_by_frame(student_dir, capsys):
     assert "Pull frame by frame" in out and "| f = 0 | f = 2 | f = 4 | switches |" in out, out
     row = next(line for line in out.splitlines() if line.startswith(f"| {student_dir / 'student.pt'} | 4 |"))
     assert all(0 <= float(v) <= 1 for v in row.strip("| ").split(" | ")[2:5])
+
+
+def test_tau_for_a_mean_trust():
+    s = np.random.default_rng(0).uniform(0.8, 1.2, 1000)
+    for target in (0.3, 0.668, 0.9):
+        tau = drift.tau_for_mean_w(s, 0.9, target)
+        assert abs(np.minimum(1, tau / (np.maximum(s - 0.9, 0) + 1e-6)).mean() - target) < 1e-6
 
 
 def test_the_old_event_is_the_one_each_video_switched_from():

@@ -187,6 +187,9 @@ def test_longtune_end_to_end(student_dir, tmp_path, kw, name, capsys):
     (dict(window_events="all"), "true, current"),
     (dict(context=3), "whole number of 2-frame chunks"),
     (dict(context=8), "--context=8"),
+    (dict(tr_anchor=True), "--tr_anchor=True is a Delta Forcing knob: add --trust_region=True"),
+    (dict(tau=0.01), "--tau=0.01 is a Delta Forcing knob"),
+    (dict(trust_region=True, tr_literal=True, tr_verdict="window"), "--tr_literal=True reads no band verdict"),
 ])
 def test_longtune_bad_input(student_dir, tmp_path, kw, msg):
     cfg = longtune_cfg(tmp_path, student_dir / "student.pt", **kw)

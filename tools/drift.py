@@ -26,7 +26,7 @@ import torch
 import longtune
 import trust_region as tr
 from common import autocast, check_file, load_checkpoint, pick_device
-from config import BadInput, BandLevels, Config, Count, OneOf, SwitchCache, Whole, cli
+from config import BadInput, BandLevels, Config, Count, OneOf, Prob, SwitchCache, Whole, cli
 from distill import dmd_sigma, random_exit_step
 from metrics import PULL, batch_metrics, track
 from model import add_noise, build, cfg_mix, cond_uncond, forward_with_cfg, pred_x0
@@ -49,6 +49,7 @@ class DriftConfig(Config):
     first_seed: Whole = 100        # seeds first_seed .. first_seed + seeds - 1
     picture: str = ""              # --probe=band: a PNG of one clip and the teacher's x0 at each level, 8x
     scores: str = ""               # --probe=signals: also write each checkpoint's window scores, labels, streams: PATH_<ckpt>.npz
+    match_w: Prob = 0.0            # --probe=signals, > 0: print each signal's tau at which DF (4) averages this w (all --ckpts' windows)
     md: str = ""                   # also append the markdown table to this file
 
 
@@ -203,6 +204,16 @@ def old_events(past, ev):
     return torch.where(ev == newest[:, None], old[:, None], ev)
 
 
+def tau_for_mean_w(s, floor, target, eps=1e-6):
+    """The tau at which DF (4), w = min(1, tau / (relu(s - floor) + eps)), averages `target` over the
+    windows' scores s: how a signal on another scale gets the default's mean trust (a bisection)."""
+    lo, hi = 1e-9, 1e3
+    for _ in range(200):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if np.minimum(1, mid / (np.maximum(s - floor, 0) + eps)).mean() < target else (lo, mid)
+    return hi
+
+
 def scores_path(cfg, path):
     """--scores=out/sig.npz: one file per checkpoint, out/sig_<checkpoint name>.npz."""
     return cfg.scores.removesuffix(".npz") + "_" + os.path.basename(path).removesuffix(".pt") + ".npz"
@@ -269,7 +280,7 @@ def signal_rows(cfg, path, teacher, device):
         np.savez(scores_path(cfg, path), label=y, unswitched=u, stream=np.array(lane), **sc)
     s = sc["verdict_band"]                                       # DF (3)'s s: its level, which a fixed tau reads
     med = lambda sel: f"{np.median(s[sel]):.4f} ({sel.sum()})" if sel.any() else "-"   # noqa: E731
-    return rows, [f"| {path} | {med(~y)} | {med(y)} | {med(u)} | {med(~u)} |"]
+    return rows, [f"| {path} | {med(~y)} | {med(y)} | {med(u)} | {med(~u)} |"], (sc, u)
 
 
 def table(caption, text, numbers, rows):
@@ -321,12 +332,17 @@ def main(cfg):
                      band_rows(cfg, tck, teacher, sigmas, device))
     else:
         both = [signal_rows(cfg, p, teacher, device) for p in paths]
+        if cfg.match_w:                                          # every checkpoint's windows together
+            sc = {k: np.concatenate([b[2][0][k] for b in both]) for k in SIGNALS}
+            u = np.concatenate([b[2][1] for b in both])          # the floor: windows before their video's first switch
+            print("\n".join(f"tau for mean w {cfg.match_w:g}: {k} {tau_for_mean_w(sc[k], np.median(sc[k][u]), cfg.match_w):.5f}"
+                            f" (floor {np.median(sc[k][u]):.4f})" for k in SIGNALS if k != "switch"))
         text = table(f"**Which signal tells the training windows apart** (streams {seeds} of 8, {cfg.windows} windows each; "
                      "AUC between windows whose last committed sprite is not of the newest event's canonical colour and "
                      "windows whose sprite is; 95% interval by a bootstrap over streams)",
-                     "windows of | signal", "AUC | mismatched / windows", [r for a, _ in both for r in a]) + "\n" + \
+                     "windows of | signal", "AUC | mismatched / windows", [r for a, _, _ in both for r in a]) + "\n" + \
             table("**The signal's level** (DF (3)'s s, median (windows); before the first switch: the floor's windows)",
-                  "windows of", "matched | mismatched | before the first switch | after it", [r for _, b in both for r in b])
+                  "windows of", "matched | mismatched | before the first switch | after it", [r for _, b, _ in both for r in b])
     print(text)
     if cfg.md:
         with open(cfg.md, "a") as f:

@@ -24,7 +24,6 @@ if not __package__:   # run as a file, the stages are not on the path: say how t
     sys.exit(2)
 
 import json
-import math
 import os
 import re
 from collections import Counter

@@ -113,12 +113,12 @@ printf "# Results, preset %s\n\n%s, %s, torch %s. Made by \`STAGES=%s bash tools
   "$dev" "$($PY -c 'import torch; print(torch.__version__)')" "$STAGES" "$P" > "$MD"
 t() { local t0=$SECONDS; echo "=== $*"; "$@"; echo "  ($(( SECONDS - t0 )) s: $*)" | tee -a "$O/times.log"; }
 
+meanw() { $PY -c "import sys, torch; print(sum(torch.load(p, map_location='cpu', weights_only=True)['metrics'][sys.argv[1]]
+  for p in sys.argv[2:]) / len(sys.argv[2:]))" "$@"; }   # meanw METRIC CKPT...: the metric's mean over the checkpoints
 if [ "$STAGES" = final ]; then   # the final table of the seed plan (docs/results.md): run once, on blocks never looked at.
   # Where one sitting cannot hold it, in parts: SEEDS (baseline, Delta Forcing), CONTROLS (each control) and RHO0 (the
   # rho = 0 chain) name a part's training seeds; a finished checkpoint already there is kept (a part run by hand with
   # these very flags), an unfinished one resumed, so the controls pair with the Delta Forcing runs of the same chain.
-  meanw() { $PY -c "import sys, torch; print(sum(torch.load(p, map_location='cpu', weights_only=True)['metrics'][sys.argv[1]]
-    for p in sys.argv[2:]) / len(sys.argv[2:]))" "$@"; }
   finished() { [ -f "$1" ] && $PY -c "import sys, torch
 sys.exit(not torch.load(sys.argv[1], map_location='cpu', weights_only=True)['metrics'])" "$1"; }   # the last save holds metrics
   run() { finished "$1/final/$2_s$3.pt" || t $PY longtune.py --preset="$P" --out_dir="$1" --seed="$3" "${@:4}" \
@@ -176,14 +176,12 @@ $PY -m tools.evaluate --preset="$P" --probe=react --teacher="$O/teacher.pt" --ck
 printf "\`\`\`\n" >> "$MD"
 
 SEEDS="0 1 2"; [ "$STAGES" = main ] && SEEDS="0"
-meanw() { $PY -c "import sys, torch; print(sum(torch.load(p, map_location='cpu', weights_only=True)['metrics']['mean_w']
-  for p in sys.argv[1:]) / len(sys.argv[1:]))" "$@"; }
 for s in $SEEDS; do
   t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --out_name=longtune_s$s.pt $X
   t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --out_name=deltaforcing_s$s.pt $X
 done
 if [ "$STAGES" = all ]; then                                    # the control: w held at the default's mean trust, all else equal
-  W=$(meanw $(for s in $SEEDS; do echo "$O/deltaforcing_s$s.pt"; done))
+  W=$(meanw mean_w $(for s in $SEEDS; do echo "$O/deltaforcing_s$s.pt"; done))
   for s in $SEEDS; do
     t $PY longtune.py --preset="$P" --out_dir="$O" --seed=$s --trust_region=True --trust_const="$W" --out_name=df_constw_s$s.pt $X
   done
