@@ -62,6 +62,11 @@ def track(video, w):
 
 # ----------------------------------------------------------------------------- metrics
 
+def pulled(a, b, c):
+    """`pull`'s rule: colour a (or colours (n,3)) came PULL closer to colour c than the reference b."""
+    return np.linalg.norm(a - c, axis=-1) <= np.linalg.norm(b - c) - PULL
+
+
 def turned(d, old, new, speed):
     """Did the sprite turn? d (n,2): its displacements over the first chunk after a switch; their
     mean must be closer to the new event's velocity than to the old one's (to `stay`: slower than
@@ -123,7 +128,7 @@ def video_metrics(video, ev, w, first=1, grace=2, tol=0.5, chunk=2):
             bias.append(float(np.bincount(tr["color_id"][after]).argmax() == CANON[new]))
         c, b, a = (w.colors[CANON[new]].numpy(), tr["color"][before].mean(0), tr["color"][after].mean(0))
         if CANON[new] >= 0 and np.linalg.norm(b - c) >= PULL:      # the same, on mean colours: no palette snap
-            pull.append(float(np.linalg.norm(a - c) <= np.linalg.norm(b - c) - PULL))
+            pull.append(float(pulled(a, b, c)))
     seg0 = [t for t in range(bounds[1]) if tr["valid"][t]]
     tail = [t for t in range(T - max(2, T // 8), T) if tr["valid"][t]]
     if seg0 and tail:   # two colour distances over twice the colour cube's diagonal, in [0, 1]

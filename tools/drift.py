@@ -28,7 +28,7 @@ import trust_region as tr
 from common import autocast, check_file, load_checkpoint, pick_device
 from config import BadInput, BandLevels, Config, Count, OneOf, Prob, SwitchCache, Whole, cli
 from distill import dmd_sigma, random_exit_step
-from metrics import PULL, batch_metrics, track
+from metrics import PULL, batch_metrics, pulled, track
 from model import add_noise, build, cfg_mix, cond_uncond, forward_with_cfg, pred_x0
 from sample import generate, load_generator
 from tools.stats import interval
@@ -104,7 +104,7 @@ def curve_rows(cfg, path, g, lengths):
             b = t["color"][:L][t["valid"][:L]].mean(0) if t["valid"][:L].any() else c
             if CANON[new] < 0 or np.linalg.norm(b - c) < PULL:       # as pull: counted where it could show
                 continue
-            hits += t["valid"][L:] & (np.linalg.norm(t["color"][L:] - c, axis=1) <= np.linalg.norm(b - c) - PULL)
+            hits += t["valid"][L:] & pulled(t["color"][L:], b, c)
             n += 1
         rows.append(f"| {path} | {L} | " + " | ".join(f"{hits[f] / max(n, 1):.2f}" for f in CURVE_AT if f < cfg.after)
                     + f" | {n} |")
