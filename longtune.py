@@ -144,7 +144,7 @@ def window_loss(per_frame, window, ev, aux, mask, *, teacher, m, tr, unswitched=
     K, s0 = int((~mask).sum()), tr.s0()
     asks = K and not tr.tr_literal                               # DF (3L) reads DMD's own forward instead
     read = K if tr.tr_verdict == "committed" else window.shape[1]   # the frames DF (2) reads
-    verdict = trust_region.band_verdict(teacher, window, ev, K=read, levels=tr.levels) if asks else None   # DF (2)
+    verdict = trust_region.band_verdict(teacher, window, ev, frames=read, levels=tr.levels) if asks else None   # DF (2)
     loss, logs = trust_region.delta_forcing_loss(window, aux["grad"], verdict, K=K, m=m, tr=tr, s0=s0,
                                                  grad_null=aux["grad_null"], unswitched=unswitched,
                                                  real=aux.get("real"), anchor=anchor)

@@ -113,18 +113,18 @@ class TrustRegion:
 
 
 @torch.no_grad()
-def band_verdict(teacher, window, event, *, K, levels):
-    """DF (2): V_ij = T^e_j - T^0_j, the teacher's x0 of the first K frames (the committed ones; all W
-    with --tr_verdict=window) with each frame's event minus without it, from the window noised to each
-    fixed level in `levels` (one forward). window (B,W,...), event (B,W) -> (B,n,K,C,H,W). No gradient:
-    a verdict, never a target."""
+def band_verdict(teacher, window, event, *, frames, levels):
+    """DF (2): V_ij = T^e_j - T^0_j, the teacher's x0 of the window's first `frames` frames (the K
+    committed ones; all W with --tr_verdict=window) with each frame's event minus without it, from the
+    window noised to each fixed level in `levels` (one forward). window (B,W,...), event (B,W) ->
+    (B,n,frames,C,H,W). No gradient: a verdict, never a target."""
     B, n = window.shape[0], len(levels)
     x = window.detach().repeat(n, 1, 1, 1, 1)                    # (n B, W, ...), level-major
     sigma = torch.tensor(levels, device=x.device).repeat_interleave(B)[:, None].expand(n * B, window.shape[1])
     xt = add_noise(x, torch.randn_like(x), sigma)                # DF (2): the window at each band level
     v_e, v_0 = (v.float() for v in cond_uncond(teacher, xt, sigma, event.repeat(n, 1)))
     V = pred_x0(xt, v_e, sigma) - pred_x0(xt, v_0, sigma)        # DF (2): with the event minus without (n B, W, ...)
-    return V[:, :K].reshape(n, B, K, *window.shape[2:]).transpose(0, 1)   # (B,n,K,C,H,W)
+    return V[:, :frames].reshape(n, B, frames, *window.shape[2:]).transpose(0, 1)   # (B,n,frames,C,H,W)
 
 
 def transition_consistency(verdict, m):

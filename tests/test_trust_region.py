@@ -163,7 +163,7 @@ class Teacher(torch.nn.Module):
 
 def test_band_verdict_asks_each_level_and_keeps_only_the_committed_frames():
     window, ev = torch.randn(2, 8, 3, 16, 16), torch.zeros(2, 8, dtype=torch.long)
-    V = tr.band_verdict(Teacher(0.3), window, ev, K=K, levels=[0.4, 0.5, 0.55])
+    V = tr.band_verdict(Teacher(0.3), window, ev, frames=K, levels=[0.4, 0.5, 0.55])
     assert V.shape == (2, 3, K, 3, 16, 16)
     assert torch.allclose(V[:, :, :, 0], torch.full_like(V[:, :, :, 0], 0.3), atol=1e-5) and V[:, :, :, 1:].abs().max() < 1e-5
     s, b = tr.transition_consistency(V, M)
@@ -173,7 +173,7 @@ def test_band_verdict_asks_each_level_and_keeps_only_the_committed_frames():
 def test_no_gradient_reaches_history_or_the_teacher():
     window = torch.randn(1, 8, 3, 16, 16, requires_grad=True)
     grad = torch.randn(1, 8, 3, 16, 16)
-    V = tr.band_verdict(Teacher(0.5), window, torch.zeros(1, 8, dtype=torch.long), K=K, levels=[0.5])
+    V = tr.band_verdict(Teacher(0.5), window, torch.zeros(1, 8, dtype=torch.long), frames=K, levels=[0.5])
     assert not V.requires_grad
     loss, logs = dfl(window, grad, V)
     loss.backward()
@@ -449,7 +449,7 @@ def test_no_gradient_reaches_a_teacher_with_parameters():
     window = torch.randn(2, 8, 3, 16, 16, requires_grad=True)
     ev = torch.zeros(2, 8, dtype=torch.long)
     _, aux = distill.dmd_loss(window, ev, teacher=teacher, critic=critic, guidance=1.0, shift=5.0)
-    V = tr.band_verdict(teacher, window, ev, K=K, levels=[0.4, 0.5])
+    V = tr.band_verdict(teacher, window, ev, frames=K, levels=[0.4, 0.5])
     loss, _ = dfl(window, aux["grad"], V, tr_restore=True, grad_null=aux["grad_null"])
     loss.backward()
     assert window.grad[:, K:].abs().max() > 0

@@ -224,7 +224,7 @@ def band_verdict_seeded(teacher, window, ev, W, levels, seed):
     share their noise, so their difference is the events' alone."""
     with torch.random.fork_rng(devices=[window.device] if window.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return tr.band_verdict(teacher, window, ev, K=W, levels=levels)
+        return tr.band_verdict(teacher, window, ev, frames=W, levels=levels)
 
 
 def signal_rows(cfg, path, teacher, device):
