@@ -267,33 +267,25 @@ def test_ring_cache_equals_concatenate_and_evict():
     assert (outs[-1][0] - outs[-2][0]).abs().max() > 1e-3        # and the frames really differ
 
 
-def test_compiled_stream_does_not_recompile_as_it_grows():
+def test_compiled_stream_is_one_graph_equals_eager_and_does_not_recompile_as_it_grows():
     """Dynamo (no inductor, so it is fast) sees a handful of graphs, empty / filling / full cache
-    with and without keys out, and none new however long the stream runs or how often it restarts."""
+    with and without keys out, and none new however long the stream runs or how often it restarts.
+    Traced, RoPE rotates pairwise in real arithmetic, so each forward is one graph (fullgraph: no break
+    at a complex multiply, which inductor cannot generate), and the stream equals eager's."""
     import torch._dynamo
     from torch._dynamo.utils import counters
+    from model import rotation
     torch._dynamo.reset()
-    compiled = torch.compile(randomized(), backend="eager", dynamic=False)
+    m = randomized()
+    compiled = torch.compile(m, backend="eager", dynamic=False, fullgraph=True)
     graphs, base = [], counters["stats"]["unique_graphs"]
     with torch.no_grad():
         for n in (16, 40, 40):
-            rollout(compiled, torch.randn(1, n, 3, 16, 16), torch.zeros(1, n, dtype=torch.long),
-                    [1.0, 0.5], CH, KVCache(2, 4))
+            args = (torch.randn(1, n, 3, 16, 16), torch.zeros(1, n, dtype=torch.long), [1.0, 0.5], CH)
+            out = rollout(compiled, *args, KVCache(2, 4), gen=torch.Generator().manual_seed(n))
             graphs.append(counters["stats"]["unique_graphs"] - base)
+        assert torch.allclose(out, rollout(m, *args, KVCache(2, 4), gen=torch.Generator().manual_seed(n)), atol=1e-5)
     assert graphs[0] <= 6 and graphs[2] == graphs[1] == graphs[0], graphs
-
-
-def test_a_compiled_stream_traces_whole_with_real_rope_and_equals_eager():
-    """Traced (as inductor would see it), RoPE rotates pairwise in real arithmetic, so the whole
-    forward is one graph (fullgraph: no break at a complex multiply), and the stream equals eager's."""
-    import torch._dynamo
-    torch._dynamo.reset()
-    m = randomized()
-    compiled = torch.compile(m, backend="aot_eager", dynamic=False, fullgraph=True)
-    args = (torch.randn(1, 8, 3, 16, 16), torch.zeros(1, 8, dtype=torch.long), [1.0, 0.5], CH)
-    with torch.no_grad():
-        a, b = (rollout(net, *args, KVCache(2, 4), gen=torch.Generator().manual_seed(0)) for net in (m, compiled))
-    assert torch.allclose(a, b, atol=1e-5)
     ang = torch.rand(4, 8)
     assert rotation(ang).is_complex() and not torch.compile(rotation, backend="eager", fullgraph=True)(ang).is_complex()
     torch._dynamo.reset()
