@@ -91,7 +91,7 @@ class Streams:
         self.events = random_events(self.batch, self.L, s["chunk"], self.gen, p_switch=1.0,
                                     max_switches=self.cfg.max_switches, first=W)   # (B,L), per stream
         self.events = self.events.to(self.device, non_blocking=True)
-        self.t, self.context = 0, None
+        self.t, self.context, self.anchor = 0, None, None
 
     def advance(self, model, sigmas, exit_step):
         """Generate the next frames: a whole teacher window at the start of a video, then F new
@@ -106,7 +106,8 @@ class Streams:
         new = rollout(model, noise, ev, sigmas, self.stream["chunk"], self.cache, exit_step=exit_step,
                       switch=self.cfg.switch_cache)
         window = new if self.context is None else torch.cat([self.context, new], 1)   # (B,W,C,H,W)
-        self.mark_anchor(new, ev)
+        if self.cfg.tr_anchor:                                       # DF (6'') only: no work where nothing reads it
+            self.mark_anchor(new, ev)
         win_ev = self.events[:, self.t + n - W:self.t + n]           # (B,W) each frame's own event
         if self.cfg.window_events == "current":
             win_ev = win_ev[:, -1:].expand(-1, W)                    # LongLive: the newest event for the whole window
@@ -147,7 +148,7 @@ def window_loss(per_frame, window, ev, aux, mask, *, teacher, m, tr, unswitched=
     verdict = trust_region.band_verdict(teacher, window, ev, frames=read, levels=tr.levels) if asks else None   # DF (2)
     loss, logs = trust_region.delta_forcing_loss(window, aux["grad"], verdict, K=K, m=m, tr=tr, s0=s0,
                                                  grad_null=aux["grad_null"], unswitched=unswitched,
-                                                 real=aux.get("real"), anchor=anchor)
+                                                 real=aux["real"], anchor=anchor)
     if tr.floor is not None and logs:
         logs["floor"] = torch.as_tensor(s0, device=window.device).expand_as(logs["s"])
     return loss, logs

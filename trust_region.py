@@ -22,15 +22,12 @@ over the HW pixels; sg is stop-gradient.
   DF (6'') anchored     (6') with c_K replaced by a, the look before the video's latest switch  (--tr_anchor)
   DF (7) loss           L = mean_f,p 0.5 (z_f - sg(z_f - g'_f))^2 + lambda (1 - w) mean_f L_MC,f  delta_forcing_loss
 
-The abstract's literal words, kept as a row that departs from (2)-(5) (--tr_literal): the latent delta
-between teacher and generator trajectories, the teacher's implied transition T_f - c_K against the
-generator's z_f - c_K on the new frames, at DMD's level, and the trust region as TRPO's bound on how
-far one update moves the generator:
+The abstract's literal words, a row kept to show why (2)-(5) depart from them (--tr_literal): the
+teacher's implied transition T_f - c_K against the generator's z_f - c_K on the new frames at DMD's
+level, and the trust region as a bound on the whole step (under Adam, which divides by a running RMS,
+it weighs windows against each other; it does not bound how far an update moves the weights):
   DF (3L) literal delta  s = sqrt(mean_f ||(T_f - c_K) - (z_f - c_K)||^2) / m = rms_f ||T_f - z_f|| / m   literal_consistency
   DF (5L) proximal step  g' = w g: the whole step, not one direction                         trusted_step
-(A caveat a student should see: our optimiser is Adam, which divides by a running RMS of the gradient,
-so a scale shared by every window and every update would cancel; (5L) bounds how much each window
-weighs against the others, not how far one update moves the weights.)
 
 Our replacement for the abstract's "latent delta between teacher and generator trajectories" (2):
 the teacher's x0 of frames that already happened, with the event minus without it. A teacher that

@@ -279,7 +279,8 @@ def test_longtune_window_loss_with_full_trust_equals_the_baseline_exactly(contin
         per_frame = distill.dmd_surrogate(x, grad)
         cfg = longtune.LongtuneConfig(trust_region=trust, tr_continuity=continuity)
         knobs = tr.TrustRegion.from_config(cfg) if trust else None
-        loss, logs = longtune.window_loss(per_frame, x, ev, dict(grad=grad, grad_null=grad), mask, teacher=Teacher(0.0), m=M,
+        aux = dict(grad=grad, grad_null=grad, real=None)         # dmd_loss's steps (real: DF (3L) only)
+        loss, logs = longtune.window_loss(per_frame, x, ev, aux, mask, teacher=Teacher(0.0), m=M,
                                           tr=knobs)
         loss.backward()
         grads.append((loss.detach(), x.grad))
@@ -529,7 +530,8 @@ def test_the_window_verdict_reads_the_new_frames_too():
     w = {}
     for read in ("committed", "window"):
         knobs = tr.TrustRegion.from_config(longtune.LongtuneConfig(trust_region=True, tr_verdict=read, tr_floor=False))
-        _, logs = longtune.window_loss(distill.dmd_surrogate(base, grad), base, ev, dict(grad=grad, grad_null=grad), mask,
+        aux = dict(grad=grad, grad_null=grad, real=None)
+        _, logs = longtune.window_loss(distill.dmd_surrogate(base, grad), base, ev, aux, mask,
                                        teacher=NewFramesTeacher(0.3), m=M, tr=knobs)
         w[read] = logs["w"]
     assert (w["committed"] == 1).all() and (w["window"] < 1).all()

@@ -207,10 +207,10 @@ def old_events(past, ev):
 def tau_for_mean_w(s, floor, target, eps=1e-6):
     """The tau at which DF (4), w = min(1, tau / (relu(s - floor) + eps)), averages `target` over the
     windows' scores s: how a signal on another scale gets the default's mean trust (a bisection)."""
-    lo, hi = 1e-9, 1e3
+    lo, hi, s = 1e-9, 1e3, torch.as_tensor(s, dtype=torch.float64)
     for _ in range(200):
         mid = (lo * hi) ** 0.5
-        lo, hi = (mid, hi) if np.minimum(1, mid / (np.maximum(s - floor, 0) + eps)).mean() < target else (lo, mid)
+        lo, hi = (mid, hi) if float(tr.trust_weight(s, mid, floor, eps).mean()) < target else (lo, mid)
     return hi
 
 
@@ -290,12 +290,10 @@ def table(caption, text, numbers, rows):
 
 
 def main(cfg):
-    check_file("md", cfg.md)                                     # every check before any work
-    check_file("picture", cfg.picture)
-    for p in cfg.ckpts.split(",") if cfg.scores else []:
-        check_file("scores", scores_path(cfg, p))
-    device = pick_device(cfg.device, precision=cfg.precision)
     paths = [p for p in cfg.ckpts.split(",") if p]
+    for flag, path in [("md", cfg.md), ("picture", cfg.picture)] + [("scores", scores_path(cfg, p)) for p in paths if cfg.scores]:
+        check_file(flag, path)                                   # every check before any work
+    device = pick_device(cfg.device, precision=cfg.precision)
     if not paths and cfg.probe != "band":
         raise BadInput("--ckpts names no checkpoint")
     models = [load_generator(p, device) for p in paths]
